@@ -1,0 +1,229 @@
+//! Map keys and values shared by the XDP data plane (`lb-ebpf`) and the controller (`lb`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so both sides agree on the layout
+//! byte for byte and the kernel never hashes uninitialised padding. Addresses and ports are kept
+//! in network byte order, as they appear on the wire, so the data plane never swaps bytes on the
+//! fast path; the controller converts once when it writes the maps.
+#![no_std]
+
+use core::mem::size_of;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Capacities of the maps whose size the controller does not choose at load time.
+pub const MAX_LISTENERS: u32 = 1024;
+pub const MAX_TARGETS: u32 = 16384;
+
+/// Index of the only entry of the `SETTINGS` array.
+pub const SETTINGS_KEY: u32 = 0;
+
+/// A listener is found by VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// VIP, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    /// Index into the per-listener counters.
+    pub id: u32,
+    /// Index of the listener's target group.
+    pub group: u32,
+}
+
+/// The 5-tuple of a flow as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// What the connection table remembers of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// Index into `TARGETS`.
+    pub target: u32,
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` when the flow was last refreshed.
+    pub last_seen_ns: u64,
+}
+
+/// `Target::state`: the slot holds a registered target.
+pub const TARGET_ACTIVE: u16 = 1;
+
+/// A target as the data plane needs it: where to send, never how it was configured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Target address, network byte order (outer destination in IPIP mode).
+    pub addr: u32,
+    /// Group the target belongs to; a flow whose target moved group is picked again.
+    pub group: u32,
+    /// Layer-2 next hop: the target itself in DSR mode, the gateway towards it in IPIP mode.
+    pub mac: [u8; 6],
+    /// `TARGET_ACTIVE`, or 0 for a free slot.
+    pub state: u16,
+}
+
+pub const FORWARDING_DSR: u32 = 0;
+pub const FORWARDING_IPIP: u32 = 1;
+
+/// Per target group: which half of its double-buffered Maglev table is live.
+///
+/// The controller fills the inactive half and then flips `active_half` with one map write, so a
+/// packet sees either the old table or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub active_half: u32,
+    /// Number of targets in the live table; 0 means the group has nothing to send to.
+    pub targets: u32,
+    /// `FORWARDING_DSR` or `FORWARDING_IPIP`.
+    pub forwarding: u32,
+    pub pad: u32,
+}
+
+/// Global values the data plane reads on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// MAC of the interface the program is attached to: the source of every frame it sends.
+    pub iface_mac: [u8; 6],
+    pub pad: u16,
+    /// IPv4 address of that interface, network byte order: outer source in IPIP mode.
+    pub iface_addr: u32,
+    /// Slots per Maglev table (a prime).
+    pub maglev_size: u32,
+    /// Seed of the flow hash, the same on every node that shares VIPs.
+    pub hash_seed: u32,
+    /// Largest IP packet the interface sends; larger encapsulated packets are dropped and counted.
+    pub mtu: u32,
+}
+
+/// Packet, byte and new-flow counters, kept per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Why the data plane dropped a packet addressed to a VIP. Indexes the `DROPS` counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// TCP or UDP to a VIP on a port (or protocol) without a listener.
+    NoListener = 0,
+    /// Headers cut short or inconsistent.
+    Malformed = 1,
+    /// IPv4 fragments carry no ports to balance on.
+    Fragment = 2,
+    /// The listener's target group has no target.
+    NoTarget = 3,
+    /// The encapsulated packet would exceed the interface MTU.
+    TooBig = 4,
+    /// The kernel refused to grow the frame for the outer header.
+    EncapFailed = 5,
+}
+
+impl DropReason {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [DropReason; Self::COUNT as usize] = [
+        Self::NoListener,
+        Self::Malformed,
+        Self::Fragment,
+        Self::NoTarget,
+        Self::TooBig,
+        Self::EncapFailed,
+    ];
+
+    /// The label operators see in metrics and `lb status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NoListener => "no_listener",
+            Self::Malformed => "malformed",
+            Self::Fragment => "fragment",
+            Self::NoTarget => "no_target",
+            Self::TooBig => "too_big",
+            Self::EncapFailed => "encap_failed",
+        }
+    }
+}
+
+const _: () = {
+    assert!(size_of::<ListenerKey>() == 8);
+    assert!(size_of::<Listener>() == 8);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<Flow>() == 16);
+    assert!(size_of::<Target>() == 16);
+    assert!(size_of::<Group>() == 16);
+    assert!(size_of::<Settings>() == 24);
+    assert!(size_of::<Counters>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted above).
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::Listener {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Target {}
+    unsafe impl aya::Pod for super::Group {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+/// The hash that picks a Maglev slot for a new flow.
+///
+/// Both sides use this one function, so the controller (and its tests) can predict exactly which
+/// target the data plane picks. It works on host-order values so that nodes of any endianness
+/// sharing a VIP agree. Murmur3's 32-bit body and finaliser: a few multiplies, no loops, no
+/// tables, which keeps the verifier and the fast path happy.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let ports = ((u16::from_be(key.sport) as u32) << 16) | u16::from_be(key.dport) as u32;
+    let mut h = seed;
+    h = murmur_round(h, u32::from_be(key.src));
+    h = murmur_round(h, u32::from_be(key.dst));
+    h = murmur_round(h, ports);
+    h = murmur_round(h, key.proto as u32);
+    h ^= 16;
+    murmur_finish(h)
+}
+
+#[inline(always)]
+pub fn murmur_round(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+pub fn murmur_finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}

@@ -1,0 +1,300 @@
+//! The balancer: one pass over each frame, all state in maps.
+//!
+//! Ethernet → IPv4 → TCP/UDP → listener → connection table (or a Maglev pick for a new flow) →
+//! rewrite for direct server return (DSR: MAC rewrite; IPIP: outer header) → `XDP_TX`.
+//! Anything not addressed to a VIP leaves untouched with `XDP_PASS`. Packets for a VIP that cannot
+//! be forwarded are dropped and counted by reason; nothing is logged per packet.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    Counters, DropReason, FORWARDING_IPIP, Flow, FlowKey, Group, Listener, ListenerKey,
+    MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY, Settings, TARGET_ACTIVE,
+    Target, flow_hash,
+};
+use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+/// Listeners by (VIP, port, protocol).
+#[map]
+static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+
+/// Every VIP, so that traffic to a VIP port without a listener is dropped rather than passed.
+#[map]
+static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+
+/// Connection table: flow affinity. Sized by the controller at load time.
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
+
+#[map]
+static TARGETS: Array<Target> = Array::with_max_entries(MAX_TARGETS, 0);
+
+/// One entry per target group; index = group id.
+#[map]
+static GROUPS: Array<Group> = Array::with_max_entries(1, 0);
+
+/// Maglev lookup tables, two halves per group: slot `(group * 2 + half) * size + hash % size`
+/// holds a target id. Sized by the controller at load time.
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+static LISTENER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+static TARGET_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+const TCP_HDR_LEN: usize = 20;
+const UDP_HDR_LEN: usize = 8;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// More-fragments flag and fragment offset, in the first byte pair of `frags` (network order).
+const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+const IP_DF: u8 = 0x40;
+/// Refresh a flow's last-seen time at most this often, to spare a map write per packet.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+#[xdp]
+pub fn lb_balancer(ctx: XdpContext) -> u32 {
+    balance(&ctx)
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> u32 {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: every pointer below comes from `ptr_at`, which checked it against data_end.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return XDP_PASS;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return XDP_PASS;
+    };
+    let ip_hdr = unsafe { *ip };
+    let proto = ip_hdr.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return XDP_PASS;
+    }
+    let dst = u32::from_ne_bytes(ip_hdr.dst_addr);
+    let frame_len = ctx.data_end() - ctx.data();
+
+    let ihl = ((ip_hdr.vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes(ip_hdr.tot_len) as usize;
+    let l4_len = if proto == PROTO_TCP {
+        TCP_HDR_LEN
+    } else {
+        UDP_HDR_LEN
+    };
+    if ip_hdr.vihl >> 4 != 4
+        || ihl < IPV4_LEN
+        || tot_len < ihl + l4_len
+        || ETH_LEN + tot_len > frame_len
+    {
+        return drop_if_vip(dst, DropReason::Malformed);
+    }
+    if u16::from_be_bytes(ip_hdr.frags) & IP_MF_OFFSET_MASK != 0 {
+        return drop_if_vip(dst, DropReason::Fragment);
+    }
+    // `ihl` is at most 60: the mask tells the verifier so.
+    let l4_off = ETH_LEN + (ihl & 0x3c);
+    // TCP needs its flags; UDP only its ports (the first four bytes of both headers).
+    let tcp_flags = if proto == PROTO_TCP {
+        let Some(flags) = ptr_at::<u8>(ctx, l4_off + TCP_FLAGS_OFFSET) else {
+            return drop_if_vip(dst, DropReason::Malformed);
+        };
+        unsafe { *flags }
+    } else {
+        0
+    };
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, l4_off) else {
+        return drop_if_vip(dst, DropReason::Malformed);
+    };
+    let [sport, dport] = unsafe { *ports };
+
+    let listener_key = ListenerKey {
+        addr: dst,
+        port: dport,
+        proto,
+        pad: 0,
+    };
+    let Some(listener) = (unsafe { LISTENERS.get(&listener_key) }) else {
+        return drop_if_vip(dst, DropReason::NoListener);
+    };
+    let listener = *listener;
+    let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
+        return XDP_PASS;
+    };
+    let Some(group) = GROUPS.get(listener.group) else {
+        return drop(DropReason::NoTarget);
+    };
+
+    let key = FlowKey {
+        src: u32::from_ne_bytes(ip_hdr.src_addr),
+        dst,
+        sport,
+        dport,
+        proto,
+        pad: [0; 3],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let is_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut new_flow = false;
+    let target_id = match existing_target(&key, &listener, is_syn, now) {
+        Some(id) => id,
+        None => {
+            let Some(id) = maglev_pick(&key, &listener, group, settings) else {
+                return drop(DropReason::NoTarget);
+            };
+            new_flow = true;
+            // A stray RST must not create state for a flow that does not exist.
+            if tcp_flags & TCP_RST == 0 {
+                let flow = Flow {
+                    target: id,
+                    pad: 0,
+                    last_seen_ns: now,
+                };
+                let _ = FLOWS.insert(&key, &flow, 0);
+            }
+            id
+        }
+    };
+    let Some(target) = TARGETS.get(target_id) else {
+        return drop(DropReason::NoTarget);
+    };
+
+    count(&LISTENER_STATS, listener.id, frame_len, new_flow);
+    count(&TARGET_STATS, target_id, frame_len, new_flow);
+
+    if group.forwarding == FORWARDING_IPIP {
+        encapsulate(ctx, &ip_hdr, target, settings)
+    } else {
+        // SAFETY: `eth` was bounds-checked above and the frame has not been resized since.
+        unsafe {
+            (*eth).dst_addr = target.mac;
+            (*eth).src_addr = settings.iface_mac;
+        }
+        XDP_TX
+    }
+}
+
+/// The target the connection table remembers for this flow, if it is still valid for it.
+#[inline(always)]
+fn existing_target(key: &FlowKey, listener: &Listener, is_syn: bool, now: u64) -> Option<u32> {
+    // A SYN starts a new connection, which always takes a fresh pick.
+    if is_syn {
+        return None;
+    }
+    let flow = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: map values stay valid for the duration of the program run.
+    let flow = unsafe { &mut *flow };
+    let target = TARGETS.get(flow.target)?;
+    if target.state != TARGET_ACTIVE || target.group != listener.group {
+        return None;
+    }
+    if now.wrapping_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        flow.last_seen_ns = now;
+    }
+    Some(flow.target)
+}
+
+/// Consistent-hash pick from the group's live Maglev table.
+#[inline(always)]
+fn maglev_pick(
+    key: &FlowKey,
+    listener: &Listener,
+    group: &Group,
+    settings: &Settings,
+) -> Option<u32> {
+    if group.targets == 0 || settings.maglev_size == 0 {
+        return None;
+    }
+    let size = settings.maglev_size;
+    let table = listener.group * 2 + (group.active_half & 1);
+    let slot = table * size + flow_hash(key, settings.hash_seed) % size;
+    let id = *MAGLEV.get(slot)?;
+    let target = TARGETS.get(id)?;
+    (target.state == TARGET_ACTIVE).then_some(id)
+}
+
+/// Prepends an outer IPv4 header (LB → target, protocol 4) and a fresh Ethernet header.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, inner: &Ipv4Hdr, target: &Target, settings: &Settings) -> u32 {
+    let inner_len = u16::from_be_bytes(inner.tot_len) as u32;
+    if inner_len + IPV4_LEN as u32 > settings.mtu {
+        return drop(DropReason::TooBig);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
+        return drop(DropReason::EncapFailed);
+    }
+    let (Some(eth), Some(outer)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN))
+    else {
+        return drop(DropReason::EncapFailed);
+    };
+    // SAFETY: both pointers were bounds-checked just above, after the head moved.
+    unsafe {
+        (*eth).dst_addr = target.mac;
+        (*eth).src_addr = settings.iface_mac;
+        (*eth).ether_type = ETH_P_IP_BE;
+        *outer = Ipv4Hdr {
+            vihl: 0x45,
+            tos: inner.tos,
+            tot_len: ((inner_len + IPV4_LEN as u32) as u16).to_be_bytes(),
+            id: [0, 0],
+            frags: [inner.frags[0] & IP_DF, 0],
+            ttl: inner.ttl,
+            proto: IPPROTO_IPIP,
+            check: [0, 0],
+            src_addr: settings.iface_addr.to_ne_bytes(),
+            dst_addr: target.addr.to_ne_bytes(),
+        };
+    }
+    set_ipv4_checksum(outer);
+    XDP_TX
+}
+
+#[inline(always)]
+fn drop_if_vip(dst: u32, reason: DropReason) -> u32 {
+    if unsafe { VIPS.get(&dst) }.is_some() {
+        drop(reason)
+    } else {
+        XDP_PASS
+    }
+}
+
+#[inline(always)]
+fn drop(reason: DropReason) -> u32 {
+    if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe { *counter += 1 };
+    }
+    XDP_DROP
+}
+
+#[inline(always)]
+fn count(stats: &PerCpuArray<Counters>, index: u32, bytes: usize, new_flow: bool) {
+    if let Some(c) = stats.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+            (*c).new_flows += new_flow as u64;
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Target-side programs.
+//!
+//! `lb_decap` strips the outer IPv4 header of IP-in-IP packets addressed to this host and hands the
+//! inner packet to the stack, so a target needs no ipip module (this is also faster than one).
+//! `lb_pass` passes everything: veth only delivers `XDP_TX` frames promptly to a peer that runs
+//! an XDP program, so labs attach it to the peers of balancer interfaces.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::XDP_PASS,
+    helpers::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::{HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+/// This host's IPv4 addresses (network order); only tunnels addressed to them are opened.
+#[map]
+static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+
+/// Index 0: packets decapsulated.
+#[map]
+static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap(&ctx);
+    XDP_PASS
+}
+
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[inline(always)]
+fn decap(ctx: &XdpContext) {
+    let (Some(eth), Some(outer), Some(inner)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
+        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN + IPV4_LEN),
+    ) else {
+        return;
+    };
+    // SAFETY: all three pointers were bounds-checked by `ptr_at`.
+    let (eth_hdr, outer, inner) = unsafe { (*eth, *outer, *inner) };
+    // Only option-less outer headers (what lb sends), carrying an IPv4 packet, to this host.
+    if eth_hdr.ether_type != ETH_P_IP_BE
+        || outer.vihl != 0x45
+        || outer.proto != IPPROTO_IPIP
+        || inner.vihl >> 4 != 4
+        || unsafe { LOCAL_ADDRS.get(&u32::from_ne_bytes(outer.dst_addr)) }.is_none()
+    {
+        return;
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_LEN as i32) } != 0 {
+        return;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return;
+    };
+    // SAFETY: bounds-checked just above, after the head moved.
+    unsafe { *eth = eth_hdr };
+    if let Some(counter) = DECAP_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe { *counter += 1 };
+    }
+}

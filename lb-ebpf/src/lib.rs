@@ -1,0 +1,50 @@
+//! Pieces shared by lb's XDP programs: bounds-checked header access and the IPv4 checksum.
+#![no_std]
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
+/// EtherType of IPv4, as it reads from the wire into a native `u16`.
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// IP protocol number of IP-in-IP.
+pub const IPPROTO_IPIP: u8 = 4;
+
+/// A pointer to a `T` at `offset` in the frame, or `None` if the frame is too short.
+///
+/// The explicit comparison against `data_end` is what the verifier needs to see before any access.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Fills in the checksum of the 20-byte IPv4 header `ip` (which must have no options).
+#[inline(always)]
+pub fn set_ipv4_checksum(ip: *mut Ipv4Hdr) {
+    // SAFETY: the caller passes a pointer that has been bounds-checked for IPV4_LEN bytes.
+    unsafe {
+        (*ip).check = [0, 0];
+        let words = ip as *const [u8; 2];
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < IPV4_LEN / 2 {
+            sum += u16::from_ne_bytes(*words.add(i)) as u32;
+            i += 1;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        (*ip).check = (!(sum as u16)).to_ne_bytes();
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

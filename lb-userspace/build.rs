@@ -1,0 +1,13 @@
+//! Builds the XDP programs (lb-ebpf) with the nightly toolchain and bpf-linker, so that the
+//! `lb` binary can embed them and stay one self-contained file.
+fn main() -> anyhow::Result<()> {
+    let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf");
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "lb-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

@@ -1,0 +1,720 @@
+//! `lb.yaml`: parsing and validation.
+//!
+//! Two passes. serde (with `deny_unknown_fields`) turns the text into raw structs and reports
+//! syntax, unknown-key and type errors with serde_yaml's location. Then validation checks the
+//! meaning (names, references, addresses, ports) and reports every problem at once, each at the
+//! line and column of the offending value, found through a position index of the document.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use yaml_rust2::{
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::Marker,
+};
+
+/// Slots per Maglev table unless the config says otherwise (a prime, as Maglev needs).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
+pub const DEFAULT_CONNECTION_TABLE_SIZE: u32 = 262_144;
+pub const DEFAULT_MAX_TARGET_GROUPS: u32 = 16;
+const MAX_WEIGHT: u32 = 1000;
+/// Maglev spreads well only when the table is much larger than the number of targets.
+const MIN_SLOTS_PER_TARGET: u64 = 10;
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration: what the rest of lb works with.
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub settings: Settings,
+    pub listeners: Vec<Listener>,
+    pub target_groups: Vec<TargetGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub maglev_table_size: u32,
+    pub hash_seed: u32,
+    pub connection_table_size: u32,
+    pub max_target_groups: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetGroup {
+    pub name: String,
+    pub forwarding: Forwarding,
+    pub algorithm: Algorithm,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    TcpUdp,
+}
+
+impl Protocol {
+    /// The IP protocol numbers this listener answers.
+    pub fn ip_protocols(self) -> &'static [u8] {
+        match self {
+            Self::Tcp => &[lb_common::PROTO_TCP],
+            Self::Udp => &[lb_common::PROTO_UDP],
+            Self::TcpUdp => &[lb_common::PROTO_TCP, lb_common::PROTO_UDP],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Forwarding {
+    /// Layer-2 direct server return: only the destination MAC changes.
+    #[default]
+    Dsr,
+    /// IP-in-IP to targets anywhere routable; they decapsulate and answer directly.
+    Ipip,
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Dsr => "dsr",
+            Self::Ipip => "ipip",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Consistent hashing of the 5-tuple.
+    #[default]
+    Maglev,
+}
+
+impl Config {
+    pub fn target_group(&self, name: &str) -> Option<&TargetGroup> {
+        self.target_groups.iter().find(|g| g.name == name)
+    }
+
+    /// The one-line summary `lb check` prints.
+    pub fn summary(&self) -> String {
+        let targets: usize = self.target_groups.iter().map(|g| g.targets.len()).sum();
+        format!(
+            "{} listener{}, {} target group{}, {} target{}",
+            self.listeners.len(),
+            plural(self.listeners.len()),
+            self.target_groups.len(),
+            plural(self.target_groups.len()),
+            targets,
+            plural(targets),
+        )
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+/// One problem in a config file, at a line and column (1-based) when known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, ":{line}:{column}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All the problems found in one file.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: None,
+            column: None,
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
+        let location = e.location();
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            message: serde_message(&e),
+        }])
+    })?;
+    let positions = Positions::index(text);
+    let mut v = Validator {
+        file: path,
+        positions: &positions,
+        errors: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        v.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the location is printed in front.
+fn serde_message(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written. Numbers are read wide so that range errors get a message of lb's own.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    settings: RawSettings,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
+    #[serde(default)]
+    target_groups: Vec<RawTargetGroup>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    maglev_table_size: Option<i64>,
+    hash_seed: Option<i64>,
+    connection_table_size: Option<i64>,
+    max_target_groups: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    address: String,
+    port: i64,
+    protocol: Protocol,
+    target_group: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetGroup {
+    name: String,
+    #[serde(default)]
+    forwarding: Forwarding,
+    #[serde(default)]
+    algorithm: Algorithm,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    address: String,
+    port: i64,
+    weight: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+struct Validator<'a> {
+    file: &'a Path,
+    positions: &'a Positions,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, at: &str, message: String) {
+        let marker = self.positions.get(at);
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line: marker.map(|m| m.0),
+            column: marker.map(|m| m.1),
+            message,
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let settings = self.settings(&raw.settings);
+        if raw.listeners.is_empty() {
+            self.error(
+                "",
+                "no listeners: add at least one under `listeners:`".into(),
+            );
+        }
+        if raw.target_groups.is_empty() {
+            self.error(
+                "",
+                "no target groups: add at least one under `target_groups:`".into(),
+            );
+        }
+
+        let mut groups = Vec::new();
+        let mut group_names = HashSet::new();
+        for (i, g) in raw.target_groups.iter().enumerate() {
+            let at = format!("target_groups[{i}]");
+            self.name(&format!("{at}.name"), &g.name, "target group");
+            if !group_names.insert(g.name.as_str()) {
+                self.error(
+                    &format!("{at}.name"),
+                    format!("duplicate target group name `{}`", g.name),
+                );
+            }
+            groups.push(self.target_group(&at, g));
+        }
+        if let Some(s) = &settings {
+            for (i, g) in groups.iter().enumerate() {
+                if g.targets.len() as u64 * MIN_SLOTS_PER_TARGET > s.maglev_table_size as u64 {
+                    self.error(
+                        &format!("target_groups[{i}].targets"),
+                        format!(
+                            "target group `{}` has {} targets: settings.maglev_table_size ({}) must be at least {MIN_SLOTS_PER_TARGET} times that for an even spread",
+                            g.name,
+                            g.targets.len(),
+                            s.maglev_table_size
+                        ),
+                    );
+                }
+            }
+        }
+        let total: usize = groups.iter().map(|g| g.targets.len()).sum();
+        if total > lb_common::MAX_TARGETS as usize {
+            self.error(
+                "target_groups",
+                format!(
+                    "{total} targets in all, more than the {} lb supports",
+                    lb_common::MAX_TARGETS
+                ),
+            );
+        }
+        if let Some(max) = settings.as_ref().map(|s| s.max_target_groups)
+            && groups.len() as u64 > max as u64
+        {
+            self.error(
+                "target_groups",
+                format!(
+                    "{} target groups, more than settings.max_target_groups ({max})",
+                    groups.len()
+                ),
+            );
+        }
+
+        let mut listeners = Vec::new();
+        let mut listener_names = HashSet::new();
+        let mut bound: HashMap<(Ipv4Addr, u16, u8), String> = HashMap::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}]");
+            self.name(&format!("{at}.name"), &l.name, "listener");
+            if !listener_names.insert(l.name.as_str()) {
+                self.error(
+                    &format!("{at}.name"),
+                    format!("duplicate listener name `{}`", l.name),
+                );
+            }
+            let address = self.address(&format!("{at}.address"), &l.address, "VIP");
+            let port = self.port(&format!("{at}.port"), l.port);
+            let group = groups.iter().find(|g| g.name == l.target_group);
+            if group.is_none() {
+                let known: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+                self.error(
+                    &format!("{at}.target_group"),
+                    format!(
+                        "unknown target group `{}` (defined: {})",
+                        l.target_group,
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            let (Some(address), Some(port)) = (address, port) else {
+                continue;
+            };
+            for &proto in l.protocol.ip_protocols() {
+                if let Some(other) = bound.insert((address, port, proto), l.name.clone()) {
+                    self.error(
+                        &format!("{at}.port"),
+                        format!(
+                            "listener `{}` uses {address}:{port}/{} already taken by listener `{other}`",
+                            l.name,
+                            if proto == lb_common::PROTO_TCP { "tcp" } else { "udp" },
+                        ),
+                    );
+                }
+            }
+            if let Some(group) = group {
+                self.ports_match(l, port, group, &raw.target_groups);
+            }
+            listeners.push(Listener {
+                name: l.name.clone(),
+                address,
+                port,
+                protocol: l.protocol,
+                target_group: l.target_group.clone(),
+            });
+        }
+
+        Config {
+            settings: settings.unwrap_or(Settings {
+                maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+                hash_seed: 0,
+                connection_table_size: DEFAULT_CONNECTION_TABLE_SIZE,
+                max_target_groups: DEFAULT_MAX_TARGET_GROUPS,
+            }),
+            listeners,
+            target_groups: groups,
+        }
+    }
+
+    fn settings(&mut self, raw: &RawSettings) -> Option<Settings> {
+        let before = self.errors.len();
+        let size = raw
+            .maglev_table_size
+            .unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE as i64);
+        if !(3..=16_777_259).contains(&size) || !is_prime(size as u64) {
+            self.error(
+                "settings.maglev_table_size",
+                format!("maglev_table_size {size} must be a prime between 3 and 16777259 (65537 is the default)"),
+            );
+        }
+        let seed = raw.hash_seed.unwrap_or(0);
+        if !(0..=u32::MAX as i64).contains(&seed) {
+            self.error(
+                "settings.hash_seed",
+                format!("hash_seed {seed} must be between 0 and {}", u32::MAX),
+            );
+        }
+        let conns = raw
+            .connection_table_size
+            .unwrap_or(DEFAULT_CONNECTION_TABLE_SIZE as i64);
+        if !(1024..=100_000_000).contains(&conns) {
+            self.error(
+                "settings.connection_table_size",
+                format!("connection_table_size {conns} must be between 1024 and 100000000"),
+            );
+        }
+        let groups = raw
+            .max_target_groups
+            .unwrap_or(DEFAULT_MAX_TARGET_GROUPS as i64);
+        if !(1..=4096).contains(&groups) {
+            self.error(
+                "settings.max_target_groups",
+                format!("max_target_groups {groups} must be between 1 and 4096"),
+            );
+        } else if (groups as u64) * 2 * (size.max(0) as u64) > u32::MAX as u64 {
+            self.error(
+                "settings.max_target_groups",
+                format!(
+                    "max_target_groups × 2 × maglev_table_size ({groups} × 2 × {size}) exceeds the 2^32 slots a map can hold"
+                ),
+            );
+        }
+        (self.errors.len() == before).then(|| Settings {
+            maglev_table_size: size as u32,
+            hash_seed: seed as u32,
+            connection_table_size: conns as u32,
+            max_target_groups: groups as u32,
+        })
+    }
+
+    fn target_group(&mut self, at: &str, g: &RawTargetGroup) -> TargetGroup {
+        if g.targets.is_empty() {
+            self.error(
+                &format!("{at}.name"),
+                format!("target group `{}` has no targets", g.name),
+            );
+        }
+        let mut targets = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, t) in g.targets.iter().enumerate() {
+            let at = format!("{at}.targets[{j}]");
+            let address = self.address(&format!("{at}.address"), &t.address, "target");
+            let port = self.port(&format!("{at}.port"), t.port);
+            let weight = t.weight.unwrap_or(1);
+            if !(1..=MAX_WEIGHT as i64).contains(&weight) {
+                self.error(
+                    &format!("{at}.weight"),
+                    format!("weight {weight} must be between 1 and {MAX_WEIGHT}"),
+                );
+            }
+            let (Some(address), Some(port)) = (address, port) else {
+                continue;
+            };
+            if !seen.insert((address, port)) {
+                self.error(
+                    &format!("{at}.address"),
+                    format!(
+                        "target {address}:{port} appears twice in target group `{}`",
+                        g.name
+                    ),
+                );
+            }
+            targets.push(Target {
+                address,
+                port,
+                weight: weight.clamp(1, MAX_WEIGHT as i64) as u32,
+            });
+        }
+        TargetGroup {
+            name: g.name.clone(),
+            forwarding: g.forwarding,
+            algorithm: g.algorithm,
+            targets,
+        }
+    }
+
+    /// In dsr and ipip the target receives the client's packet with its original destination
+    /// port, so it must listen on the listener's port.
+    fn ports_match(
+        &mut self,
+        l: &RawListener,
+        port: u16,
+        group: &TargetGroup,
+        raw: &[RawTargetGroup],
+    ) {
+        let Some(gi) = raw.iter().position(|g| g.name == group.name) else {
+            return;
+        };
+        for (j, t) in raw[gi].targets.iter().enumerate() {
+            if t.port != port as i64 && (1..=65535).contains(&t.port) {
+                self.error(
+                    &format!("target_groups[{gi}].targets[{j}].port"),
+                    format!(
+                        "target {}:{} must use port {port} like listener `{}`: in {} forwarding the target receives the packet with its original destination port",
+                        t.address, t.port, l.name, group.forwarding
+                    ),
+                );
+            }
+        }
+    }
+
+    fn name(&mut self, at: &str, name: &str, what: &str) {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid {
+            self.error(
+                at,
+                format!("{what} name `{name}` must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+            );
+        }
+    }
+
+    fn address(&mut self, at: &str, text: &str, what: &str) -> Option<Ipv4Addr> {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+                self.error(
+                    at,
+                    format!("{what} address {a} cannot be used: it must be a unicast address"),
+                );
+                None
+            }
+            Ok(IpAddr::V4(a)) => Some(a),
+            Ok(IpAddr::V6(a)) => {
+                self.error(
+                    at,
+                    format!("{what} address {a} is IPv6, which lb does not support yet"),
+                );
+                None
+            }
+            Err(_) => {
+                self.error(at, format!("`{text}` is not an IP address"));
+                None
+            }
+        }
+    }
+
+    fn port(&mut self, at: &str, port: i64) -> Option<u16> {
+        if (1..=65535).contains(&port) {
+            Some(port as u16)
+        } else {
+            self.error(at, format!("port {port} is out of range 1-65535"));
+            None
+        }
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where each value stands in the file.
+
+/// Line and column (1-based) of every node, by path: `listeners[0].port`, `settings`, `` (root).
+struct Positions(HashMap<String, (usize, usize)>);
+
+impl Positions {
+    fn index(text: &str) -> Self {
+        let mut indexer = Indexer::default();
+        // A syntax error was already reported by serde; a partial index is all we need here.
+        let _ = Parser::new_from_str(text).load(&mut indexer, false);
+        Positions(indexer.positions)
+    }
+
+    /// The position of `path`, or of its nearest ancestor that exists in the file.
+    fn get(&self, path: &str) -> Option<(usize, usize)> {
+        let mut path = path;
+        loop {
+            if let Some(p) = self.0.get(path) {
+                return Some(*p);
+            }
+            if path.is_empty() {
+                return None;
+            }
+            path = &path[..path.rfind(['.', '[']).unwrap_or(0)];
+        }
+    }
+}
+
+#[derive(Default)]
+struct Indexer {
+    positions: HashMap<String, (usize, usize)>,
+    /// Open collections: the path of each, and for a mapping whether a key is expected next,
+    /// for a sequence the index of the next item.
+    stack: Vec<Frame>,
+    /// The key just read, waiting for its value.
+    key: Option<String>,
+}
+
+enum Frame {
+    Mapping { path: String, expect_key: bool },
+    Sequence { path: String, next: usize },
+}
+
+impl Indexer {
+    /// The path of the node that starts now, and advances the parent's state past it.
+    fn child_path(&mut self) -> String {
+        match self.stack.last_mut() {
+            None => String::new(),
+            Some(Frame::Mapping { path, expect_key }) => {
+                *expect_key = true;
+                let key = self.key.take().unwrap_or_default();
+                if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                }
+            }
+            Some(Frame::Sequence { path, next }) => {
+                *next += 1;
+                format!("{path}[{}]", *next - 1)
+            }
+        }
+    }
+}
+
+impl MarkedEventReceiver for Indexer {
+    fn on_event(&mut self, event: Event, mark: Marker) {
+        let position = (mark.line(), mark.col() + 1);
+        match event {
+            Event::Scalar(value, ..) => {
+                if let Some(Frame::Mapping { expect_key, .. }) = self.stack.last_mut()
+                    && *expect_key
+                {
+                    *expect_key = false;
+                    self.key = Some(value);
+                    return;
+                }
+                let path = self.child_path();
+                self.positions.insert(path, position);
+            }
+            Event::MappingStart(..) => {
+                let path = self.child_path();
+                self.positions.insert(path.clone(), position);
+                self.stack.push(Frame::Mapping {
+                    path,
+                    expect_key: true,
+                });
+            }
+            Event::SequenceStart(..) => {
+                let path = self.child_path();
+                self.positions.insert(path.clone(), position);
+                self.stack.push(Frame::Sequence { path, next: 0 });
+            }
+            Event::Alias(_) => {
+                let path = self.child_path();
+                self.positions.insert(path, position);
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

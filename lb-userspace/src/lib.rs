@@ -1,0 +1,17 @@
+//! lb: an NLB-like layer-4 load balancer. The XDP data plane does the per-packet work; this
+//! crate is the controller that configures it, and the `lb` command line.
+
+pub mod cli;
+pub mod config;
+pub mod maglev;
+pub mod maps;
+pub mod net;
+pub mod target;
+pub mod xdp;
+
+/// The balancer's XDP object, built by build.rs and embedded so `lb` is one self-contained file.
+pub static BALANCER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
+
+/// The target-side object: IPIP decap, and the XDP_PASS program labs put on veth peers.
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));

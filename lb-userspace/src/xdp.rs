@@ -1,0 +1,230 @@
+//! Attaching XDP programs, and turning the kernel's errors into sentences an operator can act on.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+use anyhow::{Error, Result, anyhow};
+use aya::{
+    EbpfError,
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use tracing::warn;
+
+use crate::net::Interface;
+
+/// How to attach: `auto` tries native (driver) mode and falls back to generic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeChoice {
+    Auto,
+    Native,
+    Generic,
+}
+
+/// The mode the program ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
+/// Attaches `program` to `iface` through a bpf_link, which detaches when lb drops it.
+pub fn attach(
+    program: &mut Xdp,
+    iface: &Interface,
+    choice: ModeChoice,
+) -> Result<(XdpLinkId, Attached)> {
+    let native = |p: &mut Xdp| p.attach_to_if_index(iface.index, XdpMode::Driver);
+    let generic = |p: &mut Xdp| p.attach_to_if_index(iface.index, XdpMode::Skb);
+    match choice {
+        ModeChoice::Native => native(program)
+            .map(|id| (id, Attached::Native))
+            .map_err(|e| native_refused(iface, e)),
+        ModeChoice::Generic => generic(program)
+            .map(|id| (id, Attached::Generic))
+            .map_err(|e| attach_failed(iface, e)),
+        ModeChoice::Auto => match native(program) {
+            Ok(id) => Ok((id, Attached::Native)),
+            Err(e) => {
+                warn!(
+                    "{:#}; falling back to generic XDP, which works everywhere but is slower",
+                    native_refused(iface, e)
+                );
+                generic(program)
+                    .map(|id| (id, Attached::Generic))
+                    .map_err(|e| attach_failed(iface, e))
+            }
+        },
+    }
+}
+
+fn native_refused(iface: &Interface, e: ProgramError) -> Error {
+    let driver = std::fs::read_link(format!("/sys/class/net/{}/device/driver", iface.name))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let hint = match driver.as_deref() {
+        Some("virtio_net") => format!(
+            " (virtio_net refuses native XDP while the host offloads LRO/GRO to the guest: run `ethtool -K {} rx-gro-hw off`, or start the VM with guest_tso4, guest_tso6, guest_ecn and guest_ufo off, and give the NIC at least as many queue pairs as CPUs)",
+            iface.name
+        ),
+        Some(d) => format!(" (driver {d} may not support native XDP)"),
+        None => String::new(),
+    };
+    anyhow!(
+        "native XDP refused on {}: {}{hint}",
+        iface.name,
+        describe(&e)
+    )
+}
+
+fn attach_failed(iface: &Interface, e: ProgramError) -> Error {
+    anyhow!("cannot attach XDP to {}: {}", iface.name, describe(&e))
+}
+
+fn describe(e: &ProgramError) -> String {
+    match os_error(e) {
+        Some(libc::EBUSY) | Some(libc::EEXIST) => {
+            "another XDP program is attached already (see `ip link show`; detach it or stop the other lb)".into()
+        }
+        Some(libc::EPERM) => "permission denied: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON".into(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => "the driver does not support this XDP mode".into(),
+        _ => format!("{e:#}"),
+    }
+}
+
+fn os_error(e: &ProgramError) -> Option<i32> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// One sentence for a failure to load the embedded object.
+pub fn explain_load_error(e: EbpfError) -> Error {
+    if let EbpfError::ProgramError(p) = e {
+        return explain_program_error(p);
+    }
+    let mut os = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            os = io.raw_os_error();
+        }
+        source = err.source();
+    }
+    match os {
+        Some(libc::EPERM) => anyhow!(
+            "permission denied creating BPF maps: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        ),
+        Some(libc::ENOMEM) => anyhow!(
+            "not enough memory for the BPF maps: lower settings.connection_table_size or settings.max_target_groups"
+        ),
+        _ => anyhow!("cannot load the XDP program: {e:#}"),
+    }
+}
+
+/// One sentence for a failure to load the balancer program into the kernel.
+pub fn explain_program_error(e: ProgramError) -> Error {
+    match os_error(&e) {
+        Some(libc::EPERM) => anyhow!(
+            "permission denied loading the XDP program: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        ),
+        _ => anyhow!("the kernel refused the XDP program: {e:#}"),
+    }
+}
+
+/// Checks the kernel features lb relies on, before anything else fails less clearly.
+pub fn check_kernel() -> Result<()> {
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(anyhow!(
+            "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): lb needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (5.10 or newer)"
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Netlink (legacy) attachment: it keeps the program on the interface after the process exits,
+// which is what `lb target` wants for the decap program; a bpf_link would die with the process.
+
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_FD: u16 = 1;
+const IFLA_XDP_FLAGS: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// Attaches `prog` (or detaches with `None`) on interface `ifindex` through RTM_SETLINK.
+pub fn netlink_set_xdp(ifindex: u32, prog: Option<BorrowedFd<'_>>, flags: u32) -> io::Result<()> {
+    let fd = prog.map_or(-1, |p| p.as_raw_fd());
+    let mut msg = Vec::with_capacity(64);
+    // nlmsghdr, length patched below.
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_SETLINK.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    // ifinfomsg
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
+    msg.extend_from_slice(&0u16.to_ne_bytes());
+    msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // IFLA_XDP { IFLA_XDP_FD, IFLA_XDP_FLAGS }
+    msg.extend_from_slice(&20u16.to_ne_bytes());
+    msg.extend_from_slice(&(IFLA_XDP | NLA_F_NESTED).to_ne_bytes());
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&IFLA_XDP_FD.to_ne_bytes());
+    msg.extend_from_slice(&fd.to_ne_bytes());
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&IFLA_XDP_FLAGS.to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+
+    // SAFETY: plain socket calls on buffers we own; the socket is closed on every path.
+    unsafe {
+        let sock = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if sock < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let result = (|| {
+            if libc::send(sock, msg.as_ptr().cast(), msg.len(), 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut buf = [0u8; 4096];
+            let n = libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // nlmsghdr (16 bytes) of type NLMSG_ERROR, then the error code.
+            if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == libc::NLMSG_ERROR as u16 {
+                let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+                if code != 0 {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+            }
+            Ok(())
+        })();
+        libc::close(sock);
+        result
+    }
+}
