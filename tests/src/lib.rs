@@ -1,1 +1,496 @@
+//! A network-namespace lab for lb: a client, a balancer and targets on one bridge.
+//!
+//! ```text
+//!   client 198.51.100.2 ──┐
+//!   lb     198.51.100.3 ──┤ br0 (namespace "sw")
+//!   t1..tN 198.51.100.1x ─┘
+//! ```
+//! The client routes the VIP range 203.0.113.0/24 via the balancer; there is no route out.
+//! Servers and clients run in this process, in threads that entered a namespace (`setns`), so
+//! their sockets live there. Everything is removed when the [`Lab`] drops, on failure too.
 
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// Name of every namespace's lab interface.
+pub const IFACE: &str = "eth0";
+
+pub fn target_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 11 + i as u8)
+}
+
+/// The `lb` binary under test: `$LB_BIN`, else the release build next to this crate.
+pub fn lb_binary() -> PathBuf {
+    std::env::var_os("LB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
+}
+
+/// Runs `f` on a thread that has entered network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in {netns} panicked"))?
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// A lab of namespaces named `<prefix>-sw`, `<prefix>-client`, `<prefix>-lb`, `<prefix>-t<i>`.
+pub struct Lab {
+    prefix: String,
+    pub targets: usize,
+    namespaces: Vec<String>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    balancers: Vec<Child>,
+}
+
+impl Lab {
+    /// Builds the topology with `targets` target hosts.
+    pub fn new(prefix: &str, targets: usize) -> Result<Self> {
+        let mut lab = Lab {
+            prefix: prefix.to_owned(),
+            targets,
+            namespaces: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            balancers: Vec::new(),
+        };
+        remove_namespaces(prefix);
+        let sw = lab.add_netns("sw")?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        lab.add_host("client", CLIENT_ADDR)?;
+        lab.add_host("lb", LB_ADDR)?;
+        for i in 0..targets {
+            lab.add_host(&format!("t{}", i + 1), target_addr(i))?;
+        }
+        ip(&[
+            "-n",
+            &lab.ns("client"),
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            &LB_ADDR.to_string(),
+        ])?;
+        // veth hands XDP_TX frames to its peer promptly only when the peer runs XDP itself.
+        attach_pass_program(&sw, "lb")?;
+        Ok(lab)
+    }
+
+    /// The full namespace name of lab host `host`.
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    pub fn target_ns(&self, i: usize) -> String {
+        self.ns(&format!("t{}", i + 1))
+    }
+
+    fn add_netns(&mut self, host: &str) -> Result<String> {
+        let name = self.ns(host);
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn add_host(&mut self, host: &str, addr: Ipv4Addr) -> Result<()> {
+        let ns = self.add_netns(host)?;
+        let sw = self.ns("sw");
+        ip(&[
+            "-n", &sw, "link", "add", host, "type", "veth", "peer", "name", IFACE, "netns", &ns,
+        ])?;
+        ip(&["-n", &sw, "link", "set", host, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            IFACE,
+        ])?;
+        ip(&["-n", &ns, "link", "set", IFACE, "up"])?;
+        // veth leaves TCP/UDP checksums to "hardware" that never computes them; XDP forwards the
+        // raw bytes, so frames it sends on would carry a partial checksum. A real NIC fills it in.
+        run(Command::new("ip").args(["netns", "exec", &ns, "ethtool", "-K", IFACE, "tx", "off"]))?;
+        Ok(())
+    }
+
+    /// Runs the `lb` binary in namespace `host` and returns its output; fails on a non-zero exit.
+    pub fn lb(&self, host: &str, args: &[&str]) -> Result<String> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .arg(lb_binary())
+            .args(args))
+    }
+
+    /// Prepares every target with `lb target`.
+    pub fn prepare_targets(&self, mode: &str, vips: &[Ipv4Addr]) -> Result<()> {
+        for i in 0..self.targets {
+            let mut args = vec!["target", "-i", IFACE, "--mode", mode];
+            let vips: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
+            for v in &vips {
+                args.extend(["--vip", v]);
+            }
+            self.lb(&format!("t{}", i + 1), &args)?;
+        }
+        Ok(())
+    }
+
+    /// Starts `lb run` in the balancer namespace and waits until it says it forwards.
+    pub fn start_balancer(&mut self, config: &Path, extra: &[&str]) -> Result<Balancer> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("lb")])
+            .arg(lb_binary())
+            .args(["run", "-c"])
+            .arg(config)
+            .args(["-i", IFACE])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting lb run")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let ready = line.contains("forwarding on");
+                    log.push(line);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    bail!(
+                        "lb run did not start (exit {status:?}):\n{}",
+                        log.join("\n")
+                    );
+                }
+            }
+        }
+        let pid = child.id();
+        self.balancers.push(child);
+        Ok(Balancer {
+            pid,
+            log,
+            lines: rx,
+        })
+    }
+
+    /// A TCP server on port `port` in every target: each reply line is the target's name,
+    /// padded to `reply_len` bytes.
+    pub fn start_tcp_servers(&mut self, port: u16, reply_len: usize) -> Result<()> {
+        for i in 0..self.targets {
+            let name = format!("t{}", i + 1);
+            let listener = in_netns(&self.target_ns(i), move || {
+                TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+            })??;
+            listener.set_nonblocking(true)?;
+            let stop = self.stop.clone();
+            self.servers.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let name = name.clone();
+                            std::thread::spawn(move || serve_tcp(stream, &name, reply_len));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// A UDP server on VIP:`port` in every target (a DSR UDP server must answer from the VIP):
+    /// each reply is the target's name, padded to `reply_len` bytes.
+    pub fn start_udp_servers(&mut self, vip: Ipv4Addr, port: u16, reply_len: usize) -> Result<()> {
+        for i in 0..self.targets {
+            let name = format!("t{}", i + 1);
+            let socket = in_netns(&self.target_ns(i), move || {
+                UdpSocket::bind(SocketAddrV4::new(vip, port))
+            })??;
+            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let stop = self.stop.clone();
+            self.servers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                let reply = padded(&name, reply_len);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(&reply, peer);
+                    }
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// Bytes received so far by `host`'s lab interface.
+    pub fn rx_bytes(&self, host: &str) -> Result<u64> {
+        let out = ip(&[
+            "-n",
+            &self.ns(host),
+            "-j",
+            "-s",
+            "link",
+            "show",
+            "dev",
+            IFACE,
+        ])?;
+        let links: serde_json::Value = serde_json::from_str(&out)?;
+        links[0]["stats64"]["rx"]["bytes"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no rx byte counter for {host}"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for mut child in self.balancers.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for server in self.servers.drain(..) {
+            let _ = server.join();
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+}
+
+/// Deletes namespaces left by an earlier run with the same prefix (a killed test).
+fn remove_namespaces(prefix: &str) {
+    if let Ok(list) = ip(&["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('-'))
+            {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+    }
+}
+
+/// Attaches lb's XDP_PASS program to `dev` in namespace `netns` (it stays until the namespace goes).
+fn attach_pass_program(netns: &str, dev: &str) -> Result<()> {
+    let dev = dev.to_owned();
+    in_netns(netns, move || -> Result<()> {
+        let mut ebpf = aya::Ebpf::load(lb::DECAP_OBJECT)?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut("lb_pass")
+            .context("lb_pass missing")?
+            .try_into()?;
+        program.load()?;
+        let index = lb::net::Interface::lookup(&dev)?.index;
+        lb::xdp::netlink_set_xdp(
+            index,
+            Some(program.fd()?.as_fd()),
+            lb::xdp::XDP_FLAGS_DRV_MODE,
+        )?;
+        Ok(())
+    })?
+}
+
+fn padded(name: &str, len: usize) -> Vec<u8> {
+    let mut reply = name.as_bytes().to_vec();
+    reply.push(b' ');
+    reply.resize(len.max(name.len() + 2) - 1, b'.');
+    reply.push(b'\n');
+    reply
+}
+
+fn serve_tcp(stream: TcpStream, name: &str, reply_len: usize) {
+    let reply = padded(name, reply_len);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    for line in BufReader::new(stream).lines() {
+        if line.is_err() || writer.write_all(&reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// A running `lb run`.
+pub struct Balancer {
+    pub pid: u32,
+    /// What it printed up to and including its readiness line.
+    pub log: Vec<String>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Balancer {
+    /// Sends SIGTERM and returns what it printed afterwards.
+    pub fn terminate(&self, lab: &mut Lab) -> Result<(std::process::ExitStatus, Vec<String>)> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let child = lab
+            .balancers
+            .iter_mut()
+            .find(|c| c.id() == self.pid)
+            .ok_or_else(|| anyhow!("not a balancer of this lab"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                bail!("lb did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok((status, self.lines.try_iter().collect()))
+    }
+}
+
+/// Which target answered, per request of one connection or flow.
+pub type Answers = Vec<String>;
+
+/// Opens `connections` TCP connections to `vip:port` from the client, each sending `requests`
+/// lines; returns the names that answered on each, and the reply bytes received.
+pub fn tcp_clients(
+    lab: &Lab,
+    vip: Ipv4Addr,
+    port: u16,
+    connections: usize,
+    requests: usize,
+) -> Result<(Vec<Answers>, u64)> {
+    in_netns(&lab.ns("client"), move || -> Result<(Vec<Answers>, u64)> {
+        let mut all = Vec::new();
+        let mut bytes = 0;
+        for c in 0..connections {
+            let addr = SocketAddr::from(SocketAddrV4::new(vip, port));
+            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .with_context(|| format!("connection {c} to {addr}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut writer = stream.try_clone()?;
+            let mut reader = BufReader::new(stream);
+            let mut answers = Vec::new();
+            for r in 0..requests {
+                writeln!(writer, "request {r}")?;
+                let mut line = String::new();
+                reader
+                    .read_line(&mut line)
+                    .with_context(|| format!("reply {r} on connection {c}"))?;
+                bytes += line.len() as u64;
+                answers.push(
+                    line.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            all.push(answers);
+        }
+        Ok((all, bytes))
+    })?
+}
+
+/// Sends `requests` datagrams on each of `flows` UDP flows (one socket, so one source port,
+/// each) and returns who answered each; a lost reply is retried a few times, then is an error.
+pub fn udp_clients(
+    lab: &Lab,
+    vip: Ipv4Addr,
+    port: u16,
+    flows: usize,
+    requests: usize,
+) -> Result<(Vec<Answers>, u64)> {
+    in_netns(&lab.ns("client"), move || -> Result<(Vec<Answers>, u64)> {
+        let mut all = Vec::new();
+        let mut bytes = 0;
+        let mut buf = [0u8; 4096];
+        for f in 0..flows {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(SocketAddrV4::new(vip, port))?;
+            socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut answers = Vec::new();
+            for r in 0..requests {
+                let mut attempts = 0;
+                let n = loop {
+                    socket.send(format!("request {r}").as_bytes())?;
+                    match socket.recv(&mut buf) {
+                        Ok(n) => break n,
+                        Err(_) if attempts < 5 => attempts += 1,
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("no reply {r} on flow {f}"));
+                        }
+                    }
+                };
+                bytes += n as u64;
+                let text = String::from_utf8_lossy(&buf[..n]);
+                answers.push(
+                    text.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            all.push(answers);
+        }
+        Ok((all, bytes))
+    })?
+}

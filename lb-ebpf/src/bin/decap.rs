@@ -38,15 +38,21 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn decap(ctx: &XdpContext) {
-    let (Some(eth), Some(outer), Some(inner)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
-        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN + IPV4_LEN),
-    ) else {
+    // One bounds check for all three headers keeps the verifier's view of the pointers simple.
+    let Some(headers) = ptr_at::<[u8; ETH_LEN + 2 * IPV4_LEN]>(ctx, 0) else {
         return;
     };
-    // SAFETY: all three pointers were bounds-checked by `ptr_at`.
-    let (eth_hdr, outer, inner) = unsafe { (*eth, *outer, *inner) };
+    let eth = headers as *const EthHdr;
+    // SAFETY: the three headers lie within the bounds-checked range.
+    let (eth_hdr, outer, inner) = unsafe {
+        (
+            *eth,
+            *(headers as *const u8).add(ETH_LEN).cast::<Ipv4Hdr>(),
+            *(headers as *const u8)
+                .add(ETH_LEN + IPV4_LEN)
+                .cast::<Ipv4Hdr>(),
+        )
+    };
     // Only option-less outer headers (what lb sends), carrying an IPv4 packet, to this host.
     if eth_hdr.ether_type != ETH_P_IP_BE
         || outer.vihl != 0x45

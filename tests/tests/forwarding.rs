@@ -1,0 +1,192 @@
+//! End to end: real TCP and UDP clients and servers through lb in network namespaces, in both
+//! forwarding modes. Needs root (CI runs as root).
+
+use std::{collections::HashMap, path::PathBuf};
+
+use anyhow::{Result, ensure};
+use lb_tests::{Answers, IFACE, Lab, VIP, target_addr, tcp_clients, udp_clients};
+
+const TARGETS: usize = 3;
+const FLOWS: usize = 300;
+const REQUESTS: usize = 3;
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 7777;
+/// Replies far larger than requests: if they crossed the balancer, its counters would show it.
+const TCP_REPLY: usize = 2000;
+const UDP_REPLY: usize = 1200;
+
+fn write_config(lab_name: &str, mode: &str) -> Result<PathBuf> {
+    let targets = |port: u16| -> String {
+        (0..TARGETS)
+            .map(|i| {
+                format!(
+                    "      - address: {}\n        port: {port}\n",
+                    target_addr(i)
+                )
+            })
+            .collect()
+    };
+    let text = format!(
+        "listeners:
+  - name: web
+    address: {VIP}
+    port: {TCP_PORT}
+    protocol: tcp
+    target_group: web
+  - name: game
+    address: {VIP}
+    port: {UDP_PORT}
+    protocol: udp
+    target_group: game
+target_groups:
+  - name: web
+    forwarding: {mode}
+    targets:
+{}  - name: game
+    forwarding: {mode}
+    targets:
+{}",
+        targets(TCP_PORT),
+        targets(UDP_PORT)
+    );
+    let path = std::env::temp_dir().join(format!("{lab_name}.yaml"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Every flow talked to one target only; returns flows per target.
+fn flows_per_target(kind: &str, answers: &[Answers]) -> Result<HashMap<String, usize>> {
+    let mut per_target = HashMap::new();
+    for (i, a) in answers.iter().enumerate() {
+        ensure!(
+            a.iter().all(|name| name == &a[0]),
+            "{kind} flow {i} was answered by several targets: {a:?}"
+        );
+        *per_target.entry(a[0].clone()).or_insert(0) += 1;
+    }
+    Ok(per_target)
+}
+
+fn assert_fair(kind: &str, per_target: &HashMap<String, usize>) -> Result<()> {
+    let fair = FLOWS as f64 / TARGETS as f64;
+    for i in 0..TARGETS {
+        let name = format!("t{}", i + 1);
+        let got = per_target.get(&name).copied().unwrap_or(0) as f64;
+        ensure!(
+            (got - fair).abs() <= 0.35 * fair,
+            "{kind}: {name} got {got} of {FLOWS} flows, outside ±35% of {fair:.0}: {per_target:?}"
+        );
+    }
+    Ok(())
+}
+
+fn xdp_attached(lab: &Lab, host: &str) -> Result<bool> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.ns(host),
+            "-j",
+            "-d",
+            "link",
+            "show",
+            "dev",
+            IFACE,
+        ])
+        .output()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(!links[0]["xdp"].is_null())
+}
+
+fn spreads_flows_and_replies_bypass_the_balancer(mode: &str) -> Result<()> {
+    let name = format!("lbt-{mode}-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, TARGETS)?;
+    let config = write_config(&name, mode)?;
+
+    // Before preparation a target is reported as not ready; after it, as ready.
+    let check = [
+        "target",
+        "-i",
+        IFACE,
+        "--mode",
+        mode,
+        "--vip",
+        "203.0.113.10",
+        "--check",
+    ];
+    ensure!(
+        lab.lb("t1", &check).is_err(),
+        "`lb target --check` passed on an unprepared host"
+    );
+    lab.prepare_targets(mode, &[VIP])?;
+    let report = lab.lb("t1", &check)?;
+    ensure!(!report.contains("missing"), "after `lb target`: {report}");
+
+    lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
+    lab.start_udp_servers(VIP, UDP_PORT, UDP_REPLY)?;
+    let balancer = lab.start_balancer(&config, &[])?;
+
+    let rx_before = lab.rx_bytes("lb")?;
+    let (tcp, tcp_bytes) = tcp_clients(&lab, VIP, TCP_PORT, FLOWS, REQUESTS)?;
+    let (udp, udp_bytes) = udp_clients(&lab, VIP, UDP_PORT, FLOWS, REQUESTS)?;
+    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+
+    assert_fair("tcp", &flows_per_target("tcp", &tcp)?)?;
+    assert_fair("udp", &flows_per_target("udp", &udp)?)?;
+    let reply_bytes = tcp_bytes + udp_bytes;
+    ensure!(
+        reply_bytes >= (FLOWS * REQUESTS * (TCP_REPLY + UDP_REPLY)) as u64,
+        "the client received only {reply_bytes} reply bytes"
+    );
+    // Only the requests cross the balancer: far fewer bytes than the replies the client got.
+    ensure!(
+        rx_delta * 2 < reply_bytes,
+        "the balancer received {rx_delta} bytes while the client got {reply_bytes} reply bytes: replies are not bypassing it"
+    );
+
+    // SIGTERM detaches and leaves the interface as it was.
+    ensure!(
+        xdp_attached(&lab, "lb")?,
+        "no XDP program on the balancer's interface"
+    );
+    let (status, log) = balancer.terminate(&mut lab)?;
+    ensure!(status.success(), "lb exited with {status}: {log:?}");
+    ensure!(
+        !xdp_attached(&lab, "lb")?,
+        "XDP program left attached after SIGTERM"
+    );
+
+    // `lb target --undo` reverts the preparation.
+    let undo = [
+        "target",
+        "-i",
+        IFACE,
+        "--mode",
+        mode,
+        "--vip",
+        "203.0.113.10",
+        "--undo",
+    ];
+    lab.lb("t1", &undo)?;
+    ensure!(
+        lab.lb("t1", &check).is_err(),
+        "`lb target --undo` left the host prepared"
+    );
+    if mode == "ipip" {
+        ensure!(
+            !xdp_attached(&lab, "t1")?,
+            "`lb target --undo` left the decap program attached"
+        );
+    }
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+#[test]
+fn dsr_spreads_flows_and_replies_bypass_the_balancer() -> Result<()> {
+    spreads_flows_and_replies_bypass_the_balancer("dsr")
+}
+
+#[test]
+fn ipip_spreads_flows_and_replies_bypass_the_balancer() -> Result<()> {
+    spreads_flows_and_replies_bypass_the_balancer("ipip")
+}
