@@ -13,8 +13,8 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Counters, DropReason, FORWARDING_DSR, FORWARDING_IPIP, Group, Listener, ListenerKey,
-    SETTINGS_KEY, Settings, TARGET_ACTIVE, Target,
+    Counters, DropReason, FORWARDING_DSR, FORWARDING_IPIP, Flow, FlowKey, Group, Listener,
+    ListenerKey, SETTINGS_KEY, Settings, TARGET_ACTIVE, Target,
 };
 
 use crate::{
@@ -227,6 +227,16 @@ impl Dataplane {
         };
         self.map::<Array<_, Group>>("GROUPS")?.set(gid, live, 0)?;
         Ok(())
+    }
+
+    /// The connection table's entry for a flow, if any.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        let flows: HashMap<&MapData, FlowKey, Flow> = self.map_ref("FLOWS")?;
+        match flows.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Counters of listener `id`, summed over CPUs.
