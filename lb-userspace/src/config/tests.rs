@@ -1,1 +1,295 @@
 use super::*;
+
+const VALID: &str = "\
+listeners:
+  - name: web
+    address: 203.0.113.10
+    port: 80
+    protocol: tcp
+    target_group: web
+target_groups:
+  - name: web
+    forwarding: dsr
+    algorithm: maglev
+    targets:
+      - address: 198.51.100.11
+        port: 80
+      - address: 198.51.100.12
+        port: 80
+        weight: 3
+";
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(Path::new("lb.yaml"), text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+/// Asserts that `text` is refused with exactly one error, at `line:column`, containing `message`.
+#[track_caller]
+fn refused(text: &str, line: usize, column: usize, message: &str) {
+    let errors = errors(text);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let want = format!("lb.yaml:{line}:{column}: ");
+    assert!(
+        errors[0].starts_with(&want) && errors[0].contains(message),
+        "got {:?}, want {want}...{message}",
+        errors[0]
+    );
+}
+
+#[test]
+fn valid_config_parses_with_defaults() {
+    let config = parse(Path::new("lb.yaml"), VALID).unwrap();
+    assert_eq!(config.listeners.len(), 1);
+    let l = &config.listeners[0];
+    assert_eq!(
+        (l.address, l.port, l.protocol),
+        (Ipv4Addr::new(203, 0, 113, 10), 80, Protocol::Tcp)
+    );
+    let g = &config.target_groups[0];
+    assert_eq!(g.forwarding, Forwarding::Dsr);
+    assert_eq!(g.targets[0].weight, 1);
+    assert_eq!(g.targets[1].weight, 3);
+    assert_eq!(config.settings.maglev_table_size, DEFAULT_MAGLEV_TABLE_SIZE);
+    assert_eq!(config.summary(), "1 listener, 1 target group, 2 targets");
+}
+
+#[test]
+fn forwarding_and_algorithm_default_to_dsr_and_maglev() {
+    let text = VALID
+        .replace("    forwarding: dsr\n", "")
+        .replace("    algorithm: maglev\n", "");
+    let config = parse(Path::new("lb.yaml"), &text).unwrap();
+    assert_eq!(config.target_groups[0].forwarding, Forwarding::Dsr);
+    assert_eq!(config.target_groups[0].algorithm, Algorithm::Maglev);
+}
+
+#[test]
+fn unknown_key() {
+    refused(
+        &VALID.replace("    port: 80\n    protocol", "    prot: 80\n    protocol"),
+        4,
+        5,
+        "unknown field `prot`",
+    );
+}
+
+#[test]
+fn wrong_type() {
+    refused(
+        &VALID.replace("port: 80\n    protocol", "port: eighty\n    protocol"),
+        4,
+        11,
+        "invalid type",
+    );
+}
+
+#[test]
+fn unknown_protocol() {
+    refused(
+        &VALID.replace("protocol: tcp", "protocol: sctp"),
+        5,
+        15,
+        "unknown variant `sctp`",
+    );
+}
+
+#[test]
+fn unknown_forwarding_mode() {
+    refused(
+        &VALID.replace("forwarding: dsr", "forwarding: nat"),
+        9,
+        17,
+        "unknown variant `nat`",
+    );
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let errors = errors("listeners:\n  - name: [web\n");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("lb.yaml:"), "{errors:?}");
+}
+
+#[test]
+fn bad_address() {
+    refused(
+        &VALID.replace("203.0.113.10", "203.0.113.300"),
+        3,
+        14,
+        "`203.0.113.300` is not an IP address",
+    );
+    refused(
+        &VALID.replace("203.0.113.10", "0.0.0.0"),
+        3,
+        14,
+        "must be a unicast address",
+    );
+    refused(
+        &VALID.replace("198.51.100.11", "2001:db8::1"),
+        12,
+        18,
+        "IPv6",
+    );
+}
+
+#[test]
+fn port_out_of_range() {
+    refused(
+        &VALID.replace("port: 80\n    protocol", "port: 0\n    protocol"),
+        4,
+        11,
+        "port 0 is out of range",
+    );
+    let text = VALID.replace("port: 80\n    protocol", "port: 70000\n    protocol");
+    // The listener port and every target port (which now differs) are reported.
+    let errors = errors(&text);
+    assert!(
+        errors[0].starts_with("lb.yaml:4:11: port 70000 is out of range"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn target_port_must_match_listener_port_in_dsr_and_ipip() {
+    for mode in ["dsr", "ipip"] {
+        let text = VALID
+            .replace("forwarding: dsr", &format!("forwarding: {mode}"))
+            .replace(
+                "        port: 80\n        weight",
+                "        port: 8080\n        weight",
+            );
+        refused(
+            &text,
+            15,
+            15,
+            &format!("must use port 80 like listener `web`: in {mode} forwarding"),
+        );
+    }
+}
+
+#[test]
+fn duplicate_names() {
+    let text = format!(
+        "{VALID}  - name: web\n    targets:\n      - {{address: 198.51.100.13, port: 80}}\n"
+    );
+    refused(&text, 17, 11, "duplicate target group name `web`");
+    let text = VALID.replace(
+        "target_groups:",
+        "  - {name: web, address: 203.0.113.11, port: 80, protocol: tcp, target_group: web}\ntarget_groups:",
+    );
+    refused(&text, 7, 12, "duplicate listener name `web`");
+}
+
+#[test]
+fn same_vip_port_and_protocol_twice() {
+    let text = VALID.replace(
+        "target_groups:",
+        "  - {name: other, address: 203.0.113.10, port: 80, protocol: tcp_udp, target_group: web}\ntarget_groups:",
+    );
+    refused(
+        &text,
+        7,
+        48,
+        "203.0.113.10:80/tcp already taken by listener `web`",
+    );
+}
+
+#[test]
+fn unknown_target_group() {
+    refused(
+        &VALID.replace("target_group: web", "target_group: api"),
+        6,
+        19,
+        "unknown target group `api` (defined: web)",
+    );
+}
+
+#[test]
+fn empty_group() {
+    let text = format!("{VALID}  - name: spare\n    targets: []\n");
+    refused(&text, 17, 11, "target group `spare` has no targets");
+}
+
+#[test]
+fn duplicate_target() {
+    let text = VALID.replace("198.51.100.12", "198.51.100.11");
+    refused(&text, 14, 18, "target 198.51.100.11:80 appears twice");
+}
+
+#[test]
+fn bad_weight() {
+    refused(
+        &VALID.replace("weight: 3", "weight: 0"),
+        16,
+        17,
+        "weight 0 must be between 1 and 1000",
+    );
+}
+
+#[test]
+fn bad_names() {
+    refused(
+        &VALID.replace("name: web\n    address", "name: \"web api\"\n    address"),
+        2,
+        11,
+        "listener name `web api`",
+    );
+}
+
+#[test]
+fn no_listeners_or_groups() {
+    let errors = errors("listeners: []\ntarget_groups: []\n");
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("no listeners")));
+    assert!(errors.iter().any(|e| e.contains("no target groups")));
+}
+
+#[test]
+fn settings_are_checked() {
+    let with = |s: &str| format!("settings:\n  {s}\n{VALID}");
+    refused(&with("maglev_table_size: 65536"), 2, 22, "must be a prime");
+    refused(&with("hash_seed: -1"), 2, 14, "hash_seed -1");
+    refused(
+        &with("connection_table_size: 10"),
+        2,
+        26,
+        "connection_table_size 10",
+    );
+    refused(&with("max_target_groups: 0"), 2, 22, "max_target_groups 0");
+    refused(
+        &with("maglev_table_size: 7"),
+        14,
+        7,
+        "must be at least 10 times",
+    );
+    let config = parse(Path::new("lb.yaml"), &with("maglev_table_size: 251")).unwrap();
+    assert_eq!(config.settings.maglev_table_size, 251);
+}
+
+#[test]
+fn every_problem_is_reported_in_file_order() {
+    let text = VALID
+        .replace("203.0.113.10", "nope")
+        .replace("target_group: web", "target_group: api")
+        .replace("weight: 3", "weight: 5000");
+    let errors = errors(&text);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors[0].starts_with("lb.yaml:3:"));
+    assert!(errors[1].starts_with("lb.yaml:6:"));
+    assert!(errors[2].starts_with("lb.yaml:16:"));
+}
+
+#[test]
+fn positions_follow_paths() {
+    let p = Positions::index(VALID);
+    assert_eq!(p.get("listeners[0].port"), Some((4, 11)));
+    assert_eq!(p.get("target_groups[0].targets[1].weight"), Some((16, 17)));
+    // A missing node falls back to its nearest ancestor.
+    assert_eq!(
+        p.get("target_groups[0].targets[1].nothing"),
+        p.get("target_groups[0].targets[1]")
+    );
+}
