@@ -1,6 +1,9 @@
 //! The `lb` command line.
 
-use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::HashMap, io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -81,6 +84,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LB_LOG")

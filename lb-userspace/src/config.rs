@@ -479,7 +479,7 @@ impl Validator<'_> {
                 ),
             );
         }
-        (self.errors.len() == before).then(|| Settings {
+        (self.errors.len() == before).then_some(Settings {
             maglev_table_size: size as u32,
             hash_seed: seed as u32,
             connection_table_size: conns as u32,
@@ -607,7 +607,10 @@ impl Validator<'_> {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 // ---------------------------------------------------------------------------------------------

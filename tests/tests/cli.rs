@@ -1,0 +1,161 @@
+//! The `lb` binary's own behaviour on good and bad input: exit codes and messages.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Result, ensure};
+use lb_tests::lb_binary;
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn lb(args: &[&str]) -> Result<Output> {
+    let out = Command::new(lb_binary())
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()?;
+    Ok(Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+const BAD: &str = "\
+listeners:
+  - name: web
+    address: 203.0.113.300
+    port: 80
+    protocol: tcp
+    target_group: nowhere
+target_groups:
+  - name: web
+    targets:
+      - {address: 198.51.100.11, port: 8080}
+";
+
+#[test]
+fn check_accepts_the_example_with_a_summary() -> Result<()> {
+    let out = lb(&["check", "-c", &example("lb.yaml")])?;
+    ensure!(out.code == Some(0), "{}", out.stderr);
+    ensure!(
+        out.stdout
+            .trim_end()
+            .ends_with("ok: 2 listeners, 2 target groups, 5 targets"),
+        "{}",
+        out.stdout
+    );
+    Ok(())
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_the_messages_of_check() -> Result<()> {
+    let path = std::env::temp_dir().join(format!("lb-cli-bad-{}.yaml", std::process::id()));
+    std::fs::write(&path, BAD)?;
+    let path_arg = path.display().to_string();
+    let check = lb(&["check", "-c", &path_arg])?;
+    let run = lb(&["run", "-c", &path_arg, "-i", "lo"])?;
+    std::fs::remove_file(&path)?;
+    ensure!(check.code == Some(1) && run.code == Some(1));
+    let lines: Vec<&str> = check.stderr.lines().collect();
+    ensure!(lines.len() == 2, "one line per problem: {lines:?}");
+    ensure!(
+        lines[0].ends_with(":3:14: `203.0.113.300` is not an IP address"),
+        "{lines:?}"
+    );
+    ensure!(
+        lines[1].ends_with(":6:19: unknown target group `nowhere` (defined: web)"),
+        "{lines:?}"
+    );
+    ensure!(
+        run.stderr == check.stderr,
+        "run said:\n{}\ncheck said:\n{}",
+        run.stderr,
+        check.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn unreadable_config_is_one_sentence() -> Result<()> {
+    let out = lb(&["check", "-c", "/nonexistent/lb.yaml"])?;
+    ensure!(out.code == Some(1));
+    ensure!(
+        out.stderr.trim()
+            == "/nonexistent/lb.yaml: cannot read the config file: No such file or directory (os error 2)",
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn unknown_interface_is_one_sentence() -> Result<()> {
+    let out = lb(&["run", "-c", &example("lb.yaml"), "-i", "nosuchif0"])?;
+    ensure!(out.code == Some(1));
+    ensure!(
+        out.stderr.trim() == "lb: no network interface named `nosuchif0` (see `ip link`)",
+        "{}",
+        out.stderr
+    );
+    let out = lb(&[
+        "target",
+        "-i",
+        "nosuchif0",
+        "--mode",
+        "dsr",
+        "--vip",
+        "203.0.113.10",
+        "--check",
+    ])?;
+    ensure!(
+        out.code == Some(1)
+            && out.stderr.trim() == "lb: no network interface named `nosuchif0` (see `ip link`)",
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_flags_are_usage_errors() -> Result<()> {
+    let out = lb(&[
+        "run",
+        "-c",
+        &example("lb.yaml"),
+        "-i",
+        "lo",
+        "--xdp-mode",
+        "turbo",
+    ])?;
+    ensure!(out.code == Some(2), "{:?}", out.code);
+    ensure!(
+        out.stderr.contains("invalid value 'turbo'")
+            && out.stderr.contains("auto, native, generic"),
+        "{}",
+        out.stderr
+    );
+    let out = lb(&["target", "-i", "lo", "--mode", "dsr", "--vip", "not-an-ip"])?;
+    ensure!(
+        out.code == Some(2) && out.stderr.contains("invalid value 'not-an-ip'"),
+        "{}",
+        out.stderr
+    );
+    let out = lb(&["target", "-i", "lo", "--mode", "dsr"])?;
+    ensure!(
+        out.code == Some(2) && out.stderr.contains("--vip"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
