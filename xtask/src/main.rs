@@ -133,7 +133,7 @@ fn test(root: &Path) -> Result<()> {
     // Labs run one at a time: they are timing-sensitive and this machine has two cores.
     let mut command = Command::new("cargo");
     command
-        .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+        .args(["test", "--release", "--", "--test-threads=1"])
         .env("LB_BIN", root.join("target/release/lb"));
     run(&mut command)
 }
