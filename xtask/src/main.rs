@@ -8,8 +8,9 @@
 //! - `demo`: builds and runs the namespace lab with its embedded config.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -131,11 +132,42 @@ fn test(root: &Path) -> Result<()> {
     build()?;
     require_root("the XDP and end-to-end tests")?;
     // Labs run one at a time: they are timing-sensitive and this machine has two cores.
-    let mut command = Command::new("cargo");
-    command
+    let mut child = Command::new("cargo")
         .args(["test", "--release", "--", "--test-threads=1"])
-        .env("LB_BIN", root.join("target/release/lb"));
-    run(&mut command)
+        .env("LB_BIN", root.join("target/release/lb"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("piped")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count(result, "passed");
+            failed += count(result, "failed");
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run, over every test binary.
+    println!("cargo xtask test: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 || passed == 0 {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number before `label` in a line like "ok. 10 passed; 0 failed; ...".
+fn count(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            let mut words = part.split_whitespace().rev();
+            if words.next()? != label {
+                return None;
+            }
+            words.next()?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 fn require_root(what: &str) -> Result<()> {
