@@ -37,6 +37,9 @@ pub struct Listener {
     pub id: u32,
     /// Index of the listener's target group.
     pub group: u32,
+    /// A flow idle longer than this (seconds) is a new flow.
+    pub idle_timeout_s: u32,
+    pub pad: u32,
 }
 
 /// The 5-tuple of a flow as the client sent it.
@@ -62,8 +65,14 @@ pub struct Flow {
     pub last_seen_ns: u64,
 }
 
-/// `Target::state`: the slot holds a registered target.
+/// `Target::state`: a free slot.
+pub const TARGET_FREE: u16 = 0;
+/// Takes new flows (it is in the Maglev table) and keeps its existing ones.
 pub const TARGET_ACTIVE: u16 = 1;
+/// Deregistered: keeps its existing flows until they end or the delay passes; no new ones.
+pub const TARGET_DRAINING: u16 = 2;
+/// Failing its health check: its flows move to a healthy target.
+pub const TARGET_UNHEALTHY: u16 = 3;
 
 /// A target as the data plane needs it: where to send, never how it was configured.
 #[repr(C)]
@@ -75,7 +84,7 @@ pub struct Target {
     pub group: u32,
     /// Layer-2 next hop: the target itself in DSR mode, the gateway towards it in IPIP mode.
     pub mac: [u8; 6],
-    /// `TARGET_ACTIVE`, or 0 for a free slot.
+    /// `TARGET_ACTIVE`, `TARGET_DRAINING`, `TARGET_UNHEALTHY` or `TARGET_FREE`.
     pub state: u16,
 }
 
@@ -167,7 +176,7 @@ impl DropReason {
 
 const _: () = {
     assert!(size_of::<ListenerKey>() == 8);
-    assert!(size_of::<Listener>() == 8);
+    assert!(size_of::<Listener>() == 16);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<Flow>() == 16);
     assert!(size_of::<Target>() == 16);

@@ -1,25 +1,15 @@
 //! The `lb` command line.
 
-use std::{
-    collections::HashMap, io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode,
-    time::Duration,
-};
+use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
 
 use crate::{
-    config::{self, Config, ConfigErrors, Forwarding},
-    maps::{Dataplane, MapState},
-    net::{self, Interface},
-    target,
-    xdp::{self, ModeChoice},
+    config::{self, ConfigErrors, Forwarding},
+    instance, run, target,
+    xdp::ModeChoice,
 };
-
-/// How long to wait for a target's (or gateway's) ARP reply at start.
-const ARP_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +43,13 @@ enum Command {
         /// native when the driver supports it, else generic with a warning that says why.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: ModeChoice,
+    },
+    /// Apply the config file of the `lb run` on IFACE again (as SIGHUP does): only what changed
+    /// is written; an invalid file is refused with `lb check`'s messages and changes nothing.
+    Reload {
+        /// The interface the running lb serves.
+        #[arg(short, long, value_name = "IFACE")]
+        interface: String,
     },
     /// Prepare this host as a target: VIPs on loopback, ARP sysctls, and for ipip the XDP decap.
     Target {
@@ -97,7 +94,8 @@ pub fn main() -> ExitCode {
             config,
             interface,
             xdp_mode,
-        } => run(&config, &interface, xdp_mode).map(|()| true),
+        } => run::run(&config, &interface, xdp_mode).map(|()| true),
+        Command::Reload { interface } => reload(&interface),
         Command::Target {
             interface,
             mode,
@@ -139,103 +137,21 @@ fn check(path: &std::path::Path) -> Result<bool> {
     Ok(true)
 }
 
-fn run(path: &std::path::Path, interface: &str, mode: ModeChoice) -> Result<()> {
-    let config = config::load(path)?;
-    xdp::check_kernel()?;
-    let iface = Interface::lookup(interface)?;
-    let state = MapState::build(&config, &iface, next_hop_resolver(&iface))?;
-    let mut dataplane = Dataplane::load(&config.settings)?;
-    dataplane.write(&state)?;
-    let (link, attached) = xdp::attach(dataplane.program_mut(), &iface, mode)?;
-    info!(
-        "forwarding on {} ({attached} XDP): {}",
-        iface.name,
+fn reload(interface: &str) -> Result<bool> {
+    let Some(instance) = instance::find(interface)? else {
+        bail!("no lb is running on {interface}");
+    };
+    let config = config::load(&instance.config)?;
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(instance.pid as i32, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("signalling lb (pid {})", instance.pid));
+    }
+    println!(
+        "asked lb (pid {}) to reload {}: {}",
+        instance.pid,
+        instance.config.display(),
         config.summary()
     );
-    log_listeners(&config);
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(wait_for_shutdown())?;
-
-    dataplane
-        .program_mut()
-        .detach(link)
-        .with_context(|| format!("detaching from {}", iface.name))?;
-    info!("detached from {}", iface.name);
-    Ok(())
-}
-
-fn log_listeners(config: &Config) {
-    for l in &config.listeners {
-        if let Some(group) = config.target_group(&l.target_group) {
-            info!(
-                "listener {} {}:{}/{:?} -> target group {} ({}, {} targets)",
-                l.name,
-                l.address,
-                l.port,
-                l.protocol,
-                group.name,
-                group.forwarding,
-                group.targets.len()
-            );
-        }
-    }
-}
-
-async fn wait_for_shutdown() -> Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
-            _ = hangup.recv() => warn!("SIGHUP: configuration reload is not supported yet; restart lb to apply a new config"),
-        }
-    }
-}
-
-/// The MAC each target's frames go to: the target itself (dsr), or the next hop towards it
-/// (ipip). Looked up once per next hop.
-fn next_hop_resolver(
-    iface: &Interface,
-) -> impl FnMut(&config::TargetGroup, &config::Target) -> Result<[u8; 6]> + '_ {
-    let mut cache: HashMap<Ipv4Addr, [u8; 6]> = HashMap::new();
-    move |group, target| {
-        let route = net::route_to(target.address)?;
-        if route.dev != iface.name {
-            bail!(
-                "target {} of group {} is reached through {}, not {}: lb sends only from the interface it runs on",
-                target.address,
-                group.name,
-                route.dev,
-                iface.name
-            );
-        }
-        if group.forwarding == Forwarding::Dsr
-            && let Some(gw) = route.gateway
-        {
-            bail!(
-                "target {} of group {} is behind gateway {gw}: dsr needs targets on the same layer-2 segment as {}; use `forwarding: ipip` for routed targets",
-                target.address,
-                group.name,
-                iface.name
-            );
-        }
-        let hop = route.next_hop(target.address);
-        if let Some(mac) = cache.get(&hop) {
-            return Ok(*mac);
-        }
-        let mac = net::resolve_mac(hop, &iface.name, ARP_TIMEOUT).with_context(|| {
-            format!(
-                "resolving the MAC of target {} of group {}",
-                target.address, group.name
-            )
-        })?;
-        cache.insert(hop, mac);
-        Ok(mac)
-    }
+    Ok(true)
 }

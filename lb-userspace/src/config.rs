@@ -10,9 +10,12 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
+
+use crate::health::{CheckProtocol, HealthCheck, Matcher};
 use yaml_rust2::{
     parser::{Event, MarkedEventReceiver, Parser},
     scanner::Marker,
@@ -23,6 +26,11 @@ pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
 pub const DEFAULT_CONNECTION_TABLE_SIZE: u32 = 262_144;
 pub const DEFAULT_MAX_TARGET_GROUPS: u32 = 16;
 const MAX_WEIGHT: u32 = 1000;
+/// NLB's defaults: a TCP flow idle this long is forgotten (350 s), a UDP flow after 120 s.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(350);
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// NLB's default: a deregistered target drains for 300 s.
+pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
 /// Maglev spreads well only when the table is much larger than the number of targets.
 const MIN_SLOTS_PER_TARGET: u64 = 10;
 
@@ -51,6 +59,20 @@ pub struct Listener {
     pub port: u16,
     pub protocol: Protocol,
     pub target_group: String,
+    /// As configured; [`Listener::idle_timeout`] applies the per-protocol defaults.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Listener {
+    /// How long a flow of IP protocol `proto` may be idle before it counts as a new flow.
+    pub fn idle_timeout(&self, proto: u8) -> Duration {
+        self.idle_timeout
+            .unwrap_or(if proto == lb_common::PROTO_TCP {
+                DEFAULT_TCP_IDLE_TIMEOUT
+            } else {
+                DEFAULT_UDP_IDLE_TIMEOUT
+            })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +81,8 @@ pub struct TargetGroup {
     pub forwarding: Forwarding,
     pub algorithm: Algorithm,
     pub targets: Vec<Target>,
+    pub health_check: HealthCheck,
+    pub deregistration_delay: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -260,6 +284,7 @@ struct RawListener {
     port: i64,
     protocol: Protocol,
     target_group: String,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +297,22 @@ struct RawTargetGroup {
     algorithm: Algorithm,
     #[serde(default)]
     targets: Vec<RawTarget>,
+    health_check: Option<RawHealthCheck>,
+    deregistration_delay: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    protocol: Option<CheckProtocol>,
+    /// `traffic-port` or a number.
+    port: Option<serde_yaml::Value>,
+    path: Option<String>,
+    matcher: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    healthy_threshold: Option<i64>,
+    unhealthy_threshold: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -415,12 +456,21 @@ impl Validator<'_> {
             if let Some(group) = group {
                 self.ports_match(l, port, group, &raw.target_groups);
             }
+            let idle_timeout = l.idle_timeout.as_deref().and_then(|text| {
+                self.duration(
+                    &format!("{at}.idle_timeout"),
+                    text,
+                    "idle_timeout",
+                    Duration::from_secs(1)..=Duration::from_secs(6000),
+                )
+            });
             listeners.push(Listener {
                 name: l.name.clone(),
                 address,
                 port,
                 protocol: l.protocol,
                 target_group: l.target_group.clone(),
+                idle_timeout,
             });
         }
 
@@ -525,11 +575,170 @@ impl Validator<'_> {
                 weight: weight.clamp(1, MAX_WEIGHT as i64) as u32,
             });
         }
+        let deregistration_delay = match &g.deregistration_delay {
+            Some(text) => self
+                .duration(
+                    &format!("{at}.deregistration_delay"),
+                    text,
+                    "deregistration_delay",
+                    Duration::ZERO..=Duration::from_secs(3600),
+                )
+                .unwrap_or(DEFAULT_DEREGISTRATION_DELAY),
+            None => DEFAULT_DEREGISTRATION_DELAY,
+        };
+        let raw_check = RawHealthCheck::default();
+        let health_check = self.health_check(
+            &format!("{at}.health_check"),
+            g.health_check.as_ref().unwrap_or(&raw_check),
+        );
         TargetGroup {
             name: g.name.clone(),
             forwarding: g.forwarding,
             algorithm: g.algorithm,
             targets,
+            health_check,
+            deregistration_delay,
+        }
+    }
+
+    /// NLB's defaults and limits; the timeout defaults to 10 s, or half the interval if shorter.
+    fn health_check(&mut self, at: &str, raw: &RawHealthCheck) -> HealthCheck {
+        let defaults = HealthCheck::default();
+        let protocol = raw.protocol.unwrap_or(defaults.protocol);
+        let port = match &raw.port {
+            None => None,
+            Some(serde_yaml::Value::String(s)) if s == "traffic-port" => None,
+            Some(serde_yaml::Value::Number(n)) => {
+                n.as_i64().and_then(|p| self.port(&format!("{at}.port"), p))
+            }
+            Some(_) => {
+                self.error(
+                    &format!("{at}.port"),
+                    "health check port must be `traffic-port` or a number".into(),
+                );
+                None
+            }
+        };
+        if protocol == CheckProtocol::Tcp {
+            for (key, given) in [
+                ("path", raw.path.is_some()),
+                ("matcher", raw.matcher.is_some()),
+            ] {
+                if given {
+                    self.error(
+                        &format!("{at}.{key}"),
+                        format!("{key} applies to http and https health checks only"),
+                    );
+                }
+            }
+        }
+        let path = raw.path.clone().unwrap_or(defaults.path);
+        if !path.starts_with('/') || !path.chars().all(|c| c.is_ascii_graphic()) {
+            self.error(
+                &format!("{at}.path"),
+                format!("health check path `{path}` must start with '/' and have no spaces"),
+            );
+        }
+        let matcher = match raw.matcher.as_deref().map(Matcher::parse) {
+            None => defaults.matcher,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                self.error(&format!("{at}.matcher"), format!("matcher: {e}"));
+                defaults.matcher
+            }
+        };
+        let interval = raw
+            .interval
+            .as_deref()
+            .and_then(|t| {
+                self.duration(
+                    &format!("{at}.interval"),
+                    t,
+                    "interval",
+                    Duration::from_secs(1)..=Duration::from_secs(300),
+                )
+            })
+            .unwrap_or(defaults.interval);
+        let timeout = match raw.timeout.as_deref() {
+            Some(t) => self
+                .duration(
+                    &format!("{at}.timeout"),
+                    t,
+                    "timeout",
+                    Duration::from_millis(100)..=Duration::from_secs(120),
+                )
+                .unwrap_or(defaults.timeout),
+            None => defaults.timeout.min(interval / 2),
+        };
+        if timeout >= interval {
+            self.error(
+                &format!("{at}.timeout"),
+                format!(
+                    "timeout ({}) must be shorter than interval ({})",
+                    show(timeout),
+                    show(interval)
+                ),
+            );
+        }
+        let mut threshold = |key: &str, value: Option<i64>, default: u32| -> u32 {
+            match value {
+                None => default,
+                Some(v) if (2..=10).contains(&v) => v as u32,
+                Some(v) => {
+                    self.error(
+                        &format!("{at}.{key}"),
+                        format!("{key} {v} must be between 2 and 10"),
+                    );
+                    default
+                }
+            }
+        };
+        let healthy_threshold = threshold(
+            "healthy_threshold",
+            raw.healthy_threshold,
+            defaults.healthy_threshold,
+        );
+        let unhealthy_threshold = threshold(
+            "unhealthy_threshold",
+            raw.unhealthy_threshold,
+            defaults.unhealthy_threshold,
+        );
+        HealthCheck {
+            protocol,
+            port,
+            path,
+            matcher,
+            interval,
+            timeout,
+            healthy_threshold,
+            unhealthy_threshold,
+        }
+    }
+
+    fn duration(
+        &mut self,
+        at: &str,
+        text: &str,
+        what: &str,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Option<Duration> {
+        match parse_duration(text) {
+            Ok(d) if range.contains(&d) => Some(d),
+            Ok(_) => {
+                self.error(
+                    at,
+                    format!(
+                        "{what} {text} must be between {} and {}",
+                        show(*range.start()),
+                        show(*range.end())
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(at, format!("{what}: {e}"));
+                None
+            }
         }
     }
 
@@ -603,6 +812,39 @@ impl Validator<'_> {
             self.error(at, format!("port {port} is out of range 1-65535"));
             None
         }
+    }
+}
+
+/// "500ms", "30s", "5m", "1h".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 30s, 5m or 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "" => return Err(format!("`{text}` needs a unit: {text}s, {text}ms, ...")),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration like 500ms, 30s, 5m or 1h"
+            ));
+        }
+    })
+}
+
+/// A duration as the config writes it.
+pub fn show(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.is_zero() {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
     }
 }
 

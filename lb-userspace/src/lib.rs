@@ -3,9 +3,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod health;
+pub mod instance;
+pub mod lifecycle;
 pub mod maglev;
 pub mod maps;
 pub mod net;
+pub mod run;
 pub mod target;
 pub mod xdp;
 

@@ -4,21 +4,27 @@
 //! exactly the entries the XDP program reads; it does no I/O, so tests can build states with
 //! made-up MACs. [`Dataplane`] owns the loaded program and writes a state into its maps.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::Xdp,
 };
 use lb_common::{
     Counters, DropReason, FORWARDING_DSR, FORWARDING_IPIP, Flow, FlowKey, Group, Listener,
-    ListenerKey, SETTINGS_KEY, Settings, TARGET_ACTIVE, Target,
+    ListenerKey, SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE,
+    TARGET_UNHEALTHY, Target,
 };
 
 use crate::{
     config::{self, Config, Forwarding},
+    health::TargetState,
+    lifecycle::{Registry, TargetKey},
     maglev,
     net::Interface,
 };
@@ -26,32 +32,35 @@ use crate::{
 /// Name of the balancer program in the embedded object.
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
-/// Everything the data plane needs, indexed as the maps are.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything the data plane needs, keyed as the maps are.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MapState {
-    pub settings: Settings,
-    pub listeners: Vec<(ListenerKey, Listener)>,
-    pub vips: Vec<u32>,
-    /// Index = target id. A target in two groups has two ids.
-    pub targets: Vec<Target>,
-    /// Index = group id, in config order.
-    pub groups: Vec<GroupState>,
+    pub settings: Option<Settings>,
+    pub listeners: HashMap<ListenerKey, Listener>,
+    pub vips: HashSet<u32>,
+    /// By target id. A target in two groups has two ids.
+    pub targets: BTreeMap<u32, Target>,
+    /// By group id.
+    pub groups: BTreeMap<u32, GroupState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupState {
     pub forwarding: u32,
-    /// Maglev table of target ids; empty when the group has no target.
+    /// Maglev table of target ids; empty when no target takes new flows.
     pub table: Vec<u32>,
+    /// How many targets the table holds.
     pub target_count: u32,
 }
 
 impl MapState {
-    /// `next_hop_mac` gives, for a target of a group, the MAC its frames are sent to.
+    /// The maps for `config`, with the ids and states of `registry` (which must be in sync with
+    /// it). `next_hop_mac` gives the MAC a target's frames are sent to.
     pub fn build(
         config: &Config,
+        registry: &Registry,
         iface: &Interface,
-        mut next_hop_mac: impl FnMut(&config::TargetGroup, &config::Target) -> Result<[u8; 6]>,
+        mut next_hop_mac: impl FnMut(&TargetKey, Forwarding) -> Result<[u8; 6]>,
     ) -> Result<Self> {
         let settings = Settings {
             iface_mac: iface.mac,
@@ -61,54 +70,67 @@ impl MapState {
             hash_seed: config.settings.hash_seed,
             mtu: iface.mtu,
         };
-        let mut targets = Vec::new();
-        let mut groups = Vec::new();
-        for (gid, group) in config.target_groups.iter().enumerate() {
-            let first_id = targets.len() as u32;
-            for t in &group.targets {
-                targets.push(Target {
-                    addr: be(t.address),
-                    group: gid as u32,
-                    mac: next_hop_mac(group, t)?,
-                    state: TARGET_ACTIVE,
-                });
+        let mut state = MapState {
+            settings: Some(settings),
+            ..MapState::default()
+        };
+        for group in &config.target_groups {
+            let gid = registry
+                .group_id(&group.name)
+                .ok_or_else(|| anyhow!("target group {} has no id", group.name))?;
+            let usable: Vec<(&TargetKey, u32, u32)> = registry
+                .usable(&group.name)
+                .map(|(k, e)| (k, e.id, e.weight))
+                .collect();
+            for (key, entry) in registry.targets().filter(|(k, _)| k.group == group.name) {
+                let state_flag = match entry.state() {
+                    TargetState::Draining => TARGET_DRAINING,
+                    _ if usable.iter().any(|(_, id, _)| *id == entry.id) => TARGET_ACTIVE,
+                    _ => TARGET_UNHEALTHY,
+                };
+                state.targets.insert(
+                    entry.id,
+                    Target {
+                        addr: be(*key.addr.ip()),
+                        group: gid,
+                        mac: next_hop_mac(key, group.forwarding)?,
+                        state: state_flag,
+                    },
+                );
             }
-            let entries: Vec<maglev::Entry> = group
-                .targets
+            let entries: Vec<maglev::Entry> = usable
                 .iter()
-                .map(|t| maglev::Entry {
-                    address: t.address,
-                    port: t.port,
-                    weight: t.weight,
+                .map(|(k, _, weight)| maglev::Entry {
+                    address: *k.addr.ip(),
+                    port: k.addr.port(),
+                    weight: *weight,
                 })
                 .collect();
-            let table = maglev::build(
-                &entries,
-                config.settings.maglev_table_size,
-                config.settings.hash_seed,
-            )
-            .into_iter()
-            .map(|i| first_id + i)
-            .collect();
-            groups.push(GroupState {
-                forwarding: match group.forwarding {
-                    Forwarding::Dsr => FORWARDING_DSR,
-                    Forwarding::Ipip => FORWARDING_IPIP,
+            let table = maglev::build(&entries, settings.maglev_size, settings.hash_seed)
+                .into_iter()
+                .map(|i| usable[i as usize].1)
+                .collect();
+            state.groups.insert(
+                gid,
+                GroupState {
+                    forwarding: match group.forwarding {
+                        Forwarding::Dsr => FORWARDING_DSR,
+                        Forwarding::Ipip => FORWARDING_IPIP,
+                    },
+                    table,
+                    target_count: usable.len() as u32,
                 },
-                table,
-                target_count: group.targets.len() as u32,
-            });
+            );
         }
-        let mut listeners = Vec::new();
-        let mut vips = Vec::new();
-        for (id, l) in config.listeners.iter().enumerate() {
-            let group = config
-                .target_groups
-                .iter()
-                .position(|g| g.name == l.target_group)
+        for l in &config.listeners {
+            let id = registry
+                .listener_id(&l.name)
+                .ok_or_else(|| anyhow!("listener {} has no id", l.name))?;
+            let group = registry
+                .group_id(&l.target_group)
                 .ok_or_else(|| anyhow!("listener {} has no target group", l.name))?;
             for &proto in l.protocol.ip_protocols() {
-                listeners.push((
+                state.listeners.insert(
                     ListenerKey {
                         addr: be(l.address),
                         port: l.port.to_be(),
@@ -116,22 +138,16 @@ impl MapState {
                         pad: 0,
                     },
                     Listener {
-                        id: id as u32,
-                        group: group as u32,
+                        id,
+                        group,
+                        idle_timeout_s: l.idle_timeout(proto).as_secs().max(1) as u32,
+                        pad: 0,
                     },
-                ));
+                );
             }
-            if !vips.contains(&be(l.address)) {
-                vips.push(be(l.address));
-            }
+            state.vips.insert(be(l.address));
         }
-        Ok(MapState {
-            settings,
-            listeners,
-            vips,
-            targets,
-            groups,
-        })
+        Ok(state)
     }
 }
 
@@ -174,33 +190,77 @@ impl Dataplane {
             .expect("loaded in Dataplane::load")
     }
 
-    /// Writes a complete state. Listeners go in last, so traffic is only claimed once
-    /// everything it needs is in place.
-    pub fn write(&mut self, state: &MapState) -> Result<()> {
-        if state.settings.maglev_size != self.maglev_size {
-            return Err(anyhow!(
-                "maglev_table_size changed from {} to {}: restart lb to apply it",
-                self.maglev_size,
-                state.settings.maglev_size
-            ));
+    /// Writes what differs between `old` (what the maps hold now) and `new`. Additions go in
+    /// dependency order (targets, groups, VIPs, listeners) and removals in reverse, so the data
+    /// plane never finds a listener whose group or target is missing.
+    pub fn apply(&mut self, old: &MapState, new: &MapState) -> Result<()> {
+        if let Some(settings) = new.settings
+            && new.settings != old.settings
+        {
+            if settings.maglev_size != self.maglev_size {
+                return Err(anyhow!(
+                    "maglev_table_size changed from {} to {}: restart lb to apply it",
+                    self.maglev_size,
+                    settings.maglev_size
+                ));
+            }
+            let mut map: Array<_, Settings> = self.map("SETTINGS")?;
+            map.set(SETTINGS_KEY, settings, 0)?;
         }
-        let mut settings: Array<_, Settings> = self.map("SETTINGS")?;
-        settings.set(SETTINGS_KEY, state.settings, 0)?;
 
         let mut targets: Array<_, Target> = self.map("TARGETS")?;
-        for (id, t) in state.targets.iter().enumerate() {
-            targets.set(id as u32, *t, 0)?;
+        for (id, t) in &new.targets {
+            if old.targets.get(id) != Some(t) {
+                targets.set(*id, *t, 0)?;
+            }
         }
-        for (gid, g) in state.groups.iter().enumerate() {
-            self.write_group(gid as u32, g)?;
+        for (gid, g) in &new.groups {
+            if old.groups.get(gid) != Some(g) {
+                self.write_group(*gid, g)?;
+            }
         }
-        let mut vips: HashMap<_, u32, u32> = self.map("VIPS")?;
-        for vip in &state.vips {
+        let mut vips: BpfHashMap<_, u32, u32> = self.map("VIPS")?;
+        for vip in new.vips.difference(&old.vips) {
             vips.insert(vip, 1, 0)?;
         }
-        let mut listeners: HashMap<_, ListenerKey, Listener> = self.map("LISTENERS")?;
-        for (key, value) in &state.listeners {
-            listeners.insert(key, value, 0)?;
+        let mut listeners: BpfHashMap<_, ListenerKey, Listener> = self.map("LISTENERS")?;
+        for (key, value) in &new.listeners {
+            if old.listeners.get(key) != Some(value) {
+                listeners.insert(key, value, 0)?;
+            }
+        }
+        for key in old
+            .listeners
+            .keys()
+            .filter(|k| !new.listeners.contains_key(k))
+        {
+            listeners.remove(key)?;
+        }
+        let mut vips: BpfHashMap<_, u32, u32> = self.map("VIPS")?;
+        for vip in old.vips.difference(&new.vips) {
+            vips.remove(vip)?;
+        }
+        let empty = GroupState {
+            forwarding: FORWARDING_DSR,
+            table: Vec::new(),
+            target_count: 0,
+        };
+        for gid in old.groups.keys().filter(|g| !new.groups.contains_key(g)) {
+            self.write_group(*gid, &empty)?;
+        }
+        let mut targets: Array<_, Target> = self.map("TARGETS")?;
+        for id in old
+            .targets
+            .keys()
+            .filter(|id| !new.targets.contains_key(id))
+        {
+            let free = Target {
+                addr: 0,
+                group: 0,
+                mac: [0; 6],
+                state: TARGET_FREE,
+            };
+            targets.set(*id, free, 0)?;
         }
         Ok(())
     }
@@ -231,7 +291,7 @@ impl Dataplane {
 
     /// The connection table's entry for a flow, if any.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        let flows: HashMap<&MapData, FlowKey, Flow> = self.map_ref("FLOWS")?;
+        let flows: BpfHashMap<&MapData, FlowKey, Flow> = self.map_ref("FLOWS")?;
         match flows.get(key, 0) {
             Ok(flow) => Ok(Some(flow)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),

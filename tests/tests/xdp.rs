@@ -11,6 +11,7 @@ use anyhow::{Result, ensure};
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb::{
     config,
+    lifecycle::Registry,
     maps::{Dataplane, MapState, be},
     net::Interface,
 };
@@ -65,9 +66,15 @@ fn load() -> Result<(Dataplane, MapState)> {
         mtu: 1500,
         ipv4: vec![LB_ADDR],
     };
-    let state = MapState::build(&config, &iface, |_, t| Ok(mac_of(t.address)))?;
+    let mut registry = Registry::new(16, 4, 64);
+    registry
+        .sync(&config, std::time::Instant::now())
+        .map_err(anyhow::Error::msg)?;
+    let state = MapState::build(&config, &registry, &iface, |key, _| {
+        Ok(mac_of(*key.addr.ip()))
+    })?;
     let mut dataplane = Dataplane::load(&config.settings)?;
-    dataplane.write(&state)?;
+    dataplane.apply(&MapState::default(), &state)?;
     Ok((dataplane, state))
 }
 
@@ -208,12 +215,12 @@ fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// The target the data plane must pick for `packet` in group `group`.
-fn expected_target(state: &MapState, group: usize, packet: &Packet) -> lb_common::Target {
-    let hash = flow_hash(&packet.key(), state.settings.hash_seed);
-    let table = &state.groups[group].table;
+/// The target the data plane must pick for `packet` in group `group`: id and entry.
+fn expected_target(state: &MapState, group: u32, packet: &Packet) -> (u32, lb_common::Target) {
+    let hash = flow_hash(&packet.key(), state.settings.unwrap().hash_seed);
+    let table = &state.groups[&group].table;
     let id = table[(hash % table.len() as u32) as usize];
-    state.targets[id as usize]
+    (id, state.targets[&id])
 }
 
 fn drops(dataplane: &Dataplane, reason: DropReason) -> Result<u64> {
@@ -234,7 +241,7 @@ fn dsr_rewrites_only_the_macs() -> Result<()> {
         let frame = packet.frame();
         let (verdict, out) = run(&mut dp, &frame)?;
         ensure!(verdict == XDP_TX, "verdict {verdict}");
-        let target = expected_target(&state, 0, &packet);
+        let (_, target) = expected_target(&state, 0, &packet);
         let mut expected = frame.clone();
         expected[0..6].copy_from_slice(&target.mac);
         expected[6..12].copy_from_slice(&LB_MAC);
@@ -254,7 +261,7 @@ fn dsr_reads_ports_after_ip_options() -> Result<()> {
     let frame = packet.frame();
     let (verdict, out) = run(&mut dp, &frame)?;
     ensure!(verdict == XDP_TX, "verdict {verdict}");
-    let target = expected_target(&state, 0, &packet);
+    let (_, target) = expected_target(&state, 0, &packet);
     ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC && out[12..] == frame[12..]);
     Ok(())
 }
@@ -269,7 +276,7 @@ fn ipip_prepends_a_correct_outer_header() -> Result<()> {
         let inner = packet.ip_packet();
         let (verdict, out) = run(&mut dp, &packet.frame())?;
         ensure!(verdict == XDP_TX, "verdict {verdict}");
-        let target = expected_target(&state, 1, &packet);
+        let (_, target) = expected_target(&state, 1, &packet);
 
         let mut outer = vec![0x45, 0];
         outer.extend(((20 + inner.len()) as u16).to_be_bytes());
@@ -290,7 +297,7 @@ fn ipip_prepends_a_correct_outer_header() -> Result<()> {
         ensure!(
             state
                 .targets
-                .iter()
+                .values()
                 .any(|t| t.addr == target.addr && t.group == 1),
             "picked a target outside the group"
         );
@@ -405,7 +412,7 @@ fn connection_table_keeps_flows_and_ignores_stray_resets() -> Result<()> {
     let flow = dp
         .flow(&ack.key())?
         .ok_or_else(|| anyhow::anyhow!("no flow entry"))?;
-    ensure!(state.targets[flow.target as usize] == expected_target(&state, 0, &ack));
+    ensure!(flow.target == expected_target(&state, 0, &ack).0);
 
     let rst = Packet::tcp(80, 2001, 0x04);
     ensure!(run(&mut dp, &rst.frame())?.0 == XDP_TX);
@@ -434,8 +441,7 @@ fn counters_follow_listener_and_target() -> Result<()> {
         listener.new_flows == 3,
         "every SYN is a new flow: {listener:?}"
     );
-    let target = expected_target(&state, 0, &packet);
-    let id = state.targets.iter().position(|t| *t == target).unwrap() as u32;
+    let (id, _) = expected_target(&state, 0, &packet);
     ensure!(dp.target_counters(id)?.packets == 3);
     Ok(())
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use lb_common::{
     Counters, DropReason, FORWARDING_IPIP, Flow, FlowKey, Group, Listener, ListenerKey,
     MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY, Settings, TARGET_ACTIVE,
-    Target, flow_hash,
+    TARGET_DRAINING, Target, flow_hash,
 };
 use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -194,7 +194,9 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The target the connection table remembers for this flow, if it is still valid for it.
+/// The target the connection table remembers for this flow, if it is still valid for it: the
+/// flow was not idle too long, and its target is still in the listener's group and either takes
+/// flows or drains them.
 #[inline(always)]
 fn existing_target(key: &FlowKey, listener: &Listener, is_syn: bool, now: u64) -> Option<u32> {
     // A SYN starts a new connection, which always takes a fresh pick.
@@ -204,11 +206,17 @@ fn existing_target(key: &FlowKey, listener: &Listener, is_syn: bool, now: u64) -
     let flow = FLOWS.get_ptr_mut(key)?;
     // SAFETY: map values stay valid for the duration of the program run.
     let flow = unsafe { &mut *flow };
-    let target = TARGETS.get(flow.target)?;
-    if target.state != TARGET_ACTIVE || target.group != listener.group {
+    let idle = now.wrapping_sub(flow.last_seen_ns);
+    if idle > listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    if now.wrapping_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+    let target = TARGETS.get(flow.target)?;
+    if (target.state != TARGET_ACTIVE && target.state != TARGET_DRAINING)
+        || target.group != listener.group
+    {
+        return None;
+    }
+    if idle > LAST_SEEN_GRANULARITY_NS {
         flow.last_seen_ns = now;
     }
     Some(flow.target)

@@ -1,0 +1,77 @@
+//! The running `lb run` of an interface, as other `lb` commands find it.
+//!
+//! `lb run` records its pid and config file in /run/lb, one file per network namespace and
+//! interface, and removes it when it stops. `lb reload` reads it to signal the right process.
+
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub pid: u32,
+    pub config: PathBuf,
+}
+
+/// The instance file of the running process; removed on drop.
+pub struct Instance {
+    path: PathBuf,
+}
+
+fn path_for(iface: &str) -> PathBuf {
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    PathBuf::from(format!("/run/lb/instance-{netns}-{iface}.json"))
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+impl Instance {
+    /// Records this process as the one running on `iface`; fails if another live one is.
+    pub fn claim(iface: &str, config: &Path) -> Result<Self> {
+        let path = path_for(iface);
+        if let Some(other) = find(iface)? {
+            bail!(
+                "lb is already running on {iface} (pid {}): stop it first",
+                other.pid
+            );
+        }
+        let info = InstanceInfo {
+            pid: std::process::id(),
+            config: std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned()),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, serde_json::to_vec(&info)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Instance { path })
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The live instance running on `iface` in this network namespace, if any.
+pub fn find(iface: &str) -> Result<Option<InstanceInfo>> {
+    let path = path_for(iface);
+    let info: InstanceInfo = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(info) => info,
+            Err(_) => return Ok(None),
+        },
+        Err(_) => return Ok(None),
+    };
+    Ok(alive(info.pid).then_some(info))
+}
