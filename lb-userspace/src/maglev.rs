@@ -179,6 +179,30 @@ mod tests {
         assert_ne!(build(&t, 4099, 1), build(&t, 4099, 2));
     }
 
+    /// Clients pick source ports in steps (Linux uses even ports for connect): the flow hash
+    /// must still spread such flows evenly over a table.
+    #[test]
+    fn flow_hash_spreads_sequential_source_ports() {
+        let t = targets(3);
+        let table = build(&t, 65537, 0);
+        let mut counts = [0usize; 3];
+        for i in 0..3000u16 {
+            let key = lb_common::FlowKey {
+                src: u32::from_ne_bytes([198, 51, 100, 2]),
+                dst: u32::from_ne_bytes([203, 0, 113, 10]),
+                sport: (32768 + 2 * i).to_be(),
+                dport: 80u16.to_be(),
+                proto: lb_common::PROTO_TCP,
+                pad: [0; 3],
+            };
+            let h = lb_common::flow_hash(&key, 0);
+            counts[table[(h % 65537) as usize] as usize] += 1;
+        }
+        for c in counts {
+            assert!((900..=1100).contains(&c), "{counts:?}");
+        }
+    }
+
     #[test]
     fn empty_group_gives_empty_table() {
         assert!(build(&[], 65537, 0).is_empty());

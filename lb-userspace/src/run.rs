@@ -138,8 +138,8 @@ impl Controller {
                 _ = tick.tick() => {
                     let expired = self.registry.expire(std::time::Instant::now());
                     if !expired.is_empty() {
-                        log_transitions(&expired);
                         self.refresh()?;
+                        log_transitions(&expired);
                         self.sync_probes();
                     }
                 }
@@ -165,6 +165,7 @@ impl Controller {
             return Ok(());
         };
         let check = &group.health_check;
+        let open_before = self.fail_open_groups();
         let transition = self.registry.record(
             &result.target,
             result.ok,
@@ -172,10 +173,10 @@ impl Controller {
             check.unhealthy_threshold,
         );
         if let Some(t) = transition {
+            // The maps first: whoever reads the log line may act on it at once.
+            self.refresh()?;
             let why = result.error.map(|e| format!(" ({e})")).unwrap_or_default();
             info!("target {}: {} -> {}{why}", t.target, t.from, t.to);
-            let open_before = self.fail_open_groups();
-            self.refresh()?;
             for group in self.fail_open_groups() {
                 if !open_before.contains(&group) {
                     warn!(
@@ -240,8 +241,8 @@ impl Controller {
             .sync(&new, std::time::Instant::now())
             .map_err(|e| anyhow!(e))?;
         self.config = new;
-        log_transitions(&transitions);
         self.refresh()?;
+        log_transitions(&transitions);
         self.sync_probes();
         Ok(())
     }

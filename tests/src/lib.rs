@@ -17,7 +17,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -82,9 +82,26 @@ pub struct Lab {
     prefix: String,
     pub targets: usize,
     namespaces: Vec<String>,
-    stop: Arc<AtomicBool>,
-    servers: Vec<JoinHandle<()>>,
+    servers: Vec<Server>,
+    /// Per target: the status its TCP servers answer HTTP requests with.
+    http_status: Vec<Arc<AtomicU16>>,
     balancers: Vec<Child>,
+}
+
+/// A server thread in a target, stoppable on its own.
+struct Server {
+    target: usize,
+    port: u16,
+    udp: bool,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Server {
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 impl Lab {
@@ -94,8 +111,10 @@ impl Lab {
             prefix: prefix.to_owned(),
             targets,
             namespaces: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            http_status: (0..targets)
+                .map(|_| Arc::new(AtomicU16::new(200)))
+                .collect(),
             balancers: Vec::new(),
         };
         remove_namespaces(prefix);
@@ -232,33 +251,68 @@ impl Lab {
         Ok(Balancer {
             pid,
             log,
+            mark: 0,
             lines: rx,
         })
     }
 
     /// A TCP server on port `port` in every target: each reply line is the target's name,
-    /// padded to `reply_len` bytes.
+    /// padded to `reply_len` bytes. An HTTP GET gets the target's HTTP status instead.
     pub fn start_tcp_servers(&mut self, port: u16, reply_len: usize) -> Result<()> {
         for i in 0..self.targets {
-            let name = format!("t{}", i + 1);
-            let listener = in_netns(&self.target_ns(i), move || {
-                TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-            })??;
-            listener.set_nonblocking(true)?;
-            let stop = self.stop.clone();
-            self.servers.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let name = name.clone();
-                            std::thread::spawn(move || serve_tcp(stream, &name, reply_len));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            }));
+            self.start_tcp_server(i, port, reply_len)?;
         }
         Ok(())
+    }
+
+    /// The TCP server of target `i` (0-based) on `port`.
+    pub fn start_tcp_server(&mut self, i: usize, port: u16, reply_len: usize) -> Result<()> {
+        let name = format!("t{}", i + 1);
+        let listener = in_netns(&self.target_ns(i), move || {
+            TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        })??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = self.http_status[i].clone();
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let name = name.clone();
+                        let status = status.clone();
+                        std::thread::spawn(move || serve_tcp(stream, &name, reply_len, &status));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        self.servers.push(Server {
+            target: i,
+            port,
+            udp: false,
+            stop,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Stops the TCP server of target `i` on `port`: new connections are refused (established
+    /// ones end when their client closes them).
+    pub fn stop_tcp_server(&mut self, i: usize, port: u16) {
+        let (stop, keep) = self
+            .servers
+            .drain(..)
+            .partition(|s| s.target == i && s.port == port && !s.udp);
+        self.servers = keep;
+        for server in stop {
+            server.stop();
+        }
+    }
+
+    /// Makes the TCP servers of target `i` answer HTTP requests with `status`.
+    pub fn set_http_status(&self, i: usize, status: u16) {
+        self.http_status[i].store(status, Ordering::Relaxed);
     }
 
     /// A UDP server on VIP:`port` in every target (a DSR UDP server must answer from the VIP):
@@ -270,16 +324,24 @@ impl Lab {
                 UdpSocket::bind(SocketAddrV4::new(vip, port))
             })??;
             socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-            let stop = self.stop.clone();
-            self.servers.push(std::thread::spawn(move || {
+            let stop = Arc::new(AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
                 let reply = padded(&name, reply_len);
-                while !stop.load(Ordering::Relaxed) {
+                while !stopped.load(Ordering::Relaxed) {
                     if let Ok((_, peer)) = socket.recv_from(&mut buf) {
                         let _ = socket.send_to(&reply, peer);
                     }
                 }
-            }));
+            });
+            self.servers.push(Server {
+                target: i,
+                port,
+                udp: true,
+                stop,
+                thread,
+            });
         }
         Ok(())
     }
@@ -305,13 +367,12 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         for mut child in self.balancers.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
         }
         for server in self.servers.drain(..) {
-            let _ = server.join();
+            server.stop();
         }
         for ns in self.namespaces.drain(..).rev() {
             let _ = ip(&["netns", "del", &ns]);
@@ -361,15 +422,30 @@ fn padded(name: &str, len: usize) -> Vec<u8> {
     reply
 }
 
-fn serve_tcp(stream: TcpStream, name: &str, reply_len: usize) {
+fn serve_tcp(stream: TcpStream, name: &str, reply_len: usize, http_status: &AtomicU16) {
     let reply = padded(name, reply_len);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(_) => return,
     };
-    for line in BufReader::new(stream).lines() {
-        if line.is_err() || writer.write_all(&reply).is_err() {
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if line.starts_with("GET ") {
+            // A health check: skip the headers, answer with the status, close.
+            for header in lines.by_ref() {
+                if header.map_or(true, |h| h.trim().is_empty()) {
+                    break;
+                }
+            }
+            let status = http_status.load(Ordering::Relaxed);
+            let _ = write!(
+                writer,
+                "HTTP/1.1 {status} {name}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            return;
+        }
+        if writer.write_all(&reply).is_err() {
             return;
         }
     }
@@ -378,12 +454,44 @@ fn serve_tcp(stream: TcpStream, name: &str, reply_len: usize) {
 /// A running `lb run`.
 pub struct Balancer {
     pub pid: u32,
-    /// What it printed up to and including its readiness line.
+    /// What it printed so far (as far as read).
     pub log: Vec<String>,
+    mark: usize,
     lines: mpsc::Receiver<String>,
 }
 
 impl Balancer {
+    /// Waits until lb has printed, since the last [`Balancer::mark`], a line containing every
+    /// one of `parts`; returns it.
+    pub fn wait_for_log(&mut self, parts: &[&str], timeout: Duration) -> Result<String> {
+        let matches = |line: &str| parts.iter().all(|p| line.contains(p));
+        if let Some(line) = self.log[self.mark..].iter().find(|l| matches(l)) {
+            return Ok(line.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if matches(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!(
+                    "lb did not log {parts:?} within {timeout:?}; its log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// From now on, [`Balancer::wait_for_log`] only looks at lines printed after this call.
+    pub fn mark(&mut self) {
+        self.log.extend(self.lines.try_iter());
+        self.mark = self.log.len();
+    }
+
     /// Sends SIGTERM and returns what it printed afterwards.
     pub fn terminate(&self, lab: &mut Lab) -> Result<(std::process::ExitStatus, Vec<String>)> {
         // SAFETY: plain kill(2) on our own child.
@@ -493,4 +601,40 @@ pub fn udp_clients(
         }
         Ok((all, bytes))
     })?
+}
+
+/// A long-lived TCP connection from the client.
+pub struct Connection {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Connection {
+    pub fn open(lab: &Lab, vip: Ipv4Addr, port: u16) -> Result<Self> {
+        let stream = in_netns(&lab.ns("client"), move || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(SocketAddrV4::new(vip, port)),
+                Duration::from_secs(3),
+            )
+        })??;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Connection {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends one request; returns the name of the target that answered.
+    pub fn request(&mut self) -> Result<String> {
+        writeln!(self.writer, "request")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned())
+    }
 }
