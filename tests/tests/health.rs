@@ -107,7 +107,7 @@ fn tcp_check_takes_a_dead_target_out_and_brings_it_back() -> Result<()> {
     let share = tcp_share(&lab, 90)?;
     ensure!(!share.contains_key("t1"), "{share:?}");
     ensure!(
-        share.get("t2").is_some() && share.get("t3").is_some(),
+        share.contains_key("t2") && share.contains_key("t3"),
         "{share:?}"
     );
 
