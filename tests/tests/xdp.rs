@@ -5,7 +5,7 @@
 //! Maps are filled by the controller's own code (`config::parse` → `MapState::build` →
 //! `Dataplane::write`), with made-up MACs instead of ARP.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
 use aya::programs::{TestRun as _, TestRunOptions};
@@ -443,5 +443,58 @@ fn counters_follow_listener_and_target() -> Result<()> {
     );
     let (id, _) = expected_target(&state, 0, &packet);
     ensure!(dp.target_counters(id)?.packets == 3);
+    Ok(())
+}
+
+#[test]
+fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()> {
+    let config_for = |hosts: &[u8]| -> Result<config::Config> {
+        let targets: String = hosts
+            .iter()
+            .map(|h| format!("      - {{address: 198.51.100.{h}, port: 80}}\n"))
+            .collect();
+        let text = format!(
+            "settings: {{maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 2}}\n\
+             listeners:\n  - {{name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web, idle_timeout: 1s}}\n\
+             target_groups:\n  - name: web\n    targets:\n{targets}"
+        );
+        config::parse(Path::new("idle.yaml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let iface = Interface {
+        name: "test0".into(),
+        index: 1,
+        mac: LB_MAC,
+        mtu: 1500,
+        ipv4: vec![LB_ADDR],
+    };
+    let (before, after) = (config_for(&[11, 12, 13])?, config_for(&[11, 12, 13, 14])?);
+    let mut registry = Registry::new(4, 2, 8);
+    let now = std::time::Instant::now();
+    registry.sync(&before, now).map_err(anyhow::Error::msg)?;
+    let state_a = MapState::build(&before, &registry, &iface, |k, _| Ok(mac_of(*k.addr.ip())))?;
+    registry.sync(&after, now).map_err(anyhow::Error::msg)?;
+    let state_b = MapState::build(&after, &registry, &iface, |k, _| Ok(mac_of(*k.addr.ip())))?;
+
+    // A flow that the new table would send elsewhere.
+    let packet = (1000..2000)
+        .map(|sport| Packet::tcp(80, sport, 0x10))
+        .find(|p| expected_target(&state_a, 0, p).0 != expected_target(&state_b, 0, p).0)
+        .expect("adding a target moves some flows");
+    let (old_id, old) = expected_target(&state_a, 0, &packet);
+    let (new_id, new) = expected_target(&state_b, 0, &packet);
+
+    let mut dp = Dataplane::load(&before.settings)?;
+    dp.apply(&MapState::default(), &state_a)?;
+    let (_, out) = run(&mut dp, &packet.frame())?;
+    ensure!(out[0..6] == old.mac);
+    dp.apply(&state_a, &state_b)?;
+    // Still active: the flow keeps its target although the table changed.
+    let (_, out) = run(&mut dp, &packet.frame())?;
+    ensure!(out[0..6] == old.mac && dp.flow(&packet.key())?.map(|f| f.target) == Some(old_id));
+    // Idle past the listener's 1 s timeout: a new flow, picked from the new table.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, out) = run(&mut dp, &packet.frame())?;
+    ensure!(out[0..6] == new.mac, "an idle flow kept its old target");
+    ensure!(dp.flow(&packet.key())?.map(|f| f.target) == Some(new_id));
     Ok(())
 }

@@ -293,3 +293,117 @@ fn positions_follow_paths() {
         p.get("target_groups[0].targets[1]")
     );
 }
+
+fn with_check(check: &str) -> String {
+    VALID.replace(
+        "    algorithm: maglev\n",
+        &format!("    algorithm: maglev\n    health_check: {{{check}}}\n"),
+    )
+}
+
+#[test]
+fn health_check_defaults_follow_nlb() {
+    let config = parse(Path::new("lb.yaml"), VALID).unwrap();
+    let group = &config.target_groups[0];
+    assert_eq!(group.health_check, HealthCheck::default());
+    assert_eq!(group.deregistration_delay, DEFAULT_DEREGISTRATION_DELAY);
+    assert_eq!(
+        config.listeners[0].idle_timeout(lb_common::PROTO_TCP),
+        Duration::from_secs(350)
+    );
+    assert_eq!(
+        config.listeners[0].idle_timeout(lb_common::PROTO_UDP),
+        Duration::from_secs(120)
+    );
+    // A short interval brings the default timeout down with it.
+    let config = parse(Path::new("lb.yaml"), &with_check("interval: 4s")).unwrap();
+    assert_eq!(
+        config.target_groups[0].health_check.timeout,
+        Duration::from_secs(2)
+    );
+}
+
+#[test]
+fn health_check_values_are_checked() {
+    let config = parse(
+        Path::new("lb.yaml"),
+        &with_check("protocol: https, port: 8443, path: /ready, matcher: \"200,204\", interval: 5s, timeout: 2s, healthy_threshold: 3, unhealthy_threshold: 4"),
+    )
+    .unwrap();
+    let check = &config.target_groups[0].health_check;
+    assert_eq!(
+        (check.protocol, check.port, check.path.as_str()),
+        (CheckProtocol::Https, Some(8443), "/ready")
+    );
+    assert!(check.matcher.matches(204) && !check.matcher.matches(201));
+    assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (3, 4));
+
+    refused(
+        &with_check("interval: 5s, timeout: 5s"),
+        11,
+        43,
+        "timeout (5s) must be shorter than interval (5s)",
+    );
+    refused(
+        &with_check("interval: 500s"),
+        11,
+        30,
+        "interval 500s must be between 1s and 300s",
+    );
+    refused(&with_check("interval: 30"), 11, 30, "`30` needs a unit");
+    refused(
+        &with_check("healthy_threshold: 1"),
+        11,
+        39,
+        "healthy_threshold 1 must be between 2 and 10",
+    );
+    refused(
+        &with_check("protocol: tcp, path: /x"),
+        11,
+        41,
+        "path applies to http and https health checks only",
+    );
+    refused(
+        &with_check("protocol: http, matcher: \"2xx\""),
+        11,
+        45,
+        "matcher: `2xx` is not an HTTP status code",
+    );
+    refused(
+        &with_check("port: web"),
+        11,
+        26,
+        "health check port must be `traffic-port` or a number",
+    );
+    refused(
+        &with_check("protocol: udp"),
+        11,
+        30,
+        "unknown variant `udp`",
+    );
+}
+
+#[test]
+fn lifecycle_durations_are_checked() {
+    let text = VALID.replace(
+        "    algorithm: maglev\n",
+        "    algorithm: maglev\n    deregistration_delay: 2h\n",
+    );
+    refused(
+        &text,
+        11,
+        27,
+        "deregistration_delay 2h must be between 0ms and 3600s",
+    );
+    let text = VALID.replace(
+        "    target_group: web\n",
+        "    target_group: web\n    idle_timeout: 10m\n",
+    );
+    let config = parse(Path::new("lb.yaml"), &text).unwrap();
+    assert_eq!(
+        config.listeners[0].idle_timeout(lb_common::PROTO_UDP),
+        Duration::from_secs(600)
+    );
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert!(parse_duration("1.5s").is_err() && parse_duration("s").is_err());
+}
