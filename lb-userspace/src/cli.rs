@@ -32,6 +32,12 @@ enum Command {
     },
     /// Load the config, attach the XDP balancer to an interface and forward until SIGINT/SIGTERM,
     /// which detach it and leave the interface as it was.
+    ///
+    /// The maps and the XDP link are pinned, so forwarding outlives the process: a second
+    /// `lb run` on the same interface takes over from the running one (which exits without
+    /// detaching) with the connection table and target states, so an upgrade or restart loses
+    /// no flow; after a crash or `kill -9` the data plane keeps forwarding and the next `lb run`
+    /// adopts it. SIGHUP (or `lb reload`) reloads the config.
     Run {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
@@ -43,6 +49,10 @@ enum Command {
         /// native when the driver supports it, else generic with a warning that says why.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: ModeChoice,
+        /// Where to pin the maps and the XDP link (a BPF filesystem; /sys/fs/bpf is mounted if
+        /// needed) [default: /sys/fs/bpf/lb/IFACE]
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
     },
     /// Apply the config file of the `lb run` on IFACE again (as SIGHUP does): only what changed
     /// is written; an invalid file is refused with `lb check`'s messages and changes nothing.
@@ -94,7 +104,11 @@ pub fn main() -> ExitCode {
             config,
             interface,
             xdp_mode,
-        } => run::run(&config, &interface, xdp_mode).map(|()| true),
+            pin_dir,
+        } => {
+            let pin_dir = pin_dir.unwrap_or_else(|| run::default_pin_dir(&interface));
+            run::run(&config, &interface, xdp_mode, &pin_dir).map(|()| true)
+        }
         Command::Reload { interface } => reload(&interface),
         Command::Target {
             interface,

@@ -23,15 +23,44 @@ pub struct Instance {
 }
 
 fn path_for(iface: &str) -> PathBuf {
+    state_file(iface, "instance")
+}
+
+/// A file of lb's about `iface` under /run/lb, one per network namespace and interface.
+pub fn state_file(iface: &str, kind: &str) -> PathBuf {
     let netns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
-    PathBuf::from(format!("/run/lb/instance-{netns}-{iface}.json"))
+    PathBuf::from(format!("/run/lb/{kind}-{netns}-{iface}.json"))
 }
 
+/// Sends `signal` to `pid` and waits up to `timeout` for it to exit.
+pub fn signal_and_wait(pid: u32, signal: i32, timeout: std::time::Duration) -> Result<()> {
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(pid as i32, signal) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("signalling lb (pid {pid})"));
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    while alive(pid) {
+        if std::time::Instant::now() > deadline {
+            bail!("lb (pid {pid}) did not exit within {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Whether `pid` still runs. A zombie (exited, not yet reaped by its parent) does not.
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 impl Instance {

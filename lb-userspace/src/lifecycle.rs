@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::{
     config::Config,
     health::{TargetState, Tracker},
@@ -275,6 +277,107 @@ impl Registry {
     }
 }
 
+/// What a successor needs to carry on where this controller stopped: the ids the maps use and
+/// what is known of every target. Written by [`Registry::snapshot`] after every change.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub listeners: BTreeMap<String, u32>,
+    pub groups: BTreeMap<String, u32>,
+    pub targets: Vec<TargetSnapshot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetSnapshot {
+    pub group: String,
+    pub addr: SocketAddrV4,
+    pub id: u32,
+    pub weight: u32,
+    /// `initial`, `healthy`, `unhealthy` or `draining`.
+    pub state: String,
+    /// While draining: milliseconds of the delay left.
+    pub drain_left_ms: Option<u64>,
+}
+
+impl Registry {
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        Snapshot {
+            listeners: self.listener_ids.clone(),
+            groups: self.group_ids.clone(),
+            targets: self
+                .targets
+                .iter()
+                .map(|(k, e)| TargetSnapshot {
+                    group: k.group.clone(),
+                    addr: k.addr,
+                    id: e.id,
+                    weight: e.weight,
+                    state: e.state().name().to_owned(),
+                    drain_left_ms: e
+                        .drain_until
+                        .map(|until| until.saturating_duration_since(now).as_millis() as u64),
+                })
+                .collect(),
+        }
+    }
+
+    /// A registry that carries on from `snapshot`: same ids, same states, same drain deadlines.
+    pub fn restore(
+        snapshot: &Snapshot,
+        max_listeners: u32,
+        max_groups: u32,
+        max_targets: u32,
+        now: Instant,
+    ) -> Result<Self, String> {
+        let mut registry = Registry::new(max_listeners, max_groups, max_targets);
+        registry.listener_ids = snapshot.listeners.clone();
+        registry.group_ids = snapshot.groups.clone();
+        for t in &snapshot.targets {
+            let state = TargetState::ALL
+                .into_iter()
+                .find(|s| s.name() == t.state)
+                .ok_or_else(|| format!("unknown target state `{}`", t.state))?;
+            let health = match state {
+                TargetState::Healthy | TargetState::Unhealthy => Tracker::starting_at(state),
+                _ => Tracker::default(),
+            };
+            registry.targets.insert(
+                TargetKey {
+                    group: t.group.clone(),
+                    addr: t.addr,
+                },
+                TargetEntry {
+                    id: t.id,
+                    weight: t.weight,
+                    health,
+                    drain_until: t.drain_left_ms.map(|ms| now + Duration::from_millis(ms)),
+                },
+            );
+        }
+        let used = |ids: &mut dyn Iterator<Item = u32>, pool: &mut Ids| -> Result<(), String> {
+            let taken: std::collections::BTreeSet<u32> = ids.collect();
+            if taken.iter().any(|&id| id >= pool.limit) {
+                return Err(format!("an id is beyond the limit of {}", pool.limit));
+            }
+            pool.next = taken.last().map_or(0, |last| last + 1);
+            pool.free = (0..pool.next).filter(|id| !taken.contains(id)).collect();
+            Ok(())
+        };
+        used(
+            &mut registry.listener_ids.values().copied(),
+            &mut registry.listener_pool,
+        )?;
+        used(
+            &mut registry.group_ids.values().copied(),
+            &mut registry.group_pool,
+        )?;
+        used(
+            &mut registry.targets.values().map(|e| e.id),
+            &mut registry.target_pool,
+        )?;
+        Ok(registry)
+    }
+}
+
 fn sync_ids<'a>(
     ids: &mut BTreeMap<String, u32>,
     pool: &mut Ids,
@@ -444,6 +547,44 @@ mod tests {
         r.sync(&config(&[(11, 5)], "0s"), t0).unwrap();
         assert!(r.target(&key(12)).is_none());
         assert_eq!(r.target(&key(11)).unwrap().weight, 5);
+    }
+
+    #[test]
+    fn a_snapshot_restores_ids_states_and_deadlines() {
+        let mut r = Registry::new(8, 8, 8);
+        let t0 = Instant::now();
+        r.sync(&config(&[(11, 1), (12, 2), (13, 1)], "10s"), t0)
+            .unwrap();
+        for _ in 0..2 {
+            r.record(&key(11), true, 2, 2);
+            r.record(&key(12), false, 2, 2);
+        }
+        r.sync(&config(&[(11, 1), (12, 2)], "10s"), t0).unwrap();
+        let json = serde_json::to_string(&r.snapshot(t0 + Duration::from_secs(4))).unwrap();
+        let t1 = Instant::now();
+        let restored =
+            Registry::restore(&serde_json::from_str(&json).unwrap(), 8, 8, 8, t1).unwrap();
+        assert_eq!(states(&restored), states(&r));
+        for host in [11, 12, 13] {
+            assert_eq!(
+                restored.target(&key(host)).unwrap().id,
+                r.target(&key(host)).unwrap().id
+            );
+        }
+        assert_eq!(restored.target(&key(12)).unwrap().weight, 2);
+        // 6 s of the 10 s delay were left.
+        let mut restored = restored;
+        assert!(restored.expire(t1 + Duration::from_millis(5900)).is_empty());
+        assert_eq!(restored.expire(t1 + Duration::from_secs(6)).len(), 1);
+        // A new target gets an id no one uses.
+        restored
+            .sync(&config(&[(11, 1), (12, 2), (14, 1)], "10s"), t1)
+            .unwrap();
+        let ids: Vec<u32> = restored.targets().map(|(_, e)| e.id).collect();
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(ids.len(), unique.len());
     }
 
     #[test]

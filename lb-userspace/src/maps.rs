@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
+    path::Path,
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -31,6 +32,20 @@ use crate::{
 
 /// Name of the balancer program in the embedded object.
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
+
+/// Every map of the balancer: all are pinned, so that a successor adopts them.
+const MAPS: [&str; 10] = [
+    "LISTENERS",
+    "VIPS",
+    "FLOWS",
+    "TARGETS",
+    "GROUPS",
+    "MAGLEV",
+    "SETTINGS",
+    "LISTENER_STATS",
+    "TARGET_STATS",
+    "DROPS",
+];
 
 /// Everything the data plane needs, keyed as the maps are.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -164,14 +179,53 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the embedded balancer with maps sized for `settings`. Not yet attached anywhere.
-    pub fn load(settings: &config::Settings) -> Result<Self> {
+    ///
+    /// With `pin_dir`, every map is pinned there, and maps already pinned there (by an earlier
+    /// lb on the same interface) are adopted with their contents, connection table included.
+    pub fn load(settings: &config::Settings, pin_dir: Option<&Path>) -> Result<Self> {
         let maglev_slots = settings.max_target_groups * 2 * settings.maglev_table_size;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("FLOWS", settings.connection_table_size)
-            .map_max_entries("GROUPS", settings.max_target_groups)
-            .map_max_entries("MAGLEV", maglev_slots)
+        let sizes = [
+            (
+                "FLOWS",
+                settings.connection_table_size,
+                "connection_table_size",
+            ),
+            ("GROUPS", settings.max_target_groups, "max_target_groups"),
+            (
+                "MAGLEV",
+                maglev_slots,
+                "maglev_table_size or max_target_groups",
+            ),
+        ];
+        let mut loader = EbpfLoader::new();
+        for (map, size, _) in sizes {
+            loader.map_max_entries(map, size);
+        }
+        if let Some(dir) = pin_dir {
+            for map in MAPS {
+                loader.map_pin_path(map, dir.join(map));
+            }
+        }
+        let mut ebpf = loader
             .load(crate::BALANCER_OBJECT)
             .map_err(crate::xdp::explain_load_error)?;
+        for (map, size, setting) in sizes {
+            let actual = ebpf
+                .map(map)
+                .and_then(|m| match m {
+                    aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) => d.info().ok(),
+                    _ => None,
+                })
+                .map(|info| info.max_entries());
+            if let Some(actual) = actual
+                && actual != size
+            {
+                return Err(anyhow!(
+                    "the maps pinned in {} hold {actual} {map} entries but the config asks for {size}: settings.{setting} changed, which needs a fresh start (stop lb, which removes them)",
+                    pin_dir.map_or_else(String::new, |d| d.display().to_string())
+                ));
+            }
+        }
         let program: &mut Xdp = ebpf
             .program_mut(BALANCER_PROGRAM)
             .context("balancer program missing from the embedded object")?
@@ -180,6 +234,43 @@ impl Dataplane {
         Ok(Dataplane {
             ebpf,
             maglev_size: settings.maglev_table_size,
+        })
+    }
+
+    /// Removes the pins of every map in `dir` (the maps go when the last user lets go).
+    pub fn unpin(dir: &Path) -> Result<()> {
+        for map in MAPS {
+            match std::fs::remove_file(dir.join(map)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e)
+                        .with_context(|| format!("unpinning {}", dir.join(map).display()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// What the maps hold now, as far as [`Dataplane::apply`] needs it to write a difference:
+    /// listeners, VIPs and targets. Groups are left out, so every table is written again.
+    pub fn read_state(&self) -> Result<MapState> {
+        let listeners: BpfHashMap<&MapData, ListenerKey, Listener> = self.map_ref("LISTENERS")?;
+        let vips: BpfHashMap<&MapData, u32, u32> = self.map_ref("VIPS")?;
+        let targets: Array<&MapData, Target> = self.map_ref("TARGETS")?;
+        Ok(MapState {
+            settings: None,
+            listeners: listeners.iter().collect::<Result<_, _>>()?,
+            vips: vips.keys().collect::<Result<_, _>>()?,
+            targets: targets
+                .iter()
+                .enumerate()
+                .filter_map(|(id, t)| match t {
+                    Ok(t) if t.state == TARGET_FREE => None,
+                    Ok(t) => Some(Ok((id as u32, t))),
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()?,
+            groups: BTreeMap::new(),
         })
     }
 

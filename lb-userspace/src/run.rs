@@ -20,17 +20,28 @@ use tracing::{error, info, warn};
 use crate::{
     config::{self, Config, Forwarding},
     health::{self, HealthCheck, ProbeResult, TargetState},
-    instance::Instance,
+    instance::{self, Instance},
     lifecycle::{Registry, TargetKey, Transition},
     maps::{Dataplane, MapState},
     net::{self, Interface},
-    xdp::{self, ModeChoice},
+    xdp::{self, Attachment, ModeChoice},
 };
+
+/// Name of the pinned XDP link in the pin directory.
+const LINK_PIN: &str = "link";
 
 /// How long to wait for a target's (or gateway's) ARP reply.
 const ARP_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub fn run(config_path: &Path, interface: &str, mode: ModeChoice) -> Result<()> {
+/// How long a predecessor may take to hand over.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where lb pins an interface's maps and XDP link unless told otherwise.
+pub fn default_pin_dir(interface: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/lb").join(interface)
+}
+
+pub fn run(config_path: &Path, interface: &str, mode: ModeChoice, pin_dir: &Path) -> Result<()> {
     let config = config::load(config_path)?;
     xdp::check_kernel()?;
     let iface = Interface::lookup(interface)?;
@@ -39,19 +50,39 @@ pub fn run(config_path: &Path, interface: &str, mode: ModeChoice) -> Result<()> 
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let mut controller = Controller::start(config_path, config, iface, mode)?;
-        let result = controller.serve().await;
-        controller.stop()?;
-        result
+        let mut controller = Controller::start(config_path, config, iface, mode, pin_dir)?;
+        match controller.serve().await {
+            Ok(Exit::Shutdown) => controller.shut_down(),
+            Ok(Exit::Handover) => {
+                info!("handing over: exiting without detaching; the data plane keeps forwarding for the next lb");
+                Ok(())
+            }
+            Err(e) => {
+                // Keep forwarding: a restarted lb adopts the pinned data plane.
+                error!("the controller failed; the data plane keeps forwarding and the next `lb run` adopts it");
+                Err(e)
+            }
+        }
     })
+}
+
+/// Why the controller stopped.
+enum Exit {
+    /// SIGINT or SIGTERM: detach and remove every trace.
+    Shutdown,
+    /// SIGUSR2 from a successor that adopts the pinned data plane.
+    Handover,
 }
 
 struct Controller {
     config_path: PathBuf,
     config: Config,
     iface: Interface,
+    /// Where the maps and the XDP link are pinned.
+    pin_dir: PathBuf,
+    /// Where ids and target states are recorded for a successor.
+    snapshot_path: PathBuf,
     dataplane: Dataplane,
-    link: Option<aya::programs::xdp::XdpLinkId>,
     registry: Registry,
     /// What the maps hold now.
     state: MapState,
@@ -82,29 +113,62 @@ impl Controller {
         config: Config,
         iface: Interface,
         mode: ModeChoice,
+        pin_dir: &Path,
     ) -> Result<Self> {
-        let instance = Instance::claim(&iface.name, config_path)?;
+        let predecessor = instance::find(&iface.name)?;
+        xdp::prepare_pin_dir(pin_dir)?;
+        let link_pin = pin_dir.join(LINK_PIN);
+        let adopting = link_pin.exists();
         let mut macs = HashMap::new();
         resolve_macs(&config, &iface, &mut macs)?;
-        let mut registry = Registry::new(
+
+        let now = std::time::Instant::now();
+        let limits = (
             lb_common::MAX_LISTENERS,
             config.settings.max_target_groups,
             lb_common::MAX_TARGETS,
         );
-        registry
-            .sync(&config, std::time::Instant::now())
-            .map_err(|e| anyhow!(e))?;
+        let snapshot_path = instance::state_file(&iface.name, "registry");
+        let mut registry = match std::fs::read(&snapshot_path) {
+            Ok(bytes) if adopting => {
+                let snapshot = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("reading {}", snapshot_path.display()))?;
+                Registry::restore(&snapshot, limits.0, limits.1, limits.2, now)
+                    .map_err(|e| anyhow!(e))?
+            }
+            _ => {
+                if adopting {
+                    warn!(
+                        "no record of the previous lb's targets: established flows may move once"
+                    );
+                }
+                Registry::new(limits.0, limits.1, limits.2)
+            }
+        };
+        let transitions = registry.sync(&config, now).map_err(|e| anyhow!(e))?;
+
+        let mut dataplane = Dataplane::load(&config.settings, Some(pin_dir))?;
+        let current = if adopting {
+            dataplane.read_state()?
+        } else {
+            MapState::default()
+        };
         let state = MapState::build(&config, &registry, &iface, cached_mac(&macs, &iface))?;
-        let mut dataplane = Dataplane::load(&config.settings)?;
-        dataplane.apply(&MapState::default(), &state)?;
-        let (link, attached) = xdp::attach(dataplane.program_mut(), &iface, mode)?;
+        dataplane.apply(&current, &state)?;
+        if let Some(old) = &predecessor {
+            instance::signal_and_wait(old.pid, libc::SIGUSR2, HANDOVER_TIMEOUT)
+                .context("taking over from the running lb")?;
+        }
+        let attachment = xdp::attach_pinned(dataplane.program_mut(), &iface, mode, &link_pin)?;
+        let instance = Instance::claim(&iface.name, config_path)?;
         let (results_tx, results_rx) = mpsc::channel(1024);
         let mut controller = Controller {
             config_path: config_path.to_owned(),
             config,
             iface,
+            pin_dir: pin_dir.to_owned(),
+            snapshot_path,
             dataplane,
-            link: Some(link),
             registry,
             state,
             macs,
@@ -114,25 +178,36 @@ impl Controller {
             tls: health::tls_connector(),
             _instance: instance,
         };
+        let how = match (attachment, &predecessor) {
+            (Attachment::New(mode), _) => format!("{mode} XDP"),
+            (Attachment::Replaced, Some(old)) => format!("took over from pid {}", old.pid),
+            (Attachment::Replaced, None) => {
+                "adopted the data plane a previous lb left running".into()
+            }
+        };
         info!(
-            "forwarding on {} ({attached} XDP): {}",
+            "forwarding on {} ({how}): {}",
             controller.iface.name,
             controller.config.summary()
         );
+        log_transitions(&transitions);
         controller.log_listeners();
+        controller.save_snapshot();
         controller.sync_probes();
         Ok(controller)
     }
 
-    async fn serve(&mut self) -> Result<()> {
+    async fn serve(&mut self) -> Result<Exit> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut handover = signal(SignalKind::user_defined2())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = interrupt.recv() => return Ok(()),
-                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(Exit::Shutdown),
+                _ = terminate.recv() => return Ok(Exit::Shutdown),
+                _ = handover.recv() => return Ok(Exit::Handover),
                 _ = hangup.recv() => self.reload(),
                 Some(result) = self.results_rx.recv() => self.on_probe(result)?,
                 _ = tick.tick() => {
@@ -147,17 +222,35 @@ impl Controller {
         }
     }
 
-    /// Detaches the program: the interface is left as it was.
-    fn stop(&mut self) -> Result<()> {
+    /// Detaches the program and removes the pins and records: the interface is left as it was.
+    fn shut_down(&mut self) -> Result<()> {
         self.probes.clear();
-        if let Some(link) = self.link.take() {
-            self.dataplane
-                .program_mut()
-                .detach(link)
-                .with_context(|| format!("detaching from {}", self.iface.name))?;
-            info!("detached from {}", self.iface.name);
-        }
+        xdp::detach_pinned(&self.pin_dir.join(LINK_PIN))
+            .with_context(|| format!("detaching from {}", self.iface.name))?;
+        Dataplane::unpin(&self.pin_dir)?;
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_file(&self.snapshot_path);
+        info!("detached from {}", self.iface.name);
         Ok(())
+    }
+
+    /// Records ids and states for a successor (best effort: without it flows may move once).
+    fn save_snapshot(&self) {
+        let snapshot = self.registry.snapshot(std::time::Instant::now());
+        let written = serde_json::to_vec(&snapshot)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| {
+                let tmp = self.snapshot_path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, &self.snapshot_path)?;
+                Ok(())
+            });
+        if let Err(e) = written {
+            warn!(
+                "cannot record target states in {}: {e:#}",
+                self.snapshot_path.display()
+            );
+        }
     }
 
     fn on_probe(&mut self, result: ProbeResult<TargetKey>) -> Result<()> {
@@ -257,6 +350,7 @@ impl Controller {
         )?;
         self.dataplane.apply(&self.state, &new)?;
         self.state = new;
+        self.save_snapshot();
         Ok(())
     }
 

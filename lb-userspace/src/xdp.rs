@@ -3,12 +3,17 @@
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd},
+    path::Path,
 };
 
-use anyhow::{Error, Result, anyhow};
+use anyhow::{Context as _, Error, Result, anyhow};
 use aya::{
     EbpfError,
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use tracing::warn;
 
@@ -35,6 +40,102 @@ impl std::fmt::Display for Attached {
             Self::Native => "native",
             Self::Generic => "generic",
         })
+    }
+}
+
+/// Where the program ended up, for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Attached afresh in this mode.
+    New(Attached),
+    /// Replaced the program of the link an earlier lb left pinned: no packet saw the switch.
+    Replaced,
+}
+
+/// Attaches `program` to `iface` and pins the link at `pin`, so the program stays attached
+/// after lb exits (a successor replaces it, [`detach_pinned`] removes it). If a link is pinned
+/// there already, its program is replaced in one step instead.
+pub fn attach_pinned(
+    program: &mut Xdp,
+    iface: &Interface,
+    choice: ModeChoice,
+    pin: &Path,
+) -> Result<Attachment> {
+    if pin.exists() {
+        let replaced = PinnedLink::from_pin(pin)
+            .map_err(|e| anyhow!("{e}"))
+            .and_then(|link| XdpLink::try_from(FdLink::from(link)).map_err(|e| anyhow!("{e}")))
+            .and_then(|link| program.attach_to_link(link).map_err(|e| anyhow!("{e}")));
+        match replaced {
+            Ok(_) => return Ok(Attachment::Replaced),
+            Err(e) => {
+                warn!(
+                    "the XDP link pinned at {} is stale ({e:#}): attaching afresh",
+                    pin.display()
+                );
+                std::fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+    }
+    let (id, attached) = attach(program, iface, choice)?;
+    let link = FdLink::try_from(program.take_link(id)?).map_err(|e| {
+        anyhow!(
+            "XDP on {} is not a bpf_link ({e}), so it cannot be pinned",
+            iface.name
+        )
+    })?;
+    link.pin(pin)
+        .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+    Ok(Attachment::New(attached))
+}
+
+/// Detaches the program whose link is pinned at `pin`, and removes the pin.
+pub fn detach_pinned(pin: &Path) -> Result<()> {
+    let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    // Dropping the last reference to the link detaches the program.
+    drop(
+        link.unpin()
+            .with_context(|| format!("unpinning {}", pin.display()))?,
+    );
+    Ok(())
+}
+
+/// Creates `dir` on a BPF filesystem, mounting one on /sys/fs/bpf if none is there.
+pub fn prepare_pin_dir(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let bpffs = Path::new("/sys/fs/bpf");
+    if dir.starts_with(bpffs) && fs_magic(bpffs) != Some(BPF_FS_MAGIC) {
+        // SAFETY: static, NUL-terminated arguments.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error())
+                .context("mounting the BPF filesystem on /sys/fs/bpf");
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if fs_magic(dir) != Some(BPF_FS_MAGIC) {
+        return Err(anyhow!(
+            "{} is not on a BPF filesystem (mount -t bpf bpf DIR)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: a zeroed statfs is valid output space; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c_path.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
     }
 }
 

@@ -201,14 +201,25 @@ impl Lab {
         Ok(())
     }
 
+    /// Where the lab's balancers pin their maps and link: on the host's BPF filesystem, one
+    /// directory per lab, removed with the lab.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.prefix)
+    }
+
     /// Starts `lb run` in the balancer namespace and waits until it says it forwards.
+    ///
+    /// It enters only the network namespace (`nsenter --net`): `ip netns exec` would give it a
+    /// private mount namespace, whose BPF filesystem, and the pins on it, die with the process,
+    /// so a second `lb run` could not take over.
     pub fn start_balancer(&mut self, config: &Path, extra: &[&str]) -> Result<Balancer> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns("lb")])
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns("lb")))
             .arg(lb_binary())
             .args(["run", "-c"])
             .arg(config)
-            .args(["-i", IFACE])
+            .args(["-i", IFACE, "--pin-dir"])
+            .arg(self.pin_dir())
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -377,6 +388,8 @@ impl Drop for Lab {
         for ns in self.namespaces.drain(..).rev() {
             let _ = ip(&["netns", "del", &ns]);
         }
+        // Left only by a balancer that did not shut down (killed, or a failed test).
+        let _ = std::fs::remove_dir_all(self.pin_dir());
     }
 }
 
@@ -492,26 +505,115 @@ impl Balancer {
         self.mark = self.log.len();
     }
 
-    /// Sends SIGTERM and returns what it printed afterwards.
-    pub fn terminate(&self, lab: &mut Lab) -> Result<(std::process::ExitStatus, Vec<String>)> {
+    /// Sends SIGTERM and returns how it exited and what it printed meanwhile.
+    pub fn terminate(&mut self, lab: &mut Lab) -> Result<(std::process::ExitStatus, Vec<String>)> {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        self.wait_exit(lab, Duration::from_secs(10))
+    }
+
+    /// Waits for the process to exit by itself; returns how, and what it printed meanwhile.
+    pub fn wait_exit(
+        &mut self,
+        lab: &mut Lab,
+        timeout: Duration,
+    ) -> Result<(std::process::ExitStatus, Vec<String>)> {
         let child = lab
             .balancers
             .iter_mut()
             .find(|c| c.id() == self.pid)
             .ok_or_else(|| anyhow!("not a balancer of this lab"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break status;
             }
             if Instant::now() > deadline {
-                bail!("lb did not exit within 10 s of SIGTERM");
+                bail!("lb (pid {}) did not exit within {timeout:?}", self.pid);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        Ok((status, self.lines.try_iter().collect()))
+        // The reader thread ends at EOF: everything printed is in the channel now.
+        let lines: Vec<String> = self.lines.iter().collect();
+        self.log.extend(lines.iter().cloned());
+        Ok((status, lines))
+    }
+}
+
+/// Counted UDP datagrams from the client on several flows, each answered by a target: what
+/// the stream sent and what came back tells how many were lost.
+pub struct UdpStream {
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl UdpStream {
+    /// Starts `flows` flows to `vip:port`, each sending one datagram every `every`.
+    pub fn start(
+        lab: &Lab,
+        vip: Ipv4Addr,
+        port: u16,
+        flows: usize,
+        every: Duration,
+    ) -> Result<Self> {
+        let stream = UdpStream {
+            stop: Arc::new(AtomicBool::new(false)),
+            sent: Default::default(),
+            received: Default::default(),
+            threads: Vec::new(),
+        };
+        let mut threads = Vec::new();
+        for _ in 0..flows {
+            let socket = in_netns(&lab.ns("client"), move || -> std::io::Result<UdpSocket> {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.connect(SocketAddrV4::new(vip, port))?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                Ok(s)
+            })??;
+            let receiver = socket.try_clone()?;
+            let (stop, sent, received) = (
+                stream.stop.clone(),
+                stream.sent.clone(),
+                stream.received.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if socket.send(b"datagram").is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(every);
+                }
+            }));
+            let stop = stream.stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                loop {
+                    match receiver.recv(&mut buf) {
+                        Ok(_) => {
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Nothing for 200 ms after the senders stopped: all replies are in.
+                        Err(_) if stop.load(Ordering::Relaxed) => return,
+                        Err(_) => {}
+                    }
+                }
+            }));
+        }
+        Ok(UdpStream { threads, ..stream })
+    }
+
+    /// Stops the stream; returns (sent, received).
+    pub fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -123,7 +123,7 @@ fn spreads_flows_and_replies_bypass_the_balancer(mode: &str) -> Result<()> {
 
     lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
     lab.start_udp_servers(VIP, UDP_PORT, UDP_REPLY)?;
-    let balancer = lab.start_balancer(&config, &[])?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
 
     let rx_before = lab.rx_bytes("lb")?;
     let (tcp, tcp_bytes) = tcp_clients(&lab, VIP, TCP_PORT, FLOWS, REQUESTS)?;

@@ -73,7 +73,7 @@ fn load() -> Result<(Dataplane, MapState)> {
     let state = MapState::build(&config, &registry, &iface, |key, _| {
         Ok(mac_of(*key.addr.ip()))
     })?;
-    let mut dataplane = Dataplane::load(&config.settings)?;
+    let mut dataplane = Dataplane::load(&config.settings, None)?;
     dataplane.apply(&MapState::default(), &state)?;
     Ok((dataplane, state))
 }
@@ -483,7 +483,7 @@ fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()>
     let (old_id, old) = expected_target(&state_a, 0, &packet);
     let (new_id, new) = expected_target(&state_b, 0, &packet);
 
-    let mut dp = Dataplane::load(&before.settings)?;
+    let mut dp = Dataplane::load(&before.settings, None)?;
     dp.apply(&MapState::default(), &state_a)?;
     let (_, out) = run(&mut dp, &packet.frame())?;
     ensure!(out[0..6] == old.mac);

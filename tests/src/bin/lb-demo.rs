@@ -82,7 +82,7 @@ fn main() -> Result<()> {
         "starting: lb run -c {} -i {IFACE}",
         config.display()
     ));
-    let balancer = lab.start_balancer(&config, &[])?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
     done();
     for line in &balancer.log {
         println!("    lb | {}", strip_log_prefix(line));

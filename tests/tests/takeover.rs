@@ -1,0 +1,172 @@
+//! Hitless restart: a second `lb run` takes over from the running one, and after `kill -9` the
+//! data plane keeps forwarding until the next `lb run` adopts it, while TCP connections and a
+//! counted UDP stream run through. Needs root.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use lb_tests::{Balancer, Connection, IFACE, Lab, UdpStream, VIP, target_addr, tcp_clients};
+
+const CONNECTIONS: usize = 60;
+/// Each of 8 flows sends a datagram every 2 ms: about 4000 datagrams a second.
+const UDP_FLOWS: usize = 8;
+const UDP_EVERY: Duration = Duration::from_millis(2);
+
+fn config_text() -> String {
+    let targets = |port: u16| -> String {
+        (0..3)
+            .map(|i| format!("      - {{address: {}, port: {port}}}\n", target_addr(i)))
+            .collect()
+    };
+    let check = "health_check: {protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}";
+    format!(
+        "listeners:
+  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: web}}
+  - {{name: game, address: {VIP}, port: 7777, protocol: udp, target_group: game}}
+target_groups:
+  - name: web
+    {check}
+    targets:
+{}  - name: game
+    {check}
+    targets:
+{}",
+        targets(80),
+        targets(7777)
+    )
+}
+
+/// Every connection is still answered, by the target that answered it first.
+fn all_kept(connections: &mut [(Connection, String)], when: &str) -> Result<()> {
+    for (i, (c, first)) in connections.iter_mut().enumerate() {
+        let now = c
+            .request()
+            .map_err(|e| anyhow::anyhow!("{when}: connection {i} broke: {e}"))?;
+        ensure!(
+            now == *first,
+            "{when}: connection {i} moved from {first} to {now}"
+        );
+    }
+    Ok(())
+}
+
+fn xdp_attached(lab: &Lab) -> Result<bool> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.ns("lb"),
+            "-j",
+            "-d",
+            "link",
+            "show",
+            "dev",
+            IFACE,
+        ])
+        .output()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(!links[0]["xdp"].is_null())
+}
+
+fn report_loss(when: &str, (sent, received): (u64, u64)) -> Result<()> {
+    let lost = sent.saturating_sub(received);
+    eprintln!("{when}: {sent} datagrams sent, {received} answered, {lost} lost");
+    ensure!(sent > 500, "{when}: the stream sent only {sent} datagrams");
+    ensure!(
+        lost * 1000 <= sent,
+        "{when}: {lost} of {sent} datagrams lost (more than 0.1%)"
+    );
+    Ok(())
+}
+
+fn wait_healthy(balancer: &mut Balancer) -> Result<()> {
+    for group in ["web", "game"] {
+        for i in 0..3 {
+            let target = format!("{}:", target_addr(i));
+            balancer.wait_for_log(
+                &[&target, &format!("in {group}"), "-> healthy"],
+                Duration::from_secs(5),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
+    let name = format!("lbt-takeover-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, 3)?;
+    lab.prepare_targets("dsr", &[VIP])?;
+    lab.start_tcp_servers(80, 100)?;
+    lab.start_udp_servers(VIP, 7777, 100)?;
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(&config, config_text())?;
+
+    let mut first = lab.start_balancer(&config, &[])?;
+    wait_healthy(&mut first)?;
+    let mut connections = (0..CONNECTIONS)
+        .map(|_| {
+            let mut c = Connection::open(&lab, VIP, 80)?;
+            let name = c.request()?;
+            Ok((c, name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // A second lb takes over while traffic runs.
+    let stream = UdpStream::start(&lab, VIP, 7777, UDP_FLOWS, UDP_EVERY)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut second = lab.start_balancer(&config, &[])?;
+    let ready = second.log.last().cloned().unwrap_or_default();
+    ensure!(
+        ready.contains(&format!("took over from pid {}", first.pid)),
+        "{ready}"
+    );
+    let (status, said) = first.wait_exit(&mut lab, Duration::from_secs(5))?;
+    ensure!(
+        status.success(),
+        "the first lb exited with {status}: {said:?}"
+    );
+    ensure!(
+        said.iter().any(|l| l.contains("exiting without detaching")),
+        "{said:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    report_loss("takeover", stream.stop())?;
+    ensure!(xdp_attached(&lab)?, "no XDP program after the takeover");
+    all_kept(&mut connections, "after the takeover")?;
+    // No fail-open glitch: the second lb knew every target was healthy.
+    ensure!(
+        !second.log.iter().any(|l| l.contains("initial")),
+        "target states were not carried over: {:?}",
+        second.log
+    );
+
+    // kill -9: the data plane keeps forwarding on its own.
+    let stream = UdpStream::start(&lab, VIP, 7777, UDP_FLOWS, UDP_EVERY)?;
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(second.pid as i32, libc::SIGKILL) };
+    second.wait_exit(&mut lab, Duration::from_secs(5))?;
+    all_kept(&mut connections, "with no controller")?;
+    let (answers, _) = tcp_clients(&lab, VIP, 80, 30, 1)?;
+    ensure!(answers.len() == 30, "new connections with no controller");
+
+    // The next lb adopts it.
+    let mut third = lab.start_balancer(&config, &[])?;
+    let ready = third.log.last().cloned().unwrap_or_default();
+    ensure!(ready.contains("adopted the data plane"), "{ready}");
+    std::thread::sleep(Duration::from_millis(300));
+    report_loss("kill -9 and adoption", stream.stop())?;
+    all_kept(&mut connections, "after the adoption")?;
+
+    // SIGTERM on the only instance still detaches and leaves nothing behind.
+    drop(connections);
+    let (status, said) = third.terminate(&mut lab)?;
+    ensure!(status.success(), "{said:?}");
+    ensure!(!xdp_attached(&lab)?, "XDP left attached");
+    let leftovers: Vec<_> = std::fs::read_dir(lab.pin_dir())
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ensure!(leftovers.is_empty(), "pins left behind: {leftovers:?}");
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
