@@ -406,6 +406,162 @@ mod tests {
         assert_eq!(t.state(), TargetState::Healthy);
     }
 
+    /// An HTTP server on loopback that answers one request per connection with `status`, or
+    /// never answers when `status` is `None`.
+    fn http_server(status: Option<u16>) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    use std::io::{Read as _, Write as _};
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf);
+                    match status {
+                        Some(code) => {
+                            let _ =
+                                write!(stream, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+                        }
+                        None => std::thread::sleep(Duration::from_secs(5)),
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn http_check(timeout: Duration) -> HealthCheck {
+        HealthCheck {
+            protocol: CheckProtocol::Http,
+            timeout,
+            interval: timeout * 2,
+            ..HealthCheck::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn http_probes_match_the_status() {
+        let tls = tls_connector();
+        let check = http_check(Duration::from_secs(2));
+        assert_eq!(probe(http_server(Some(200)), &check, &tls).await, Ok(()));
+        assert_eq!(probe(http_server(Some(302)), &check, &tls).await, Ok(()));
+        let err = probe(http_server(Some(503)), &check, &tls)
+            .await
+            .unwrap_err();
+        assert_eq!(err, "HTTP status 503 does not match");
+    }
+
+    /// A real TLS server (`openssl s_server -www`, self-signed, answers HTTP 200).
+    #[tokio::test]
+    async fn https_probes_complete_a_tls_handshake() {
+        let dir = std::env::temp_dir().join(format!("lb-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=target",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed by cargo xtask setup");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = std::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-www",
+                "-quiet",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("-key")
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "openssl s_server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let check = HealthCheck {
+            protocol: CheckProtocol::Https,
+            timeout: Duration::from_secs(5),
+            ..HealthCheck::default()
+        };
+        let result = probe(addr, &check, &tls_connector()).await;
+        let plain = probe(
+            addr,
+            &HealthCheck {
+                protocol: CheckProtocol::Http,
+                ..check.clone()
+            },
+            &tls_connector(),
+        )
+        .await;
+        let _ = server.kill();
+        let _ = server.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(result, Ok(()));
+        assert!(plain.is_err(), "plain HTTP to a TLS port must fail");
+    }
+
+    #[tokio::test]
+    async fn a_silent_target_costs_only_its_timeout() {
+        let check = http_check(Duration::from_millis(300));
+        let start = std::time::Instant::now();
+        let err = probe(http_server(None), &check, &tls_connector())
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("no answer within"), "{err}");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_fails_with_the_reason() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let check = HealthCheck {
+            timeout: Duration::from_secs(2),
+            ..HealthCheck::default()
+        };
+        let err = probe(port, &check, &tls_connector()).await.unwrap_err();
+        assert!(err.starts_with("connect: Connection refused"), "{err}");
+    }
+
     #[test]
     fn matchers() {
         let m = Matcher::parse("200-299,302").unwrap();

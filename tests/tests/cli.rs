@@ -159,3 +159,29 @@ fn bad_flags_are_usage_errors() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn systemd_unit_verifies() -> Result<()> {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/lb@.service"),
+    )?;
+    ensure!(unit.contains("ExecReload=/usr/local/bin/lb reload -i %i"));
+    let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("lb@eth0.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/lb", &lb_binary().display().to_string()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()?;
+    std::fs::remove_dir_all(&dir)?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+    Ok(())
+}

@@ -42,7 +42,13 @@ const LLVM_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Commands the lab and `lb` itself call, and the Debian packages that bring them.
-const TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("nsenter", "util-linux"),
+    ("systemd-analyze", "systemd"),
+    ("openssl", "openssl"),
+];
 
 fn main() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
