@@ -498,3 +498,64 @@ fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()>
     ensure!(dp.flow(&packet.key())?.map(|f| f.target) == Some(new_id));
     Ok(())
 }
+
+#[test]
+fn flows_leave_a_target_that_turns_unhealthy_and_no_other_flow_moves() -> Result<()> {
+    let config =
+        config::parse(Path::new("test.yaml"), CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let iface = Interface {
+        name: "test0".into(),
+        index: 1,
+        mac: LB_MAC,
+        mtu: 1500,
+        ipv4: vec![LB_ADDR],
+    };
+    let mut registry = Registry::new(16, 4, 64);
+    registry
+        .sync(&config, std::time::Instant::now())
+        .map_err(anyhow::Error::msg)?;
+    let keys: Vec<_> = registry
+        .targets()
+        .map(|(k, _)| k.clone())
+        .filter(|k| k.group == "web")
+        .collect();
+    for key in &keys {
+        registry.record(key, true, 1, 1);
+    }
+    let mac = |k: &lb::lifecycle::TargetKey, _| Ok(mac_of(*k.addr.ip()));
+    let healthy = MapState::build(&config, &registry, &iface, mac)?;
+    let mut dp = Dataplane::load(&config.settings, None)?;
+    dp.apply(&MapState::default(), &healthy)?;
+
+    // Established flows (not SYNs) spread over the three web targets.
+    let flows: Vec<Packet> = (3000..3060)
+        .map(|sport| Packet::tcp(80, sport, 0x10))
+        .collect();
+    let mut before = Vec::new();
+    for p in &flows {
+        let (_, out) = run(&mut dp, &p.frame())?;
+        before.push(out[0..6].to_vec());
+    }
+    let sick = &keys[0];
+    let sick_mac = mac_of(*sick.addr.ip()).to_vec();
+    ensure!(
+        before.iter().any(|m| *m == sick_mac),
+        "no flow on the target that will fail"
+    );
+
+    registry.record(sick, false, 1, 1);
+    let degraded = MapState::build(&config, &registry, &iface, mac)?;
+    dp.apply(&healthy, &degraded)?;
+    for (p, was) in flows.iter().zip(&before) {
+        let (_, out) = run(&mut dp, &p.frame())?;
+        if *was == sick_mac {
+            ensure!(
+                out[0..6] != sick_mac[..],
+                "a flow stayed on the unhealthy target"
+            );
+        } else {
+            ensure!(out[0..6] == was[..], "a flow on a healthy target moved");
+        }
+    }
+    Ok(())
+}
