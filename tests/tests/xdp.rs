@@ -539,7 +539,7 @@ fn flows_leave_a_target_that_turns_unhealthy_and_no_other_flow_moves() -> Result
     let sick = &keys[0];
     let sick_mac = mac_of(*sick.addr.ip()).to_vec();
     ensure!(
-        before.iter().any(|m| *m == sick_mac),
+        before.contains(&sick_mac),
         "no flow on the target that will fail"
     );
 
