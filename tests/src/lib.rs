@@ -357,6 +357,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Whether an XDP program is attached to `host`'s lab interface.
+    pub fn xdp_attached(&self, host: &str) -> Result<bool> {
+        let out = ip(&[
+            "-n",
+            &self.ns(host),
+            "-j",
+            "-d",
+            "link",
+            "show",
+            "dev",
+            IFACE,
+        ])?;
+        let links: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(!links[0]["xdp"].is_null())
+    }
+
     /// Bytes received so far by `host`'s lab interface.
     pub fn rx_bytes(&self, host: &str) -> Result<u64> {
         let out = ip(&[
@@ -617,6 +633,15 @@ impl UdpStream {
     }
 }
 
+/// The name of the target that sent a reply: its first word.
+fn answered_by(reply: &str) -> String {
+    reply
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Which target answered, per request of one connection or flow.
 pub type Answers = Vec<String>;
 
@@ -647,12 +672,7 @@ pub fn tcp_clients(
                     .read_line(&mut line)
                     .with_context(|| format!("reply {r} on connection {c}"))?;
                 bytes += line.len() as u64;
-                answers.push(
-                    line.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
+                answers.push(answered_by(&line));
             }
             all.push(answers);
         }
@@ -691,13 +711,7 @@ pub fn udp_clients(
                     }
                 };
                 bytes += n as u64;
-                let text = String::from_utf8_lossy(&buf[..n]);
-                answers.push(
-                    text.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
+                answers.push(answered_by(&String::from_utf8_lossy(&buf[..n])));
             }
             all.push(answers);
         }
@@ -733,10 +747,6 @@ impl Connection {
         if self.reader.read_line(&mut line)? == 0 {
             bail!("connection closed");
         }
-        Ok(line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned())
+        Ok(answered_by(&line))
     }
 }

@@ -80,39 +80,25 @@ fn assert_fair(kind: &str, per_target: &HashMap<String, usize>) -> Result<()> {
     Ok(())
 }
 
-fn xdp_attached(lab: &Lab, host: &str) -> Result<bool> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &lab.ns(host),
-            "-j",
-            "-d",
-            "link",
-            "show",
-            "dev",
-            IFACE,
-        ])
-        .output()?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(!links[0]["xdp"].is_null())
-}
-
 fn spreads_flows_and_replies_bypass_the_balancer(mode: &str) -> Result<()> {
     let name = format!("lbt-{mode}-{}", std::process::id() % 10000);
     let mut lab = Lab::new(&name, TARGETS)?;
     let config = write_config(&name, mode)?;
 
     // Before preparation a target is reported as not ready; after it, as ready.
-    let check = [
-        "target",
-        "-i",
-        IFACE,
-        "--mode",
-        mode,
-        "--vip",
-        "203.0.113.10",
-        "--check",
-    ];
+    let target = |action: &'static str| {
+        [
+            "target",
+            "-i",
+            IFACE,
+            "--mode",
+            mode,
+            "--vip",
+            "203.0.113.10",
+            action,
+        ]
+    };
+    let check = target("--check");
     ensure!(
         lab.lb("t1", &check).is_err(),
         "`lb target --check` passed on an unprepared host"
@@ -145,27 +131,18 @@ fn spreads_flows_and_replies_bypass_the_balancer(mode: &str) -> Result<()> {
 
     // SIGTERM detaches and leaves the interface as it was.
     ensure!(
-        xdp_attached(&lab, "lb")?,
+        lab.xdp_attached("lb")?,
         "no XDP program on the balancer's interface"
     );
     let (status, log) = balancer.terminate(&mut lab)?;
     ensure!(status.success(), "lb exited with {status}: {log:?}");
     ensure!(
-        !xdp_attached(&lab, "lb")?,
+        !lab.xdp_attached("lb")?,
         "XDP program left attached after SIGTERM"
     );
 
     // `lb target --undo` reverts the preparation.
-    let undo = [
-        "target",
-        "-i",
-        IFACE,
-        "--mode",
-        mode,
-        "--vip",
-        "203.0.113.10",
-        "--undo",
-    ];
+    let undo = target("--undo");
     lab.lb("t1", &undo)?;
     ensure!(
         lab.lb("t1", &check).is_err(),
@@ -173,7 +150,7 @@ fn spreads_flows_and_replies_bypass_the_balancer(mode: &str) -> Result<()> {
     );
     if mode == "ipip" {
         ensure!(
-            !xdp_attached(&lab, "t1")?,
+            !lab.xdp_attached("t1")?,
             "`lb target --undo` left the decap program attached"
         );
     }

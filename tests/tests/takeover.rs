@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use lb_tests::{Balancer, Connection, IFACE, Lab, UdpStream, VIP, target_addr, tcp_clients};
+use lb_tests::{Balancer, Connection, Lab, UdpStream, VIP, target_addr, tcp_clients};
 
 const CONNECTIONS: usize = 60;
 /// Each of 8 flows sends a datagram every 2 ms: about 4000 datagrams a second.
@@ -48,23 +48,6 @@ fn all_kept(connections: &mut [(Connection, String)], when: &str) -> Result<()> 
         );
     }
     Ok(())
-}
-
-fn xdp_attached(lab: &Lab) -> Result<bool> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &lab.ns("lb"),
-            "-j",
-            "-d",
-            "link",
-            "show",
-            "dev",
-            IFACE,
-        ])
-        .output()?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(!links[0]["xdp"].is_null())
 }
 
 fn report_loss(when: &str, (sent, received): (u64, u64)) -> Result<()> {
@@ -131,7 +114,7 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(500));
     report_loss("takeover", stream.stop())?;
-    ensure!(xdp_attached(&lab)?, "no XDP program after the takeover");
+    ensure!(lab.xdp_attached("lb")?, "no XDP program after the takeover");
     all_kept(&mut connections, "after the takeover")?;
     // No fail-open glitch: the second lb knew every target was healthy.
     ensure!(
@@ -162,7 +145,7 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     drop(connections);
     let (status, said) = third.terminate(&mut lab)?;
     ensure!(status.success(), "{said:?}");
-    ensure!(!xdp_attached(&lab)?, "XDP left attached");
+    ensure!(!lab.xdp_attached("lb")?, "XDP left attached");
     let leftovers: Vec<_> = std::fs::read_dir(lab.pin_dir())
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();

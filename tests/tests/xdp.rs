@@ -56,16 +56,21 @@ fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x00, o[0], o[1], o[2], o[3]]
 }
 
-fn load() -> Result<(Dataplane, MapState)> {
-    let config =
-        config::parse(Path::new("test.yaml"), CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let iface = Interface {
+/// The balancer's interface, as the tests pretend it is.
+fn test_interface() -> Interface {
+    Interface {
         name: "test0".into(),
         index: 1,
         mac: LB_MAC,
         mtu: 1500,
         ipv4: vec![LB_ADDR],
-    };
+    }
+}
+
+fn load() -> Result<(Dataplane, MapState)> {
+    let config =
+        config::parse(Path::new("test.yaml"), CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let iface = test_interface();
     let mut registry = Registry::new(16, 4, 64);
     registry
         .sync(&config, std::time::Instant::now())
@@ -460,13 +465,7 @@ fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()>
         );
         config::parse(Path::new("idle.yaml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
     };
-    let iface = Interface {
-        name: "test0".into(),
-        index: 1,
-        mac: LB_MAC,
-        mtu: 1500,
-        ipv4: vec![LB_ADDR],
-    };
+    let iface = test_interface();
     let (before, after) = (config_for(&[11, 12, 13])?, config_for(&[11, 12, 13, 14])?);
     let mut registry = Registry::new(4, 2, 8);
     let now = std::time::Instant::now();
@@ -503,13 +502,7 @@ fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()>
 fn flows_leave_a_target_that_turns_unhealthy_and_no_other_flow_moves() -> Result<()> {
     let config =
         config::parse(Path::new("test.yaml"), CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let iface = Interface {
-        name: "test0".into(),
-        index: 1,
-        mac: LB_MAC,
-        mtu: 1500,
-        ipv4: vec![LB_ADDR],
-    };
+    let iface = test_interface();
     let mut registry = Registry::new(16, 4, 64);
     registry
         .sync(&config, std::time::Instant::now())
