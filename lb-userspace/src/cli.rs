@@ -1,13 +1,22 @@
 //! The `lb` command line.
 
-use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{
+    io::IsTerminal as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::{
+    admin,
     config::{self, ConfigErrors, Forwarding},
-    instance, run, target,
+    instance,
+    metrics::{self, Status},
+    run, target,
     xdp::ModeChoice,
 };
 
@@ -53,6 +62,19 @@ enum Command {
         /// needed) [default: /sys/fs/bpf/lb/IFACE]
         #[arg(long, value_name = "DIR")]
         pin_dir: Option<PathBuf>,
+        /// Where to serve Prometheus metrics (/metrics) and the status lb status reads (/status).
+        #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_LISTEN)]
+        metrics_listen: SocketAddr,
+    },
+    /// Show the running lb: listeners, target groups and targets with their state, active
+    /// flows, packets/s and bytes/s (sampled over one second).
+    Status {
+        /// The interface of the lb to show (needed only when several run).
+        #[arg(short, long, value_name = "IFACE")]
+        interface: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Apply the config file of the `lb run` on IFACE again (as SIGHUP does): only what changed
     /// is written; an invalid file is refused with `lb check`'s messages and changes nothing.
@@ -105,10 +127,12 @@ pub fn main() -> ExitCode {
             interface,
             xdp_mode,
             pin_dir,
+            metrics_listen,
         } => {
             let pin_dir = pin_dir.unwrap_or_else(|| run::default_pin_dir(&interface));
-            run::run(&config, &interface, xdp_mode, &pin_dir).map(|()| true)
+            run::run(&config, &interface, xdp_mode, &pin_dir, metrics_listen).map(|()| true)
         }
+        Command::Status { interface, json } => status(interface.as_deref(), json),
         Command::Reload { interface } => reload(&interface),
         Command::Target {
             interface,
@@ -167,5 +191,46 @@ fn reload(interface: &str) -> Result<bool> {
         instance.config.display(),
         config.summary()
     );
+    Ok(true)
+}
+
+fn status(interface: Option<&str>, json: bool) -> Result<bool> {
+    let running = instance::all();
+    let (iface, info) = match (interface, running.as_slice()) {
+        (Some(i), _) => (
+            i.to_owned(),
+            instance::find(i)?.ok_or_else(|| anyhow::anyhow!("no lb is running on {i}"))?,
+        ),
+        (None, []) => bail!("no lb is running (in this network namespace)"),
+        (None, [(i, info)]) => (i.clone(), info.clone()),
+        (None, many) => bail!(
+            "lb runs on several interfaces here ({}): choose one with -i",
+            many.iter()
+                .map(|(i, _)| i.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let sample = || -> Result<(Instant, Status)> {
+        let body = admin::get(info.admin, "/status")?;
+        Ok((Instant::now(), serde_json::from_str(&body)?))
+    };
+    let (t0, before) = sample()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (t1, now) = sample()?;
+    let rates = metrics::Rates::between(&before, &now, (t1 - t0).as_secs_f64());
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "status": now, "rates": rates }))?
+        );
+    } else {
+        println!(
+            "lb on {iface} (pid {}, config {})\n",
+            info.pid,
+            info.config.display()
+        );
+        print!("{}", metrics::table(&now, &rates));
+    }
     Ok(true)
 }

@@ -11,10 +11,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InstanceInfo {
     pub pid: u32,
     pub config: PathBuf,
+    /// Where it serves `/metrics` and `/status`.
+    pub admin: std::net::SocketAddr,
 }
 
 /// The instance file of the running process; removed on drop.
@@ -65,7 +67,7 @@ fn alive(pid: u32) -> bool {
 
 impl Instance {
     /// Records this process as the one running on `iface`; fails if another live one is.
-    pub fn claim(iface: &str, config: &Path) -> Result<Self> {
+    pub fn claim(iface: &str, config: &Path, admin: std::net::SocketAddr) -> Result<Self> {
         let path = path_for(iface);
         if let Some(other) = find(iface)? {
             bail!(
@@ -76,6 +78,7 @@ impl Instance {
         let info = InstanceInfo {
             pid: std::process::id(),
             config: std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned()),
+            admin,
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -90,6 +93,30 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Every live instance in this network namespace, with its interface.
+pub fn all() -> Vec<(String, InstanceInfo)> {
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    let prefix = format!("instance-{netns}-");
+    let Ok(dir) = std::fs::read_dir("/run/lb") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, InstanceInfo)> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let iface = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(".json")?
+                .to_owned();
+            Some((iface.clone(), find(&iface).ok()??))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
 }
 
 /// The live instance running on `iface` in this network namespace, if any.

@@ -1,6 +1,7 @@
 //! lb: an NLB-like layer-4 load balancer. The XDP data plane does the per-packet work; this
 //! crate is the controller that configures it, and the `lb` command line.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod health;
@@ -8,6 +9,7 @@ pub mod instance;
 pub mod lifecycle;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod net;
 pub mod run;
 pub mod target;

@@ -166,6 +166,21 @@ impl MapState {
     }
 }
 
+/// Active flows by listener id and by target id.
+#[derive(Debug, Default)]
+pub struct ActiveFlows {
+    pub listeners: HashMap<u32, u64>,
+    pub targets: HashMap<u32, u64>,
+}
+
+/// The clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the timespec we pass.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// An IPv4 address as the maps hold it: network byte order in a native `u32`.
 pub fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
@@ -388,6 +403,36 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Flows seen within their listener's idle timeout, per listener id and per target id:
+    /// one pass over the connection table, which is the only place that knows.
+    pub fn active_flows(&self, state: &MapState) -> Result<ActiveFlows> {
+        let now = monotonic_ns();
+        let flows: BpfHashMap<&MapData, FlowKey, Flow> = self.map_ref("FLOWS")?;
+        let mut active = ActiveFlows::default();
+        // Entries the kernel evicts while we walk the table are simply skipped.
+        for (key, flow) in flows.iter().filter_map(Result::ok) {
+            let listener_key = ListenerKey {
+                addr: key.dst,
+                port: key.dport,
+                proto: key.proto,
+                pad: 0,
+            };
+            let Some(listener) = state.listeners.get(&listener_key) else {
+                continue;
+            };
+            let live = state.targets.get(&flow.target).is_some_and(|t| {
+                t.group == listener.group
+                    && (t.state == TARGET_ACTIVE || t.state == TARGET_DRAINING)
+            });
+            let idle_ns = now.saturating_sub(flow.last_seen_ns);
+            if live && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000 {
+                *active.listeners.entry(listener.id).or_default() += 1;
+                *active.targets.entry(flow.target).or_default() += 1;
+            }
+        }
+        Ok(active)
     }
 
     /// Counters of listener `id`, summed over CPUs.

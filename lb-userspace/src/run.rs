@@ -18,11 +18,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    admin,
     config::{self, Config, Forwarding},
     health::{self, HealthCheck, ProbeResult, TargetState},
     instance::{self, Instance},
     lifecycle::{Registry, TargetKey, Transition},
     maps::{Dataplane, MapState},
+    metrics::{self, Status, Telemetry},
     net::{self, Interface},
     xdp::{self, Attachment, ModeChoice},
 };
@@ -41,7 +43,13 @@ pub fn default_pin_dir(interface: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/lb").join(interface)
 }
 
-pub fn run(config_path: &Path, interface: &str, mode: ModeChoice, pin_dir: &Path) -> Result<()> {
+pub fn run(
+    config_path: &Path,
+    interface: &str,
+    mode: ModeChoice,
+    pin_dir: &Path,
+    metrics_listen: SocketAddr,
+) -> Result<()> {
     let config = config::load(config_path)?;
     xdp::check_kernel()?;
     let iface = Interface::lookup(interface)?;
@@ -50,7 +58,8 @@ pub fn run(config_path: &Path, interface: &str, mode: ModeChoice, pin_dir: &Path
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let mut controller = Controller::start(config_path, config, iface, mode, pin_dir)?;
+        let mut controller =
+            Controller::start(config_path, config, iface, mode, pin_dir, metrics_listen).await?;
         match controller.serve().await {
             Ok(Exit::Shutdown) => controller.shut_down(),
             Ok(Exit::Handover) => {
@@ -92,6 +101,8 @@ struct Controller {
     results_tx: mpsc::Sender<ProbeResult<TargetKey>>,
     results_rx: mpsc::Receiver<ProbeResult<TargetKey>>,
     tls: tokio_rustls::TlsConnector,
+    admin_rx: mpsc::Receiver<admin::Request>,
+    telemetry: Telemetry,
     _instance: Instance,
 }
 
@@ -108,12 +119,13 @@ impl Drop for Probe {
 }
 
 impl Controller {
-    fn start(
+    async fn start(
         config_path: &Path,
         config: Config,
         iface: Interface,
         mode: ModeChoice,
         pin_dir: &Path,
+        metrics_listen: SocketAddr,
     ) -> Result<Self> {
         let predecessor = instance::find(&iface.name)?;
         xdp::prepare_pin_dir(pin_dir)?;
@@ -160,7 +172,11 @@ impl Controller {
                 .context("taking over from the running lb")?;
         }
         let attachment = xdp::attach_pinned(dataplane.program_mut(), &iface, mode, &link_pin)?;
-        let instance = Instance::claim(&iface.name, config_path)?;
+        // Bound only now: a predecessor held the port until it exited.
+        let admin_listener = admin::bind(metrics_listen).await?;
+        let (admin_tx, admin_rx) = mpsc::channel(16);
+        tokio::spawn(admin::serve(admin_listener, admin_tx));
+        let instance = Instance::claim(&iface.name, config_path, metrics_listen)?;
         let (results_tx, results_rx) = mpsc::channel(1024);
         let mut controller = Controller {
             config_path: config_path.to_owned(),
@@ -176,6 +192,8 @@ impl Controller {
             results_tx,
             results_rx,
             tls: health::tls_connector(),
+            admin_rx,
+            telemetry: Telemetry::default(),
             _instance: instance,
         };
         let how = match (attachment, &predecessor) {
@@ -209,6 +227,7 @@ impl Controller {
                 _ = terminate.recv() => return Ok(Exit::Shutdown),
                 _ = handover.recv() => return Ok(Exit::Handover),
                 _ = hangup.recv() => self.reload(),
+                Some(request) = self.admin_rx.recv() => self.answer(request),
                 Some(result) = self.results_rx.recv() => self.on_probe(result)?,
                 _ = tick.tick() => {
                     let expired = self.registry.expire(std::time::Instant::now());
@@ -258,6 +277,10 @@ impl Controller {
             return Ok(());
         };
         let check = &group.health_check;
+        self.telemetry
+            .probe_duration
+            .with_label_values(&[&group.name, &result.target.addr.to_string()])
+            .observe(result.duration.as_secs_f64());
         let open_before = self.fail_open_groups();
         let transition = self.registry.record(
             &result.target,
@@ -290,11 +313,32 @@ impl Controller {
             .collect()
     }
 
+    /// Answers the admin endpoint from the maps and the registry as they are now.
+    fn answer(&self, request: admin::Request) {
+        let status = Status::collect(
+            &self.iface.name,
+            &self.config,
+            &self.registry,
+            &self.state,
+            &self.dataplane,
+        );
+        let _ = match request {
+            admin::Request::Metrics(reply) => {
+                reply.send(status.and_then(|s| metrics::render(&s, &self.telemetry)))
+            }
+            admin::Request::Status(reply) => {
+                reply.send(status.and_then(|s| Ok(serde_json::to_string(&s)?)))
+            }
+        };
+    }
+
     /// Applies a new config from the same file; an invalid one changes nothing.
     fn reload(&mut self) {
         let result = config::load(&self.config_path)
             .map_err(|e| anyhow!("{e}"))
             .and_then(|new| self.apply_config(new));
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.telemetry.reloads.with_label_values(&[outcome]).inc();
         match result {
             Ok(()) => info!(
                 "reloaded {}: {}",

@@ -48,6 +48,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("systemd-analyze", "systemd"),
     ("openssl", "openssl"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 fn main() -> Result<()> {

@@ -1,0 +1,559 @@
+//! What lb tells about itself: one [`Status`] document, built on request from the registry and
+//! the maps (per-CPU counters are summed at that moment, so nothing polls or drifts), served as
+//! JSON to `lb status` and as Prometheus metrics.
+//!
+//! Counters of a listener or target live in map slots indexed by their ids, which reloads keep,
+//! so they survive any reload that keeps the listener or target.
+
+use std::{collections::BTreeMap, net::SocketAddrV4};
+
+use anyhow::Result;
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::Config,
+    health::TargetState,
+    lifecycle,
+    maps::{Dataplane, MapState},
+};
+
+/// Everything `lb status` shows and `/metrics` exports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub interface: String,
+    pub listeners: Vec<ListenerStatus>,
+    pub target_groups: Vec<GroupStatus>,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub address: String,
+    pub protocol: String,
+    pub target_group: String,
+    pub traffic: Traffic,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub forwarding: String,
+    /// No target is healthy: new flows go to every registered target.
+    pub fail_open: bool,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub target: SocketAddrV4,
+    pub state: String,
+    pub weight: u32,
+    pub traffic: Traffic,
+}
+
+/// Counters since the listener or target appeared, and flows seen within their idle timeout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub active_flows: u64,
+}
+
+impl Status {
+    pub fn collect(
+        interface: &str,
+        config: &Config,
+        registry: &lifecycle::Registry,
+        state: &MapState,
+        dataplane: &Dataplane,
+    ) -> Result<Self> {
+        let active = dataplane.active_flows(state)?;
+        let traffic = |counters: lb_common::Counters, active: u64| Traffic {
+            packets: counters.packets,
+            bytes: counters.bytes,
+            new_flows: counters.new_flows,
+            active_flows: active,
+        };
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let Some(id) = registry.listener_id(&l.name) else {
+                continue;
+            };
+            listeners.push(ListenerStatus {
+                name: l.name.clone(),
+                address: format!("{}:{}", l.address, l.port),
+                protocol: format!("{:?}", l.protocol)
+                    .to_lowercase()
+                    .replace("tcpudp", "tcp_udp"),
+                target_group: l.target_group.clone(),
+                traffic: traffic(
+                    dataplane.listener_counters(id)?,
+                    active.listeners.get(&id).copied().unwrap_or(0),
+                ),
+            });
+        }
+        let mut target_groups = Vec::new();
+        for g in &config.target_groups {
+            let mut targets = Vec::new();
+            for (key, entry) in registry.targets().filter(|(k, _)| k.group == g.name) {
+                targets.push(TargetStatus {
+                    target: key.addr,
+                    state: entry.state().name().to_owned(),
+                    weight: entry.weight,
+                    traffic: traffic(
+                        dataplane.target_counters(entry.id)?,
+                        active.targets.get(&entry.id).copied().unwrap_or(0),
+                    ),
+                });
+            }
+            target_groups.push(GroupStatus {
+                name: g.name.clone(),
+                forwarding: g.forwarding.to_string(),
+                fail_open: registry.fails_open(&g.name),
+                targets,
+            });
+        }
+        let drops = dataplane
+            .drops()?
+            .into_iter()
+            .map(|(reason, n)| (reason.name().to_owned(), n))
+            .collect();
+        Ok(Status {
+            interface: interface.to_owned(),
+            listeners,
+            target_groups,
+            drops,
+        })
+    }
+}
+
+/// Metrics that live across scrapes: observed as things happen, not read from maps.
+#[derive(Clone)]
+pub struct Telemetry {
+    pub probe_duration: HistogramVec,
+    pub reloads: IntCounterVec,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            probe_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "lb_health_check_duration_seconds",
+                    "Time a health check probe took, failed ones included.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
+                &["target_group", "target"],
+            )
+            .expect("valid metric"),
+            reloads: IntCounterVec::new(
+                Opts::new(
+                    "lb_config_reloads_total",
+                    "Configuration reloads, by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        }
+    }
+}
+
+/// Label names of the traffic families: listener rows leave `target` empty, target rows leave
+/// `listener` empty (Prometheus treats an empty label as absent).
+const TRAFFIC_LABELS: [&str; 3] = ["listener", "target_group", "target"];
+
+/// The Prometheus text exposition of `status` and `telemetry`.
+pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
+    let registry = Registry::new();
+    let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let packets = counter(
+        "lb_packets_total",
+        "Packets forwarded, per listener and per target.",
+        &TRAFFIC_LABELS,
+    )?;
+    let bytes = counter(
+        "lb_bytes_total",
+        "Bytes forwarded (as received), per listener and per target.",
+        &TRAFFIC_LABELS,
+    )?;
+    let new_flows = counter(
+        "lb_new_flows_total",
+        "Flows that took a fresh target pick, per listener and per target.",
+        &TRAFFIC_LABELS,
+    )?;
+    let active = gauge(
+        "lb_active_flows",
+        "Flows seen within their listener's idle timeout.",
+        &TRAFFIC_LABELS,
+    )?;
+    let drops = counter(
+        "lb_dropped_packets_total",
+        "Packets to a VIP that were dropped, by reason.",
+        &["reason"],
+    )?;
+    let healthy = gauge(
+        "lb_target_healthy",
+        "1 if the target is healthy, else 0.",
+        &["target_group", "target"],
+    )?;
+    let state = gauge(
+        "lb_target_state",
+        "1 for the target's current state, 0 for the others.",
+        &["target_group", "target", "state"],
+    )?;
+    let healthy_n = gauge(
+        "lb_healthy_targets",
+        "Healthy targets in the group.",
+        &["target_group"],
+    )?;
+    let unhealthy_n = gauge(
+        "lb_unhealthy_targets",
+        "Unhealthy targets in the group.",
+        &["target_group"],
+    )?;
+    let fail_open = gauge(
+        "lb_target_group_fail_open",
+        "1 while the group has no healthy target and sends new flows to all.",
+        &["target_group"],
+    )?;
+    let build = gauge(
+        "lb_build_info",
+        "Always 1; the labels say which lb runs.",
+        &["version"],
+    )?;
+    registry.register(Box::new(telemetry.probe_duration.clone()))?;
+    registry.register(Box::new(telemetry.reloads.clone()))?;
+
+    let traffic = |labels: &[&str], t: &Traffic| {
+        packets.with_label_values(labels).inc_by(t.packets);
+        bytes.with_label_values(labels).inc_by(t.bytes);
+        new_flows.with_label_values(labels).inc_by(t.new_flows);
+        active.with_label_values(labels).set(t.active_flows as i64);
+    };
+    for l in &status.listeners {
+        traffic(&[&l.name, &l.target_group, ""], &l.traffic);
+    }
+    for g in &status.target_groups {
+        let count =
+            |s: TargetState| g.targets.iter().filter(|t| t.state == s.name()).count() as i64;
+        healthy_n
+            .with_label_values(&[&g.name])
+            .set(count(TargetState::Healthy));
+        unhealthy_n
+            .with_label_values(&[&g.name])
+            .set(count(TargetState::Unhealthy));
+        fail_open
+            .with_label_values(&[&g.name])
+            .set(g.fail_open as i64);
+        for t in &g.targets {
+            let target = t.target.to_string();
+            traffic(&["", &g.name, &target], &t.traffic);
+            healthy
+                .with_label_values(&[&g.name, &target])
+                .set((t.state == TargetState::Healthy.name()) as i64);
+            for s in TargetState::ALL {
+                state
+                    .with_label_values(&[&g.name, &target, s.name()])
+                    .set((t.state == s.name()) as i64);
+            }
+        }
+    }
+    for (reason, n) in &status.drops {
+        drops.with_label_values(&[reason]).inc_by(*n);
+    }
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// Packets/s and bytes/s between two samples, by listener name and by `group/target`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub listeners: BTreeMap<String, Rate>,
+    pub targets: BTreeMap<String, Rate>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+}
+
+impl Rates {
+    pub fn between(before: &Status, now: &Status, seconds: f64) -> Self {
+        let rate = |a: Option<&Traffic>, b: &Traffic| {
+            let a = a.copied().unwrap_or_default();
+            Rate {
+                packets_per_second: b.packets.saturating_sub(a.packets) as f64 / seconds,
+                bytes_per_second: b.bytes.saturating_sub(a.bytes) as f64 / seconds,
+            }
+        };
+        let mut rates = Rates::default();
+        for l in &now.listeners {
+            let old = before
+                .listeners
+                .iter()
+                .find(|o| o.name == l.name)
+                .map(|o| &o.traffic);
+            rates
+                .listeners
+                .insert(l.name.clone(), rate(old, &l.traffic));
+        }
+        for g in &now.target_groups {
+            for t in &g.targets {
+                let old = before
+                    .target_groups
+                    .iter()
+                    .find(|o| o.name == g.name)
+                    .and_then(|o| o.targets.iter().find(|o| o.target == t.target))
+                    .map(|o| &o.traffic);
+                rates
+                    .targets
+                    .insert(format!("{}/{}", g.name, t.target), rate(old, &t.traffic));
+            }
+        }
+        rates
+    }
+}
+
+/// `lb status` as aligned tables.
+pub fn table(status: &Status, rates: &Rates) -> String {
+    let mut out = String::new();
+    let mut rows = vec![row(&[
+        "LISTENER",
+        "ADDRESS",
+        "PROTOCOL",
+        "TARGET GROUP",
+        "ACTIVE FLOWS",
+        "PACKETS/S",
+        "BYTES/S",
+    ])];
+    for l in &status.listeners {
+        let r = rates.listeners.get(&l.name).copied().unwrap_or_default();
+        rows.push(vec![
+            l.name.clone(),
+            l.address.clone(),
+            l.protocol.clone(),
+            l.target_group.clone(),
+            l.traffic.active_flows.to_string(),
+            format!("{:.1}", r.packets_per_second),
+            human_bytes(r.bytes_per_second),
+        ]);
+    }
+    out += &aligned(&rows);
+    for g in &status.target_groups {
+        let healthy = g
+            .targets
+            .iter()
+            .filter(|t| t.state == TargetState::Healthy.name())
+            .count();
+        out += &format!(
+            "\nTARGET GROUP {} ({}): {healthy} of {} targets healthy{}\n",
+            g.name,
+            g.forwarding,
+            g.targets.len(),
+            if g.fail_open {
+                ", FAILING OPEN to all registered targets"
+            } else {
+                ""
+            }
+        );
+        let mut rows = vec![row(&[
+            "TARGET",
+            "STATE",
+            "WEIGHT",
+            "ACTIVE FLOWS",
+            "PACKETS/S",
+            "BYTES/S",
+            "NEW FLOWS",
+        ])];
+        for t in &g.targets {
+            let r = rates
+                .targets
+                .get(&format!("{}/{}", g.name, t.target))
+                .copied()
+                .unwrap_or_default();
+            rows.push(vec![
+                t.target.to_string(),
+                t.state.clone(),
+                t.weight.to_string(),
+                t.traffic.active_flows.to_string(),
+                format!("{:.1}", r.packets_per_second),
+                human_bytes(r.bytes_per_second),
+                t.traffic.new_flows.to_string(),
+            ]);
+        }
+        out += &aligned(&rows);
+    }
+    let drops: Vec<String> = status
+        .drops
+        .iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    out += &format!("\nDROPPED PACKETS: {}\n", drops.join(", "));
+    out
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+/// Columns padded to their widest cell, numbers (all but the first column) right-aligned.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                let numeric =
+                    s.chars().next().is_some_and(|ch| ch.is_ascii_digit()) && !s.contains(':');
+                if numeric {
+                    format!("{s:>w$}", w = widths[c])
+                } else {
+                    format!("{s:<w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out += cells.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+fn human_bytes(per_second: f64) -> String {
+    match per_second {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(packets: u64) -> Status {
+        Status {
+            interface: "eth0".into(),
+            listeners: vec![ListenerStatus {
+                name: "web".into(),
+                address: "203.0.113.10:80".into(),
+                protocol: "tcp".into(),
+                target_group: "web".into(),
+                traffic: Traffic {
+                    packets,
+                    bytes: packets * 100,
+                    new_flows: 3,
+                    active_flows: 2,
+                },
+            }],
+            target_groups: vec![GroupStatus {
+                name: "web".into(),
+                forwarding: "dsr".into(),
+                fail_open: false,
+                targets: vec![
+                    TargetStatus {
+                        target: "198.51.100.11:80".parse().unwrap(),
+                        state: "healthy".into(),
+                        weight: 1,
+                        traffic: Traffic {
+                            packets,
+                            bytes: packets * 100,
+                            new_flows: 3,
+                            active_flows: 2,
+                        },
+                    },
+                    TargetStatus {
+                        target: "198.51.100.12:80".parse().unwrap(),
+                        state: "unhealthy".into(),
+                        weight: 2,
+                        traffic: Traffic::default(),
+                    },
+                ],
+            }],
+            drops: [("no_listener".to_owned(), 4)].into(),
+        }
+    }
+
+    #[test]
+    fn rates_come_from_two_samples() {
+        let rates = Rates::between(&status(100), &status(300), 2.0);
+        assert_eq!(rates.listeners["web"].packets_per_second, 100.0);
+        assert_eq!(
+            rates.targets["web/198.51.100.11:80"].bytes_per_second,
+            10_000.0
+        );
+        assert_eq!(
+            rates.targets["web/198.51.100.12:80"].packets_per_second,
+            0.0
+        );
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let now = status(300);
+        let text = table(&now, &Rates::between(&status(100), &now, 2.0));
+        let expected = "\
+LISTENER  ADDRESS          PROTOCOL  TARGET GROUP  ACTIVE FLOWS  PACKETS/S  BYTES/S
+web       203.0.113.10:80  tcp       web                      2      100.0  10.0 kB
+
+TARGET GROUP web (dsr): 1 of 2 targets healthy
+TARGET            STATE      WEIGHT  ACTIVE FLOWS  PACKETS/S  BYTES/S  NEW FLOWS
+198.51.100.11:80  healthy         1             2      100.0  10.0 kB          3
+198.51.100.12:80  unhealthy       2             0        0.0      0 B          0
+
+DROPPED PACKETS: no_listener 4
+";
+        assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn metrics_use_prometheus_names() {
+        let text = render(&status(5), &Telemetry::default()).unwrap();
+        for line in [
+            "lb_packets_total{listener=\"web\",target=\"\",target_group=\"web\"} 5",
+            "lb_packets_total{listener=\"\",target=\"198.51.100.11:80\",target_group=\"web\"} 5",
+            "lb_active_flows{listener=\"web\",target=\"\",target_group=\"web\"} 2",
+            "lb_target_healthy{target=\"198.51.100.12:80\",target_group=\"web\"} 0",
+            "lb_target_state{state=\"unhealthy\",target=\"198.51.100.12:80\",target_group=\"web\"} 1",
+            "lb_healthy_targets{target_group=\"web\"} 1",
+            "lb_dropped_packets_total{reason=\"no_listener\"} 4",
+            "lb_build_info{version=",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}
