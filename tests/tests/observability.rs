@@ -67,7 +67,10 @@ impl Prometheus {
         let child = Command::new("ip")
             .args(["netns", "exec", &lab.ns("lb"), "prometheus"])
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={PROMETHEUS}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -87,7 +90,9 @@ impl Prometheus {
         let encoded: String = query
             .bytes()
             .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
                 _ => format!("%{b:02X}"),
             })
             .collect();
@@ -132,15 +137,36 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
 
     // lb's own view: every new flow counted once per listener and once per target.
     for (listener, flows) in [("web", 60), ("game", 60)] {
-        let l = status.listeners.iter().find(|l| l.name == listener).context("listener")?;
+        let l = status
+            .listeners
+            .iter()
+            .find(|l| l.name == listener)
+            .context("listener")?;
         ensure!(l.traffic.new_flows == flows, "{listener}: {:?}", l.traffic);
-        let group = status.target_groups.iter().find(|g| g.name == listener).context("group")?;
+        let group = status
+            .target_groups
+            .iter()
+            .find(|g| g.name == listener)
+            .context("group")?;
         let per_target: u64 = group.targets.iter().map(|t| t.traffic.new_flows).sum();
-        ensure!(per_target == flows, "{listener}: targets count {per_target} new flows");
-        ensure!(group.targets.iter().all(|t| t.traffic.new_flows > 0 && t.state == "healthy"), "{group:?}");
+        ensure!(
+            per_target == flows,
+            "{listener}: targets count {per_target} new flows"
+        );
+        ensure!(
+            group
+                .targets
+                .iter()
+                .all(|t| t.traffic.new_flows > 0 && t.state == "healthy"),
+            "{group:?}"
+        );
     }
     // UDP flows stay active for the listener's idle timeout (120 s).
-    let game = status.listeners.iter().find(|l| l.name == "game").context("game")?;
+    let game = status
+        .listeners
+        .iter()
+        .find(|l| l.name == "game")
+        .context("game")?;
     ensure!(game.traffic.active_flows == 60, "{:?}", game.traffic);
 
     // Prometheus, scraping every second, sees the same per-target numbers.
@@ -156,7 +182,11 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
                 if seen == Some(t.traffic.new_flows as f64) {
                     break;
                 }
-                ensure!(Instant::now() < deadline, "{query}: prometheus has {seen:?}, lb {}", t.traffic.new_flows);
+                ensure!(
+                    Instant::now() < deadline,
+                    "{query}: prometheus has {seen:?}, lb {}",
+                    t.traffic.new_flows
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -172,7 +202,11 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    promtool.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    promtool
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(text.as_bytes())?;
     let out = promtool.wait_with_output()?;
     ensure!(
         out.status.success(),
@@ -183,13 +217,30 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
 
     // lb status reads the same instance, as a table and as JSON.
     let table = lab.lb("lb", &["status"])?;
-    for expected in ["LISTENER", "web", "game", "TARGET GROUP web (dsr): 3 of 3 targets healthy"] {
+    for expected in [
+        "LISTENER",
+        "web",
+        "game",
+        "TARGET GROUP web (dsr): 3 of 3 targets healthy",
+    ] {
         ensure!(table.contains(expected), "lb status:\n{table}");
     }
-    ensure!(table.lines().filter(|l| l.contains(" healthy ")).count() == 6, "lb status:\n{table}");
+    ensure!(
+        table.lines().filter(|l| l.contains(" healthy ")).count() == 6,
+        "lb status:\n{table}"
+    );
     let json: serde_json::Value = serde_json::from_str(&lab.lb("lb", &["status", "--json"])?)?;
-    ensure!(json["status"]["target_groups"][1]["targets"].as_array().map(Vec::len) == Some(3), "{json}");
-    ensure!(json["rates"]["listeners"]["web"]["packets_per_second"].is_number(), "{json}");
+    ensure!(
+        json["status"]["target_groups"][1]["targets"]
+            .as_array()
+            .map(Vec::len)
+            == Some(3),
+        "{json}"
+    );
+    ensure!(
+        json["rates"]["listeners"]["web"]["packets_per_second"].is_number(),
+        "{json}"
+    );
     let _ = std::fs::remove_file(config);
     Ok(())
 }
@@ -198,6 +249,10 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
 fn lb_status_without_an_instance_says_so() -> Result<()> {
     let lab = Lab::new(&format!("lbo-none-{}", std::process::id() % 10000), 1)?;
     let err = lab.lb("lb", &["status"]).expect_err("lb status without lb");
-    ensure!(err.to_string().contains("lb: no lb is running (in this network namespace)"), "{err}");
+    ensure!(
+        err.to_string()
+            .contains("lb: no lb is running (in this network namespace)"),
+        "{err}"
+    );
     Ok(())
 }

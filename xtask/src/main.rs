@@ -50,6 +50,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    ("bird", "bird2"),
 ];
 
 fn main() -> Result<()> {
