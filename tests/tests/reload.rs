@@ -58,6 +58,24 @@ fn reload(lab: &Lab) -> Result<String> {
     lab.lb("lb", &["reload", "-i", IFACE])
 }
 
+/// New flows per target of the web group, from lb's /status.
+fn target_new_flows(lab: &Lab) -> Result<HashMap<String, u64>> {
+    let body = lb_tests::in_netns(&lab.ns("lb"), || {
+        lb::admin::get("127.0.0.1:9617".parse().unwrap(), "/status")
+    })??;
+    let status: lb::metrics::Status = serde_json::from_str(&body)?;
+    let web = status
+        .target_groups
+        .iter()
+        .find(|g| g.name == "web")
+        .ok_or_else(|| anyhow::anyhow!("no web group"))?;
+    Ok(web
+        .targets
+        .iter()
+        .map(|t| (t.target.to_string(), t.traffic.new_flows))
+        .collect())
+}
+
 /// Opens `n` connections and returns them with the target that answered each.
 fn open(lab: &Lab, n: usize) -> Result<Vec<(Connection, String)>> {
     (0..n)
@@ -86,6 +104,7 @@ fn reload_adding_a_target_keeps_established_flows_and_bad_reloads_change_nothing
     let (lab, mut balancer, config) = start(&name, 4, &[0, 1, 2], "300s")?;
     let mut connections = open(&lab, 200)?;
 
+    let counters_before = target_new_flows(&lab)?;
     // The reload adds t4, gives t1 a weight of 3 and adds a UDP listener with a group of its own.
     balancer.mark();
     let extended = format!(
@@ -117,6 +136,15 @@ fn reload_adding_a_target_keeps_established_flows_and_bad_reloads_change_nothing
         Duration::from_secs(5),
     )?;
 
+    // Counters of the targets the reload kept carry on from where they were.
+    let counters_after = target_new_flows(&lab)?;
+    for (target, before) in &counters_before {
+        let after = counters_after.get(target).copied().unwrap_or(0);
+        ensure!(
+            *before > 0 && after >= *before,
+            "{target}: {before} new flows before the reload, {after} after"
+        );
+    }
     let kept = kept(&mut connections)?;
     ensure!(
         kept * 100 >= connections.len() * 99,
