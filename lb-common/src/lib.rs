@@ -61,7 +61,7 @@ pub struct Flow {
     /// Index into `TARGETS`.
     pub target: u32,
     pub pad: u32,
-    /// `bpf_ktime_get_ns` when the flow was last refreshed.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) when the flow was last refreshed.
     pub last_seen_ns: u64,
 }
 

@@ -166,6 +166,26 @@ impl MapState {
     }
 }
 
+/// A map's shape and the memory the kernel charges for it (`memlock` in its fdinfo).
+#[derive(Clone, Debug)]
+pub struct MapMemory {
+    pub name: &'static str,
+    pub kind: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub bytes: u64,
+}
+
+/// The map data behind the kinds of map the balancer uses.
+fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Some(d),
+        _ => None,
+    }
+}
+
 /// Active flows by listener id and by target id.
 #[derive(Debug, Default)]
 pub struct ActiveFlows {
@@ -173,11 +193,11 @@ pub struct ActiveFlows {
     pub targets: HashMap<u32, u64>,
 }
 
-/// The clock of `bpf_ktime_get_ns`.
+/// The clock of `bpf_ktime_get_coarse_ns`, which stamps the connection table.
 fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec we pass.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -227,10 +247,8 @@ impl Dataplane {
         for (map, size, setting) in sizes {
             let actual = ebpf
                 .map(map)
-                .and_then(|m| match m {
-                    aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) => d.info().ok(),
-                    _ => None,
-                })
+                .and_then(map_data)
+                .and_then(|d| d.info().ok())
                 .map(|info| info.max_entries());
             if let Some(actual) = actual
                 && actual != size
@@ -433,6 +451,35 @@ impl Dataplane {
             }
         }
         Ok(active)
+    }
+
+    /// Every map's shape and the memory the kernel charges for it.
+    pub fn memory(&self) -> Result<Vec<MapMemory>> {
+        MAPS.iter()
+            .map(|&name| {
+                let data = self
+                    .ebpf
+                    .map(name)
+                    .and_then(map_data)
+                    .ok_or_else(|| anyhow!("map {name} missing from the embedded object"))?;
+                let info = data.info()?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
+                let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+                let bytes = fdinfo
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| anyhow!("no memlock for map {name}"))?;
+                Ok(MapMemory {
+                    name,
+                    kind: format!("{:?}", info.map_type()?),
+                    key_size: info.key_size(),
+                    value_size: info.value_size(),
+                    max_entries: info.max_entries(),
+                    bytes,
+                })
+            })
+            .collect()
     }
 
     /// Counters of listener `id`, summed over CPUs.

@@ -26,6 +26,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod frames;
+
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);

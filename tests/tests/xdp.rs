@@ -8,24 +8,20 @@
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb::{
     config,
     lifecycle::Registry,
-    maps::{Dataplane, MapState, be},
-    net::Interface,
+    maps::{Dataplane, MapState},
 };
-use lb_common::{DropReason, FlowKey, PROTO_TCP, PROTO_UDP, flow_hash};
+use lb_common::{DropReason, flow_hash};
+use lb_tests::frames::{
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, mac_of, run_xdp,
+    test_interface,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 
 const CONFIG: &str = "
 settings:
@@ -50,174 +46,14 @@ target_groups:
       - {address: 198.51.100.22, port: 53, weight: 3}
 ";
 
-/// The made-up MAC of a target: 02:00 followed by its address.
-fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
-    [0x02, 0x00, o[0], o[1], o[2], o[3]]
-}
-
-/// The balancer's interface, as the tests pretend it is.
-fn test_interface() -> Interface {
-    Interface {
-        name: "test0".into(),
-        index: 1,
-        mac: LB_MAC,
-        mtu: 1500,
-        ipv4: vec![LB_ADDR],
-    }
-}
-
 fn load() -> Result<(Dataplane, MapState)> {
-    let config =
-        config::parse(Path::new("test.yaml"), CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let iface = test_interface();
-    let mut registry = Registry::new(16, 4, 64);
-    registry
-        .sync(&config, std::time::Instant::now())
-        .map_err(anyhow::Error::msg)?;
-    let state = MapState::build(&config, &registry, &iface, |key, _| {
-        Ok(mac_of(*key.addr.ip()))
-    })?;
-    let mut dataplane = Dataplane::load(&config.settings, None)?;
-    dataplane.apply(&MapState::default(), &state)?;
+    let (dataplane, state, _) = dataplane_for(CONFIG)?;
     Ok((dataplane, state))
 }
 
 fn run(dataplane: &mut Dataplane, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let mut out = vec![0u8; frame.len() + 128];
-    let result = dataplane.program_mut().test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ..Default::default()
-    })?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, out))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Frames.
-
-#[derive(Clone)]
-struct Packet {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    sport: u16,
-    dport: u16,
-    tcp_flags: u8,
-    ttl: u8,
-    dont_fragment: bool,
-    /// Raw flags+offset field, for fragment tests (overrides `dont_fragment`).
-    frag_field: Option<u16>,
-    ip_options: Vec<u8>,
-    payload: Vec<u8>,
-}
-
-impl Packet {
-    fn tcp(dport: u16, sport: u16, flags: u8) -> Self {
-        Packet {
-            src: CLIENT,
-            dst: VIP,
-            proto: PROTO_TCP,
-            sport,
-            dport,
-            tcp_flags: flags,
-            ttl: 61,
-            dont_fragment: true,
-            frag_field: None,
-            ip_options: Vec::new(),
-            payload: b"hello".to_vec(),
-        }
-    }
-
-    fn udp(dport: u16, sport: u16) -> Self {
-        Packet {
-            proto: PROTO_UDP,
-            tcp_flags: 0,
-            dont_fragment: false,
-            ..Packet::tcp(dport, sport, 0)
-        }
-    }
-
-    fn key(&self) -> FlowKey {
-        FlowKey {
-            src: be(self.src),
-            dst: be(self.dst),
-            sport: self.sport.to_be(),
-            dport: self.dport.to_be(),
-            proto: self.proto,
-            pad: [0; 3],
-        }
-    }
-
-    fn ip_packet(&self) -> Vec<u8> {
-        let l4 = if self.proto == PROTO_TCP {
-            let mut h = Vec::new();
-            h.extend(self.sport.to_be_bytes());
-            h.extend(self.dport.to_be_bytes());
-            h.extend(1u32.to_be_bytes()); // seq
-            h.extend(0u32.to_be_bytes()); // ack
-            h.push(5 << 4);
-            h.push(self.tcp_flags);
-            h.extend(64240u16.to_be_bytes());
-            h.extend([0, 0, 0, 0]); // checksum, urgent
-            h.extend(&self.payload);
-            h
-        } else {
-            let mut h = Vec::new();
-            h.extend(self.sport.to_be_bytes());
-            h.extend(self.dport.to_be_bytes());
-            h.extend(((8 + self.payload.len()) as u16).to_be_bytes());
-            h.extend([0, 0]);
-            h.extend(&self.payload);
-            h
-        };
-        let ihl = 20 + self.ip_options.len();
-        let mut ip = Vec::new();
-        ip.push(0x40 | (ihl / 4) as u8);
-        ip.push(0);
-        ip.extend(((ihl + l4.len()) as u16).to_be_bytes());
-        ip.extend(0x1234u16.to_be_bytes());
-        let frag = self
-            .frag_field
-            .unwrap_or(if self.dont_fragment { 0x4000 } else { 0 });
-        ip.extend(frag.to_be_bytes());
-        ip.push(self.ttl);
-        ip.push(self.proto);
-        ip.extend([0, 0]);
-        ip.extend(self.src.octets());
-        ip.extend(self.dst.octets());
-        ip.extend(&self.ip_options);
-        let check = checksum(&ip);
-        ip[10..12].copy_from_slice(&check.to_be_bytes());
-        ip.extend(l4);
-        ip
-    }
-
-    fn frame(&self) -> Vec<u8> {
-        ethernet(LB_MAC, CLIENT_MAC, 0x0800, &self.ip_packet())
-    }
-}
-
-fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend(dst);
-    f.extend(src);
-    f.extend(ether_type.to_be_bytes());
-    f.extend(payload);
-    f
-}
-
-/// The Internet checksum (RFC 1071), computed independently of the data plane's.
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    let (verdict, out, _) = run_xdp(dataplane.program_mut(), frame, 1)?;
+    Ok((verdict, out))
 }
 
 /// The target the data plane must pick for `packet` in group `group`: id and entry.

@@ -6,6 +6,7 @@
 //! - `build`: the self-contained `target/release/lb`.
 //! - `test`: formatting, clippy, unit tests, XDP tests on crafted frames and the end-to-end lab.
 //! - `demo`: builds and runs the namespace lab with its embedded config.
+//! - `bench`: measures lb and writes BENCHMARKS.md.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -33,6 +34,15 @@ enum Task {
     Test,
     /// Build, then run the demo lab.
     Demo,
+    /// Run the benchmarks and write BENCHMARKS.md (needs root).
+    Bench {
+        /// Few, short rounds: keeps the suite working (CI), not figures to quote.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report [default: BENCHMARKS.md at the top of the repository].
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 const LLVM_PACKAGES: &[&str] = &[
@@ -68,6 +78,20 @@ fn main() -> Result<()> {
         Task::Test => {
             setup()?;
             test(&root)
+        }
+        Task::Bench { quick, output } => {
+            setup()?;
+            build()?;
+            cargo(&["build", "--release", "-p", "lb-tests", "--bin", "lb-bench"])?;
+            require_root("the benchmarks")?;
+            let mut bench = Command::new(root.join("target/release/lb-bench"));
+            if quick {
+                bench.arg("--quick");
+            }
+            if let Some(output) = output {
+                bench.arg("--output").arg(output);
+            }
+            run(&mut bench)
         }
         Task::Demo => {
             setup()?;
@@ -158,7 +182,7 @@ fn test(root: &Path) -> Result<()> {
     }
     let status = child.wait()?;
     // One closing line for the whole run, over every test binary.
-    println!("cargo xtask test: {passed} passed, {failed} failed");
+    println!("tests: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 || passed == 0 {
         bail!("tests failed ({status})");
     }

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -153,7 +153,9 @@ fn balance(ctx: &XdpContext) -> u32 {
         proto,
         pad: [0; 3],
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
+    // cheaper than the precise one, notably in virtual machines.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut new_flow = false;
     let target_id = match existing_target(&key, &listener, is_syn, now) {

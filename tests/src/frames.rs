@@ -1,0 +1,200 @@
+//! Crafted Ethernet frames, and the harness that feeds them to XDP programs through
+//! BPF_PROG_TEST_RUN: what the XDP tests and the benchmarks send.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::Result;
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb::{
+    config,
+    lifecycle::Registry,
+    maps::{Dataplane, MapState, be},
+    net::Interface,
+};
+use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP};
+
+/// The MAC of the balancer in crafted frames.
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+
+/// The balancer's interface, as the tests pretend it is.
+pub fn test_interface() -> Interface {
+    Interface {
+        name: "test0".into(),
+        index: 1,
+        mac: LB_MAC,
+        mtu: 1500,
+        ipv4: vec![LB_ADDR],
+    }
+}
+
+/// The made-up MAC of a target: 02:00 followed by its address.
+pub fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0x00, o[0], o[1], o[2], o[3]]
+}
+
+/// A loaded (not attached) balancer with its maps filled for `config_text`, by the
+/// controller's own code with made-up MACs; every target starts `initial`.
+pub fn dataplane_for(config_text: &str) -> Result<(Dataplane, MapState, Registry)> {
+    let config =
+        config::parse(Path::new("test.yaml"), config_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut registry = Registry::new(
+        lb_common::MAX_LISTENERS,
+        config.settings.max_target_groups,
+        lb_common::MAX_TARGETS,
+    );
+    registry
+        .sync(&config, std::time::Instant::now())
+        .map_err(anyhow::Error::msg)?;
+    let state = MapState::build(&config, &registry, &test_interface(), |key, _| {
+        Ok(mac_of(*key.addr.ip()))
+    })?;
+    let mut dataplane = Dataplane::load(&config.settings, None)?;
+    dataplane.apply(&MapState::default(), &state)?;
+    Ok((dataplane, state, registry))
+}
+
+/// Runs `program` `repeat` times on `frame`; returns the verdict, the output frame and the
+/// kernel's average time per run.
+pub fn run_xdp(
+    program: &Xdp,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, std::time::Duration)> {
+    let mut out = vec![0u8; frame.len() + 128];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out, result.duration))
+}
+
+#[derive(Clone)]
+pub struct Packet {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub ttl: u8,
+    pub dont_fragment: bool,
+    /// Raw flags+offset field, for fragment tests (overrides `dont_fragment`).
+    pub frag_field: Option<u16>,
+    pub ip_options: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Packet {
+    pub fn tcp(dport: u16, sport: u16, flags: u8) -> Self {
+        Packet {
+            src: CLIENT,
+            dst: VIP,
+            proto: PROTO_TCP,
+            sport,
+            dport,
+            tcp_flags: flags,
+            ttl: 61,
+            dont_fragment: true,
+            frag_field: None,
+            ip_options: Vec::new(),
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    pub fn udp(dport: u16, sport: u16) -> Self {
+        Packet {
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+            dont_fragment: false,
+            ..Packet::tcp(dport, sport, 0)
+        }
+    }
+
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src: be(self.src),
+            dst: be(self.dst),
+            sport: self.sport.to_be(),
+            dport: self.dport.to_be(),
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let l4 = if self.proto == PROTO_TCP {
+            let mut h = Vec::new();
+            h.extend(self.sport.to_be_bytes());
+            h.extend(self.dport.to_be_bytes());
+            h.extend(1u32.to_be_bytes()); // seq
+            h.extend(0u32.to_be_bytes()); // ack
+            h.push(5 << 4);
+            h.push(self.tcp_flags);
+            h.extend(64240u16.to_be_bytes());
+            h.extend([0, 0, 0, 0]); // checksum, urgent
+            h.extend(&self.payload);
+            h
+        } else {
+            let mut h = Vec::new();
+            h.extend(self.sport.to_be_bytes());
+            h.extend(self.dport.to_be_bytes());
+            h.extend(((8 + self.payload.len()) as u16).to_be_bytes());
+            h.extend([0, 0]);
+            h.extend(&self.payload);
+            h
+        };
+        let ihl = 20 + self.ip_options.len();
+        let mut ip = Vec::new();
+        ip.push(0x40 | (ihl / 4) as u8);
+        ip.push(0);
+        ip.extend(((ihl + l4.len()) as u16).to_be_bytes());
+        ip.extend(0x1234u16.to_be_bytes());
+        let frag = self
+            .frag_field
+            .unwrap_or(if self.dont_fragment { 0x4000 } else { 0 });
+        ip.extend(frag.to_be_bytes());
+        ip.push(self.ttl);
+        ip.push(self.proto);
+        ip.extend([0, 0]);
+        ip.extend(self.src.octets());
+        ip.extend(self.dst.octets());
+        ip.extend(&self.ip_options);
+        let check = checksum(&ip);
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+        ip.extend(l4);
+        ip
+    }
+
+    pub fn frame(&self) -> Vec<u8> {
+        ethernet(LB_MAC, CLIENT_MAC, 0x0800, &self.ip_packet())
+    }
+}
+
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend(dst);
+    f.extend(src);
+    f.extend(ether_type.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// The Internet checksum (RFC 1071), computed independently of the data plane's.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
