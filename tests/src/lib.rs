@@ -38,6 +38,35 @@ pub fn target_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 11 + i as u8)
 }
 
+/// The lab's usual config: listener `web` (TCP :80) and listener `game` (UDP :7777) on the VIP,
+/// each with a dsr group over the first `targets` targets. `web_check` and `game_check` are the
+/// groups' health checks, as YAML flow mappings (`{protocol: tcp, interval: 1s}`).
+pub fn lab_config(targets: usize, web_check: &str, game_check: &str) -> String {
+    let list = |port: u16| -> String {
+        (0..targets)
+            .map(|i| format!("      - {{address: {}, port: {port}}}\n", target_addr(i)))
+            .collect()
+    };
+    format!(
+        "listeners:
+  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: web}}
+  - {{name: game, address: {VIP}, port: 7777, protocol: udp, target_group: game}}
+target_groups:
+  - name: web
+    health_check: {web_check}
+    targets:
+{}  - name: game
+    health_check: {game_check}
+    targets:
+{}",
+        list(80),
+        list(7777)
+    )
+}
+
+/// The health check the lab's tests use: TCP on port 80 every second, two results to decide.
+pub const FAST_TCP_CHECK: &str = "{protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}";
+
 /// The `lb` binary under test: `$LB_BIN`, else the release build next to this crate.
 pub fn lb_binary() -> PathBuf {
     std::env::var_os("LB_BIN")
@@ -359,36 +388,31 @@ impl Lab {
         Ok(())
     }
 
-    /// Whether an XDP program is attached to `host`'s lab interface.
-    pub fn xdp_attached(&self, host: &str) -> Result<bool> {
+    /// `ip -j -d -s link show` of `host`'s lab interface.
+    fn link(&self, host: &str) -> Result<serde_json::Value> {
         let out = ip(&[
             "-n",
             &self.ns(host),
             "-j",
             "-d",
-            "link",
-            "show",
-            "dev",
-            IFACE,
-        ])?;
-        let links: serde_json::Value = serde_json::from_str(&out)?;
-        Ok(!links[0]["xdp"].is_null())
-    }
-
-    /// Bytes received so far by `host`'s lab interface.
-    pub fn rx_bytes(&self, host: &str) -> Result<u64> {
-        let out = ip(&[
-            "-n",
-            &self.ns(host),
-            "-j",
             "-s",
             "link",
             "show",
             "dev",
             IFACE,
         ])?;
-        let links: serde_json::Value = serde_json::from_str(&out)?;
-        links[0]["stats64"]["rx"]["bytes"]
+        let mut links: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(links[0].take())
+    }
+
+    /// Whether an XDP program is attached to `host`'s lab interface.
+    pub fn xdp_attached(&self, host: &str) -> Result<bool> {
+        Ok(!self.link(host)?["xdp"].is_null())
+    }
+
+    /// Bytes received so far by `host`'s lab interface.
+    pub fn rx_bytes(&self, host: &str) -> Result<u64> {
+        self.link(host)?["stats64"]["rx"]["bytes"]
             .as_u64()
             .ok_or_else(|| anyhow!("no rx byte counter for {host}"))
     }

@@ -22,30 +22,17 @@ fn recovery_bound() -> Duration {
     INTERVAL * HEALTHY_THRESHOLD + TIMEOUT + SLACK
 }
 
-/// A web group (tcp :80) and a game group (udp :7777) checked on :80, both dsr.
+/// The lab config with `check` (a few YAML keys) for the web group and the fast TCP check on
+/// port 80 for the game group.
 fn write_config(name: &str, check: &str) -> Result<PathBuf> {
-    let targets = |port: u16| -> String {
-        (0..3)
-            .map(|i| format!("      - {{address: {}, port: {port}}}\n", target_addr(i)))
-            .collect()
-    };
-    let text = format!(
-        "listeners:
-  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: web}}
-  - {{name: game, address: {VIP}, port: 7777, protocol: udp, target_group: game}}
-target_groups:
-  - name: web
-    health_check: {{{check}, interval: 1s, timeout: 500ms, healthy_threshold: {HEALTHY_THRESHOLD}, unhealthy_threshold: {UNHEALTHY_THRESHOLD}}}
-    targets:
-{}  - name: game
-    health_check: {{protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: {HEALTHY_THRESHOLD}, unhealthy_threshold: {UNHEALTHY_THRESHOLD}}}
-    targets:
-{}",
-        targets(80),
-        targets(7777)
+    let web = format!(
+        "{{{check}, interval: 1s, timeout: 500ms, healthy_threshold: {HEALTHY_THRESHOLD}, unhealthy_threshold: {UNHEALTHY_THRESHOLD}}}"
     );
     let path = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(&path, text)?;
+    std::fs::write(
+        &path,
+        lb_tests::lab_config(3, &web, lb_tests::FAST_TCP_CHECK),
+    )?;
     Ok(path)
 }
 

@@ -15,30 +15,6 @@ use lb_tests::{Lab, VIP, in_netns, target_addr, tcp_clients, udp_clients};
 const ADMIN: &str = "127.0.0.1:9617";
 const PROMETHEUS: &str = "127.0.0.1:9090";
 
-fn config_text() -> String {
-    let targets = |port: u16| -> String {
-        (0..3)
-            .map(|i| format!("      - {{address: {}, port: {port}}}\n", target_addr(i)))
-            .collect()
-    };
-    let check = "health_check: {protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}";
-    format!(
-        "listeners:
-  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: web}}
-  - {{name: game, address: {VIP}, port: 7777, protocol: udp, target_group: game}}
-target_groups:
-  - name: web
-    {check}
-    targets:
-{}  - name: game
-    {check}
-    targets:
-{}",
-        targets(80),
-        targets(7777)
-    )
-}
-
 /// `GET path` from `addr` inside the balancer's namespace.
 fn get(lab: &Lab, addr: &str, path: &str) -> Result<String> {
     let addr: SocketAddr = addr.parse()?;
@@ -123,7 +99,10 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
     lab.start_tcp_servers(80, 100)?;
     lab.start_udp_servers(VIP, 7777, 100)?;
     let config = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(&config, config_text())?;
+    std::fs::write(
+        &config,
+        lb_tests::lab_config(3, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK),
+    )?;
     let mut balancer = lab.start_balancer(&config, &[])?;
     for i in 0..3 {
         let t = format!("{}:80 in web", target_addr(i));

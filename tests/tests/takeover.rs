@@ -12,30 +12,6 @@ const CONNECTIONS: usize = 60;
 const UDP_FLOWS: usize = 8;
 const UDP_EVERY: Duration = Duration::from_millis(2);
 
-fn config_text() -> String {
-    let targets = |port: u16| -> String {
-        (0..3)
-            .map(|i| format!("      - {{address: {}, port: {port}}}\n", target_addr(i)))
-            .collect()
-    };
-    let check = "health_check: {protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}";
-    format!(
-        "listeners:
-  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: web}}
-  - {{name: game, address: {VIP}, port: 7777, protocol: udp, target_group: game}}
-target_groups:
-  - name: web
-    {check}
-    targets:
-{}  - name: game
-    {check}
-    targets:
-{}",
-        targets(80),
-        targets(7777)
-    )
-}
-
 /// Every connection is still answered, by the target that answered it first.
 fn all_kept(connections: &mut [(Connection, String)], when: &str) -> Result<()> {
     for (i, (c, first)) in connections.iter_mut().enumerate() {
@@ -82,7 +58,10 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     lab.start_tcp_servers(80, 100)?;
     lab.start_udp_servers(VIP, 7777, 100)?;
     let config = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(&config, config_text())?;
+    std::fs::write(
+        &config,
+        lb_tests::lab_config(3, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK),
+    )?;
 
     let mut first = lab.start_balancer(&config, &[])?;
     wait_healthy(&mut first)?;
