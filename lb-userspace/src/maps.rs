@@ -210,6 +210,9 @@ pub fn be(addr: Ipv4Addr) -> u32 {
 pub struct Dataplane {
     ebpf: Ebpf,
     maglev_size: u32,
+    /// What this process last wrote into each half of each group's Maglev table; unknown (so
+    /// written in full) for maps it adopted.
+    tables: HashMap<u32, [Option<Vec<u32>>; 2]>,
 }
 
 impl Dataplane {
@@ -267,6 +270,7 @@ impl Dataplane {
         Ok(Dataplane {
             ebpf,
             maglev_size: settings.maglev_table_size,
+            tables: HashMap::new(),
         })
     }
 
@@ -398,10 +402,18 @@ impl Dataplane {
         } else {
             current.active_half ^ 1
         };
-        let mut maglev: Array<_, u32> = self.map("MAGLEV")?;
-        let base = (gid * 2 + half) * size;
-        for (slot, id) in group.table.iter().enumerate() {
-            maglev.set(base + slot as u32, id, 0)?;
+        if !group.table.is_empty() {
+            // Only the slots that differ from what this half already holds: a health change
+            // moves a few percent of them, and each write is a system call.
+            let written = self.tables.entry(gid).or_default()[half as usize].take();
+            let mut maglev: Array<_, u32> = self.map("MAGLEV")?;
+            let base = (gid * 2 + half) * size;
+            for (slot, id) in group.table.iter().enumerate() {
+                if written.as_ref().is_none_or(|w| w.get(slot) != Some(id)) {
+                    maglev.set(base + slot as u32, id, 0)?;
+                }
+            }
+            self.tables.entry(gid).or_default()[half as usize] = Some(group.table.clone());
         }
         let live = Group {
             active_half: half,

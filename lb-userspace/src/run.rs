@@ -424,7 +424,7 @@ impl Controller {
                 continue;
             }
             let task = tokio::spawn(health::probe_loop(
-                key.clone(),
+                Arc::new(key.clone()),
                 addr,
                 Arc::new(check.clone()),
                 self.tls.clone(),
