@@ -19,5 +19,9 @@ pub mod xdp;
 pub static BALANCER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
 
-/// The target-side object: IPIP decap, and the XDP_PASS program labs put on veth peers.
+/// The target-side object: the IPIP decap program `lb target --mode ipip` attaches.
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+
+/// Programs for labs and benchmarks (pass, reflect, generate, sink); lb never loads them. They
+/// are built with the others and live here so that the tests and benchmarks find them.
+pub static LAB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-lab"));

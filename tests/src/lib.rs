@@ -451,20 +451,35 @@ fn remove_namespaces(prefix: &str) {
 
 /// Attaches lb's XDP_PASS program to `dev` in namespace `netns` (it stays until the namespace goes).
 fn attach_pass_program(netns: &str, dev: &str) -> Result<()> {
+    let mut ebpf = aya::Ebpf::load(lb::LAB_OBJECT)?;
+    let program: &mut aya::programs::Xdp = ebpf
+        .program_mut("lb_pass")
+        .context("lb_pass missing")?
+        .try_into()?;
+    program.load()?;
+    attach_xdp(netns, dev, program)
+}
+
+/// Attaches `program` to `dev` in namespace `netns` through netlink, in native mode: the kernel
+/// holds it there until [`detach_xdp`] or the namespace goes, whatever happens to `program`.
+pub fn attach_xdp(netns: &str, dev: &str, program: &aya::programs::Xdp) -> Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&program.fd()?.as_fd());
     let dev = dev.to_owned();
     in_netns(netns, move || -> Result<()> {
-        let mut ebpf = aya::Ebpf::load(lb::DECAP_OBJECT)?;
-        let program: &mut aya::programs::Xdp = ebpf
-            .program_mut("lb_pass")
-            .context("lb_pass missing")?
-            .try_into()?;
-        program.load()?;
         let index = lb::net::Interface::lookup(&dev)?.index;
-        lb::xdp::netlink_set_xdp(
-            index,
-            Some(program.fd()?.as_fd()),
-            lb::xdp::XDP_FLAGS_DRV_MODE,
-        )?;
+        // SAFETY: the caller's program, and so its fd, outlives this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        lb::xdp::netlink_set_xdp(index, Some(fd), lb::xdp::XDP_FLAGS_DRV_MODE)?;
+        Ok(())
+    })?
+}
+
+/// Detaches whatever XDP program netlink attached to `dev` in namespace `netns`.
+pub fn detach_xdp(netns: &str, dev: &str) -> Result<()> {
+    let dev = dev.to_owned();
+    in_netns(netns, move || -> Result<()> {
+        let index = lb::net::Interface::lookup(&dev)?.index;
+        lb::xdp::netlink_set_xdp(index, None, lb::xdp::XDP_FLAGS_DRV_MODE)?;
         Ok(())
     })?
 }

@@ -61,6 +61,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("bird", "bird2"),
+    ("nft", "nftables"),
 ];
 
 fn main() -> Result<()> {

@@ -1,16 +1,11 @@
-//! Target-side programs.
-//!
-//! `lb_decap` strips the outer IPv4 header of IP-in-IP packets addressed to this host and hands the
-//! inner packet to the stack, so a target needs no ipip module (this is also faster than one).
-//! `lb_pass` passes everything: veth only delivers `XDP_TX` frames promptly to a peer that runs
-//! an XDP program, so labs attach it to the peers of balancer interfaces.
-//! `lb_reflect` swaps the MACs and sends the frame back: the least any XDP forwarder does, the
-//! baseline of `cargo xtask bench`.
+//! The target-side program: `lb_decap` strips the outer IPv4 header of IP-in-IP packets
+//! addressed to this host and hands the inner packet to the stack, so a target needs no ipip
+//! module (this is also faster than one).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::XDP_PASS,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{HashMap, PerCpuArray},
@@ -31,25 +26,6 @@ static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap(&ctx);
     XDP_PASS
-}
-
-#[xdp]
-pub fn lb_pass(_ctx: XdpContext) -> u32 {
-    XDP_PASS
-}
-
-#[xdp]
-pub fn lb_reflect(ctx: XdpContext) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(&ctx, 0) else {
-        return XDP_PASS;
-    };
-    // SAFETY: bounds-checked by `ptr_at`.
-    unsafe {
-        let dst = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
-        (*eth).src_addr = dst;
-    }
-    XDP_TX
 }
 
 #[inline(always)]
