@@ -732,6 +732,9 @@ pub fn udp_clients(
 ) -> Result<(Vec<Answers>, u64)> {
     in_netns(&lab.ns("client"), move || -> Result<(Vec<Answers>, u64)> {
         let mut all = Vec::new();
+        // Every flow keeps its socket until all are done, so that no two flows share a source
+        // port (the kernel may hand a closed socket's port to the next one).
+        let mut sockets = Vec::new();
         let mut bytes = 0;
         let mut buf = [0u8; 4096];
         for f in 0..flows {
@@ -755,6 +758,7 @@ pub fn udp_clients(
                 answers.push(answered_by(&String::from_utf8_lossy(&buf[..n])));
             }
             all.push(answers);
+            sockets.push(socket);
         }
         Ok((all, bytes))
     })?
