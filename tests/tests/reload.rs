@@ -154,7 +154,8 @@ fn reload_adding_a_target_keeps_established_flows_and_bad_reloads_change_nothing
     // New connections reach the new target.
     let (answers, _) = tcp_clients(&lab, VIP, 80, 120, 1)?;
     let on_t4 = answers.iter().filter(|a| a[0] == "t4").count();
-    ensure!(on_t4 >= 10, "t4 got {on_t4} of 120 new connections");
+    // Weights 3+1+1+1: t4's fair share is 20 of 120 (standard deviation about 4).
+    ensure!(on_t4 >= 5, "t4 got {on_t4} of 120 new connections");
     // The new listener answers, from its group's targets.
     let (answers, _) = udp_clients(&lab, VIP, 7777, 20, 1)?;
     ensure!(
