@@ -64,6 +64,18 @@ target_groups:
     )
 }
 
+/// A lab of three targets prepared for dsr, each serving TCP on :80 and UDP on VIP:7777 (replies
+/// of 100 bytes), and [`lab_config`] with the given checks written for it.
+pub fn serving_lab(name: &str, web_check: &str, game_check: &str) -> Result<(Lab, PathBuf)> {
+    let mut lab = Lab::new(name, 3)?;
+    lab.prepare_targets("dsr", &[VIP])?;
+    lab.start_tcp_servers(80, 100)?;
+    lab.start_udp_servers(VIP, 7777, 100)?;
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(&config, lab_config(lab.targets, web_check, game_check))?;
+    Ok((lab, config))
+}
+
 /// The health check the lab's tests use: TCP on port 80 every second, two results to decide.
 pub const FAST_TCP_CHECK: &str = "{protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}";
 
@@ -554,6 +566,18 @@ impl Balancer {
                 ),
             }
         }
+    }
+
+    /// Waits until each of the first `targets` targets of both groups of [`lab_config`] has
+    /// passed its health check, each within `timeout`.
+    pub fn wait_all_healthy(&mut self, targets: usize, timeout: Duration) -> Result<()> {
+        for (group, port) in [("web", 80), ("game", 7777)] {
+            for i in 0..targets {
+                let target = format!("{}:{port} in {group}", target_addr(i));
+                self.wait_for_log(&[&target, "-> healthy"], timeout)?;
+            }
+        }
+        Ok(())
     }
 
     /// From now on, [`Balancer::wait_for_log`] only looks at lines printed after this call.

@@ -2,7 +2,7 @@
 //! `unhealthy_threshold × interval + timeout` (plus slack) and gets them again after
 //! `healthy_threshold` passes; HTTP checks with a non-matching status; fail open. Needs root.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration, time::Instant};
+use std::{collections::HashMap, time::Duration, time::Instant};
 
 use anyhow::{Result, ensure};
 use lb_tests::{Balancer, Lab, VIP, target_addr, tcp_clients, udp_clients};
@@ -22,37 +22,15 @@ fn recovery_bound() -> Duration {
     INTERVAL * HEALTHY_THRESHOLD + TIMEOUT + SLACK
 }
 
-/// The lab config with `check` (a few YAML keys) for the web group and the fast TCP check on
-/// port 80 for the game group.
-fn write_config(name: &str, check: &str) -> Result<PathBuf> {
+/// The serving lab with `check` (a few YAML keys) for the web group and the fast TCP check on
+/// port 80 for the game group, and lb running on it with every target healthy.
+fn start(name: &str, check: &str) -> Result<(Lab, Balancer)> {
     let web = format!(
         "{{{check}, interval: 1s, timeout: 500ms, healthy_threshold: {HEALTHY_THRESHOLD}, unhealthy_threshold: {UNHEALTHY_THRESHOLD}}}"
     );
-    let path = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(
-        &path,
-        lb_tests::lab_config(3, &web, lb_tests::FAST_TCP_CHECK),
-    )?;
-    Ok(path)
-}
-
-fn start(name: &str, check: &str) -> Result<(Lab, Balancer)> {
-    let mut lab = Lab::new(name, 3)?;
-    lab.prepare_targets("dsr", &[VIP])?;
-    lab.start_tcp_servers(80, 100)?;
-    lab.start_udp_servers(VIP, 7777, 100)?;
-    let config = write_config(name, check)?;
+    let (mut lab, config) = lb_tests::serving_lab(name, &web, lb_tests::FAST_TCP_CHECK)?;
     let mut balancer = lab.start_balancer(&config, &[])?;
-    // Every target of both groups passes its first checks.
-    for group in ["web", "game"] {
-        for i in 0..3 {
-            let target = format!("{}:", target_addr(i));
-            balancer.wait_for_log(
-                &[&target, &format!("in {group}"), "-> healthy"],
-                recovery_bound() + INTERVAL,
-            )?;
-        }
-    }
+    balancer.wait_all_healthy(3, recovery_bound() + INTERVAL)?;
     Ok((lab, balancer))
 }
 

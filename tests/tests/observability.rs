@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::metrics::Status;
-use lb_tests::{Lab, VIP, in_netns, target_addr, tcp_clients, udp_clients};
+use lb_tests::{Lab, VIP, in_netns, tcp_clients, udp_clients};
 
 const ADMIN: &str = "127.0.0.1:9617";
 const PROMETHEUS: &str = "127.0.0.1:9090";
@@ -94,20 +94,10 @@ impl Drop for Prometheus {
 #[test]
 fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
     let name = format!("lbo-{}", std::process::id() % 10000);
-    let mut lab = Lab::new(&name, 3)?;
-    lab.prepare_targets("dsr", &[VIP])?;
-    lab.start_tcp_servers(80, 100)?;
-    lab.start_udp_servers(VIP, 7777, 100)?;
-    let config = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        lb_tests::lab_config(3, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK),
-    )?;
+    let (mut lab, config) =
+        lb_tests::serving_lab(&name, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK)?;
     let mut balancer = lab.start_balancer(&config, &[])?;
-    for i in 0..3 {
-        let t = format!("{}:80 in web", target_addr(i));
-        balancer.wait_for_log(&[&t, "-> healthy"], Duration::from_secs(5))?;
-    }
+    balancer.wait_all_healthy(3, Duration::from_secs(5))?;
     let prometheus = Prometheus::start(&lab, &name)?;
 
     tcp_clients(&lab, VIP, 80, 60, 2)?;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use lb_tests::{Balancer, Connection, Lab, UdpStream, VIP, target_addr, tcp_clients};
+use lb_tests::{Connection, UdpStream, VIP, tcp_clients};
 
 const CONNECTIONS: usize = 60;
 /// Each of 8 flows sends a datagram every 2 ms: about 4000 datagrams a second.
@@ -37,34 +37,14 @@ fn report_loss(when: &str, (sent, received): (u64, u64)) -> Result<()> {
     Ok(())
 }
 
-fn wait_healthy(balancer: &mut Balancer) -> Result<()> {
-    for group in ["web", "game"] {
-        for i in 0..3 {
-            let target = format!("{}:", target_addr(i));
-            balancer.wait_for_log(
-                &[&target, &format!("in {group}"), "-> healthy"],
-                Duration::from_secs(5),
-            )?;
-        }
-    }
-    Ok(())
-}
-
 #[test]
 fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     let name = format!("lbt-takeover-{}", std::process::id() % 10000);
-    let mut lab = Lab::new(&name, 3)?;
-    lab.prepare_targets("dsr", &[VIP])?;
-    lab.start_tcp_servers(80, 100)?;
-    lab.start_udp_servers(VIP, 7777, 100)?;
-    let config = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        lb_tests::lab_config(3, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK),
-    )?;
+    let (mut lab, config) =
+        lb_tests::serving_lab(&name, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK)?;
 
     let mut first = lab.start_balancer(&config, &[])?;
-    wait_healthy(&mut first)?;
+    first.wait_all_healthy(3, Duration::from_secs(5))?;
     let mut connections = (0..CONNECTIONS)
         .map(|_| {
             let mut c = Connection::open(&lab, VIP, 80)?;
