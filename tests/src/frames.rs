@@ -37,9 +37,9 @@ pub fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x00, o[0], o[1], o[2], o[3]]
 }
 
-/// A loaded (not attached) balancer with its maps filled for `config_text`, by the
-/// controller's own code with made-up MACs; every target starts `initial`.
-pub fn dataplane_for(config_text: &str) -> Result<(Dataplane, MapState, Registry)> {
+/// A validated config and a registry in sync with it, as `lb run` starts: every target
+/// `initial`.
+pub fn registered(config_text: &str) -> Result<(config::Config, Registry)> {
     let config =
         config::parse(Path::new("test.yaml"), config_text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut registry = Registry::new(
@@ -50,6 +50,13 @@ pub fn dataplane_for(config_text: &str) -> Result<(Dataplane, MapState, Registry
     registry
         .sync(&config, std::time::Instant::now())
         .map_err(anyhow::Error::msg)?;
+    Ok((config, registry))
+}
+
+/// A loaded (not attached) balancer with its maps filled for `config_text`, by the
+/// controller's own code with made-up MACs; every target starts `initial`.
+pub fn dataplane_for(config_text: &str) -> Result<(Dataplane, MapState, Registry)> {
+    let (config, registry) = registered(config_text)?;
     let state = MapState::build(&config, &registry, &test_interface(), |key, _| {
         Ok(mac_of(*key.addr.ip()))
     })?;

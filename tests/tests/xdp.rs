@@ -15,8 +15,8 @@ use lb::{
 };
 use lb_common::{DropReason, flow_hash};
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, mac_of, run_xdp,
-    test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, mac_of, registered,
+    run_xdp, test_interface,
 };
 
 const XDP_DROP: u32 = 1;
@@ -336,13 +336,8 @@ fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()>
 
 #[test]
 fn flows_leave_a_target_that_turns_unhealthy_and_no_other_flow_moves() -> Result<()> {
-    let config =
-        config::parse(Path::new("test.yaml"), CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (config, mut registry) = registered(CONFIG)?;
     let iface = test_interface();
-    let mut registry = Registry::new(16, 4, 64);
-    registry
-        .sync(&config, std::time::Instant::now())
-        .map_err(anyhow::Error::msg)?;
     let keys: Vec<_> = registry
         .targets()
         .map(|(k, _)| k.clone())

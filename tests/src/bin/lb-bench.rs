@@ -19,7 +19,7 @@ use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp};
 use lb::{health, lifecycle::TargetKey, maglev, maps::MapState, net::Interface};
 use lb_tests::{
     IFACE, Lab, VIP, attach_xdp, detach_xdp,
-    frames::{Packet, dataplane_for, mac_of, run_xdp, test_interface},
+    frames::{Packet, dataplane_for, mac_of, registered, run_xdp, test_interface},
     in_netns, target_addr,
 };
 
@@ -317,16 +317,7 @@ target_groups:
       - {address: 198.51.100.12, port: 7777}
       - {address: 198.51.100.13, port: 7777}
 ";
-    let config = lb::config::parse(std::path::Path::new("bench.yaml"), config_text)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut registry = lb::lifecycle::Registry::new(
-        16,
-        config.settings.max_target_groups,
-        lb_common::MAX_TARGETS,
-    );
-    registry
-        .sync(&config, std::time::Instant::now())
-        .map_err(anyhow::Error::msg)?;
+    let (config, registry) = registered(config_text)?;
     let state = MapState::build(&config, &registry, &lb_iface, |k, _| {
         let i = (k.addr.ip().octets()[3] - 11) as usize;
         Ok(target_macs[i])
@@ -768,13 +759,8 @@ fn control_plane(plan: &Plan) -> Result<String> {
 
 /// Runs `n` probe loops for `seconds` after a warm-up; returns probes/s, CPU % and RSS growth.
 fn run_checker(n: usize, seconds: u64) -> Result<(f64, f64, u64)> {
-    let config = lb::config::parse(std::path::Path::new("bench.yaml"), &checker_config(n))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (config, mut registry) = registered(&checker_config(n))?;
     let check = Arc::new(config.target_groups[0].health_check.clone());
-    let mut registry = lb::lifecycle::Registry::new(16, 2, lb_common::MAX_TARGETS);
-    registry
-        .sync(&config, std::time::Instant::now())
-        .map_err(anyhow::Error::msg)?;
     let rss_before = rss_bytes();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -821,8 +807,7 @@ fn run_checker(n: usize, seconds: u64) -> Result<(f64, f64, u64)> {
 /// Median time from a health change to the new table in the map, for a group of `n`.
 fn health_change_ms(n: usize, rounds: usize) -> Result<f64> {
     let config_text = checker_config(n);
-    let config = lb::config::parse(std::path::Path::new("bench.yaml"), &config_text)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (config, _) = registered(&config_text)?;
     let (mut dataplane, mut state, mut registry) = dataplane_for(&config_text)?;
     let keys: Vec<TargetKey> = registry.targets().map(|(k, _)| k.clone()).collect();
     for key in &keys {
