@@ -281,7 +281,6 @@ impl Controller {
             .probe_duration
             .with_label_values(&[&group.name, &result.target.addr.to_string()])
             .observe(result.duration.as_secs_f64());
-        let open_before = self.fail_open_groups();
         let transition = self.registry.record(
             &result.target,
             result.ok,
@@ -293,24 +292,16 @@ impl Controller {
             self.refresh()?;
             let why = result.error.map(|e| format!(" ({e})")).unwrap_or_default();
             info!("target {}: {} -> {}{why}", t.target, t.from, t.to);
-            for group in self.fail_open_groups() {
-                if !open_before.contains(&group) {
-                    warn!(
-                        "target group {group} has no healthy target: failing open to all registered targets"
-                    );
-                }
+            // A group starts failing open only when its last healthy target stops being healthy,
+            // so only such a transition needs a look at the group.
+            if t.from == TargetState::Healthy && self.registry.fails_open(&t.target.group) {
+                warn!(
+                    "target group {} has no healthy target: failing open to all registered targets",
+                    t.target.group
+                );
             }
         }
         Ok(())
-    }
-
-    fn fail_open_groups(&self) -> Vec<String> {
-        self.config
-            .target_groups
-            .iter()
-            .filter(|g| self.registry.fails_open(&g.name))
-            .map(|g| g.name.clone())
-            .collect()
     }
 
     /// Answers the admin endpoint from the maps and the registry as they are now.
