@@ -203,8 +203,9 @@ fn describe(e: &ProgramError) -> String {
     }
 }
 
-fn os_error(e: &ProgramError) -> Option<i32> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// The OS error code somewhere in `e`'s chain of causes, if any.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut source = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<io::Error>() {
             return io.raw_os_error();
@@ -219,15 +220,7 @@ pub fn explain_load_error(e: EbpfError) -> Error {
     if let EbpfError::ProgramError(p) = e {
         return explain_program_error(p);
     }
-    let mut os = None;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            os = io.raw_os_error();
-        }
-        source = err.source();
-    }
-    match os {
+    match os_error(&e) {
         Some(libc::EPERM) => anyhow!(
             "permission denied creating BPF maps: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
         ),
