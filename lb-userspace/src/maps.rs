@@ -97,10 +97,11 @@ impl MapState {
                 .usable(&group.name)
                 .map(|(k, e)| (k, e.id, e.weight))
                 .collect();
+            let usable_ids: HashSet<u32> = usable.iter().map(|&(_, id, _)| id).collect();
             for (key, entry) in registry.targets().filter(|(k, _)| k.group == group.name) {
                 let state_flag = match entry.state() {
                     TargetState::Draining => TARGET_DRAINING,
-                    _ if usable.iter().any(|(_, id, _)| *id == entry.id) => TARGET_ACTIVE,
+                    _ if usable_ids.contains(&entry.id) => TARGET_ACTIVE,
                     _ => TARGET_UNHEALTHY,
                 };
                 state.targets.insert(
