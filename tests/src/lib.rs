@@ -707,6 +707,15 @@ fn answered_by(reply: &str) -> String {
         .to_owned()
 }
 
+/// Flows per target: for each flow, the target that answered its first request.
+pub fn share(answers: &[Answers]) -> std::collections::BTreeMap<String, usize> {
+    let mut share = std::collections::BTreeMap::new();
+    for a in answers {
+        *share.entry(a[0].clone()).or_default() += 1;
+    }
+    share
+}
+
 /// Which target answered, per request of one connection or flow.
 pub type Answers = Vec<String>;
 

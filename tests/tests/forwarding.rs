@@ -1,10 +1,10 @@
 //! End to end: real TCP and UDP clients and servers through lb in network namespaces, in both
 //! forwarding modes. Needs root (CI runs as root).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Result, ensure};
-use lb_tests::{Answers, IFACE, Lab, VIP, target_addr, tcp_clients, udp_clients};
+use lb_tests::{Answers, IFACE, Lab, VIP, share, target_addr, tcp_clients, udp_clients};
 
 const TARGETS: usize = 3;
 const FLOWS: usize = 300;
@@ -55,19 +55,17 @@ target_groups:
 }
 
 /// Every flow talked to one target only; returns flows per target.
-fn flows_per_target(kind: &str, answers: &[Answers]) -> Result<HashMap<String, usize>> {
-    let mut per_target = HashMap::new();
+fn flows_per_target(kind: &str, answers: &[Answers]) -> Result<BTreeMap<String, usize>> {
     for (i, a) in answers.iter().enumerate() {
         ensure!(
             a.iter().all(|name| name == &a[0]),
             "{kind} flow {i} was answered by several targets: {a:?}"
         );
-        *per_target.entry(a[0].clone()).or_insert(0) += 1;
     }
-    Ok(per_target)
+    Ok(share(answers))
 }
 
-fn assert_fair(kind: &str, per_target: &HashMap<String, usize>) -> Result<()> {
+fn assert_fair(kind: &str, per_target: &BTreeMap<String, usize>) -> Result<()> {
     let fair = FLOWS as f64 / TARGETS as f64;
     for i in 0..TARGETS {
         let name = format!("t{}", i + 1);

@@ -2,10 +2,10 @@
 //! `unhealthy_threshold × interval + timeout` (plus slack) and gets them again after
 //! `healthy_threshold` passes; HTTP checks with a non-matching status; fail open. Needs root.
 
-use std::{collections::HashMap, time::Duration, time::Instant};
+use std::{collections::BTreeMap, time::Duration, time::Instant};
 
 use anyhow::{Result, ensure};
-use lb_tests::{Balancer, Lab, VIP, target_addr, tcp_clients, udp_clients};
+use lb_tests::{Balancer, Lab, VIP, share, target_addr, tcp_clients, udp_clients};
 
 const INTERVAL: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -34,22 +34,12 @@ fn start(name: &str, check: &str) -> Result<(Lab, Balancer)> {
     Ok((lab, balancer))
 }
 
-fn tcp_share(lab: &Lab, connections: usize) -> Result<HashMap<String, usize>> {
-    let (answers, _) = tcp_clients(lab, VIP, 80, connections, 1)?;
-    let mut share = HashMap::new();
-    for a in answers {
-        *share.entry(a[0].clone()).or_insert(0) += 1;
-    }
-    Ok(share)
+fn tcp_share(lab: &Lab, connections: usize) -> Result<BTreeMap<String, usize>> {
+    Ok(share(&tcp_clients(lab, VIP, 80, connections, 1)?.0))
 }
 
-fn udp_share(lab: &Lab, flows: usize) -> Result<HashMap<String, usize>> {
-    let (answers, _) = udp_clients(lab, VIP, 7777, flows, 1)?;
-    let mut share = HashMap::new();
-    for a in answers {
-        *share.entry(a[0].clone()).or_insert(0) += 1;
-    }
-    Ok(share)
+fn udp_share(lab: &Lab, flows: usize) -> Result<BTreeMap<String, usize>> {
+    Ok(share(&udp_clients(lab, VIP, 7777, flows, 1)?.0))
 }
 
 #[test]

@@ -216,11 +216,7 @@ fn draining_keeps_established_connections_and_takes_no_new_ones() -> Result<()> 
         kept(&mut on_t1)? == on_t1.len(),
         "a draining connection moved"
     );
-    let (answers, _) = tcp_clients(&lab, VIP, 80, 60, 1)?;
-    let mut share: HashMap<String, usize> = HashMap::new();
-    for a in answers {
-        *share.entry(a[0].clone()).or_default() += 1;
-    }
+    let share = lb_tests::share(&tcp_clients(&lab, VIP, 80, 60, 1)?.0);
     ensure!(
         !share.contains_key("t1"),
         "new connections reached the draining t1: {share:?}"

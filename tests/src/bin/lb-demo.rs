@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use lb_tests::{Balancer, IFACE, Lab, VIP, tcp_clients, udp_clients};
+use lb_tests::{Balancer, IFACE, Lab, VIP, share, tcp_clients, udp_clients};
 
 const CONFIG: &str = "\
 listeners:
@@ -153,7 +153,7 @@ fn demo(lab: &mut Lab, balancer: &mut Balancer) -> Result<()> {
         "game fails open",
     )?;
     let (udp, _) = udp_clients(lab, VIP, 7777, 60, 1)?;
-    print_shares(&BTreeMap::new(), &count(&udp));
+    print_shares(&BTreeMap::new(), &share(&udp));
 
     println!(
         "\n5. t3's TCP server comes back: it passes 2 checks and takes every new flow of `game`:"
@@ -166,20 +166,12 @@ fn demo(lab: &mut Lab, balancer: &mut Balancer) -> Result<()> {
         "t3 is healthy again",
     )?;
     let (udp, _) = udp_clients(lab, VIP, 7777, 60, 1)?;
-    print_shares(&BTreeMap::new(), &count(&udp));
+    print_shares(&BTreeMap::new(), &share(&udp));
     println!();
     Ok(())
 }
 
 type Shares = BTreeMap<String, usize>;
-
-fn count(answers: &[Vec<String>]) -> Shares {
-    let mut shares = Shares::new();
-    for a in answers {
-        *shares.entry(a[0].clone()).or_default() += 1;
-    }
-    shares
-}
 
 /// Sends `flows` TCP connections and UDP flows with a progress line; returns who served them.
 fn traffic(lab: &Lab, flows: usize) -> Result<(Shares, Shares, u64)> {
