@@ -42,6 +42,9 @@ enum Task {
         /// Where to write the report [default: BENCHMARKS.md at the top of the repository].
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Run only these sections (1-5, comma-separated), e.g. while working on one of them.
+        #[arg(long, value_name = "SECTIONS")]
+        only: Option<String>,
     },
 }
 
@@ -80,7 +83,11 @@ fn main() -> Result<()> {
             setup()?;
             test(&root)
         }
-        Task::Bench { quick, output } => {
+        Task::Bench {
+            quick,
+            output,
+            only,
+        } => {
             setup()?;
             build()?;
             cargo(&["build", "--release", "-p", "lb-tests", "--bin", "lb-bench"])?;
@@ -91,6 +98,9 @@ fn main() -> Result<()> {
             }
             if let Some(output) = output {
                 bench.arg("--output").arg(output);
+            }
+            if let Some(only) = only {
+                bench.arg("--only").arg(only);
             }
             run(&mut bench)
         }

@@ -64,18 +64,40 @@ fn main() -> Result<()> {
             checker_seconds: 10,
         }
     };
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| {
+            list.split(',')
+                .map(|s| s.trim().parse::<u32>().ok().filter(|n| (1..=5).contains(n)))
+                .collect::<Option<Vec<u32>>>()
+                .context("--only takes section numbers from 1 to 5, comma-separated")
+        })
+        .transpose()?;
+    let wanted = |section: u32| only.as_ref().is_none_or(|list| list.contains(&section));
     raise_fd_limit()?;
     let mut doc = header(&plan);
-    eprintln!("lb-bench: 1. per-packet cost");
-    doc += &per_packet(&plan)?;
-    eprintln!("lb-bench: 2. packets per second through the lab");
-    doc += &lab_pps(&plan)?;
-    eprintln!("lb-bench: 3. Maglev");
-    doc += &maglev_quality(&plan);
-    eprintln!("lb-bench: 4. control plane");
-    doc += &control_plane(&plan)?;
-    eprintln!("lb-bench: 5. memory");
-    doc += &memory()?;
+    if wanted(1) {
+        eprintln!("lb-bench: 1. per-packet cost");
+        doc += &per_packet(&plan)?;
+    }
+    if wanted(2) {
+        eprintln!("lb-bench: 2. packets per second through the lab");
+        doc += &lab_pps(&plan)?;
+    }
+    if wanted(3) {
+        eprintln!("lb-bench: 3. Maglev");
+        doc += &maglev_quality(&plan);
+    }
+    if wanted(4) {
+        eprintln!("lb-bench: 4. control plane");
+        doc += &control_plane(&plan)?;
+    }
+    if wanted(5) {
+        eprintln!("lb-bench: 5. memory");
+        doc += &memory()?;
+    }
     std::fs::write(&output, doc).with_context(|| format!("writing {}", output.display()))?;
     eprintln!("lb-bench: wrote {}", output.display());
     Ok(())
