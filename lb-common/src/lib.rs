@@ -54,6 +54,25 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The key of a flow, padding zeroed.
+    ///
+    /// Built as four 32-bit words: a `pad: [0; 3]` literal (or `mem::zeroed`) becomes a call to
+    /// LLVM's byte-by-byte `memset` subprogram in BPF code, on every packet.
+    #[inline(always)]
+    pub fn new(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        let (s, d) = (sport.to_ne_bytes(), dport.to_ne_bytes());
+        let words = [
+            src,
+            dst,
+            u32::from_ne_bytes([s[0], s[1], d[0], d[1]]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `FlowKey` is 16 bytes of plain integers with this exact layout (asserted below).
+        unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+    }
+}
+
 /// What the connection table remembers of a flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +197,8 @@ const _: () = {
     assert!(size_of::<ListenerKey>() == 8);
     assert!(size_of::<Listener>() == 16);
     assert!(size_of::<FlowKey>() == 16);
+    assert!(core::mem::offset_of!(FlowKey, sport) == 8);
+    assert!(core::mem::offset_of!(FlowKey, proto) == 12);
     assert!(size_of::<Flow>() == 16);
     assert!(size_of::<Target>() == 16);
     assert!(size_of::<Group>() == 16);

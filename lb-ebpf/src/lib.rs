@@ -24,6 +24,26 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Writes the MAC `mac` at `dst` (a bounds-checked frame pointer).
+///
+/// Assigning a `[u8; 6]` makes LLVM call its byte-by-byte `memcpy` subprogram; three 16-bit
+/// stores are what a MAC copy should cost.
+#[inline(always)]
+pub fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
+    let words = [
+        u16::from_ne_bytes([mac[0], mac[1]]),
+        u16::from_ne_bytes([mac[2], mac[3]]),
+        u16::from_ne_bytes([mac[4], mac[5]]),
+    ];
+    let dst = dst as *mut u16;
+    // SAFETY: the caller passes a pointer bounds-checked for 6 bytes; unaligned writes are fine.
+    unsafe {
+        dst.write_unaligned(words[0]);
+        dst.add(1).write_unaligned(words[1]);
+        dst.add(2).write_unaligned(words[2]);
+    }
+}
+
 /// Fills in the checksum of the 20-byte IPv4 header `ip` (which must have no options).
 #[inline(always)]
 pub fn set_ipv4_checksum(ip: *mut Ipv4Hdr) {

@@ -195,6 +195,11 @@ mod tests {
                 proto: lb_common::PROTO_TCP,
                 pad: [0; 3],
             };
+            // The data plane builds its keys with `new`, word by word: the same bytes.
+            assert_eq!(
+                key,
+                lb_common::FlowKey::new(key.src, key.dst, key.sport, key.dport, key.proto)
+            );
             let h = lb_common::flow_hash(&key, 0);
             counts[table[(h % 65537) as usize] as usize] += 1;
         }

@@ -8,7 +8,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        BPF_F_NO_COMMON_LRU,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -19,7 +22,7 @@ use lb_common::{
     MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY, Settings, TARGET_ACTIVE,
     TARGET_DRAINING, Target, flow_hash,
 };
-use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum};
+use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum, write_mac};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 /// Listeners by (VIP, port, protocol).
@@ -31,6 +34,10 @@ static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::with_max_entries(MAX
 static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LISTENERS, 0);
 
 /// Connection table: flow affinity. Sized by the controller at load time.
+///
+/// One LRU list per CPU (`BPF_F_NO_COMMON_LRU`), as Katran does: inserting a new flow then takes
+/// no lock shared with the other CPUs. Each CPU evicts among the flows it inserted, which RSS
+/// spreads evenly.
 #[map]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
 
@@ -87,29 +94,25 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return XDP_PASS;
     };
-    let ip_hdr = unsafe { *ip };
-    let proto = ip_hdr.proto;
+    // Only the fields used: copying the whole header costs a byte load and a stack store each.
+    let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return XDP_PASS;
     }
-    let dst = u32::from_ne_bytes(ip_hdr.dst_addr);
+    let dst = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
     let frame_len = ctx.data_end() - ctx.data();
 
-    let ihl = ((ip_hdr.vihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be_bytes(ip_hdr.tot_len) as usize;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
     let l4_len = if proto == PROTO_TCP {
         TCP_HDR_LEN
     } else {
         UDP_HDR_LEN
     };
-    if ip_hdr.vihl >> 4 != 4
-        || ihl < IPV4_LEN
-        || tot_len < ihl + l4_len
-        || ETH_LEN + tot_len > frame_len
-    {
+    if vihl >> 4 != 4 || ihl < IPV4_LEN || tot_len < ihl + l4_len || ETH_LEN + tot_len > frame_len {
         return drop_if_vip(dst, DropReason::Malformed);
     }
-    if u16::from_be_bytes(ip_hdr.frags) & IP_MF_OFFSET_MASK != 0 {
+    if u16::from_be_bytes(unsafe { (*ip).frags }) & IP_MF_OFFSET_MASK != 0 {
         return drop_if_vip(dst, DropReason::Fragment);
     }
     // `ihl` is at most 60: the mask tells the verifier so.
@@ -145,14 +148,13 @@ fn balance(ctx: &XdpContext) -> u32 {
         return drop(DropReason::NoTarget);
     };
 
-    let key = FlowKey {
-        src: u32::from_ne_bytes(ip_hdr.src_addr),
+    let key = FlowKey::new(
+        u32::from_ne_bytes(unsafe { (*ip).src_addr }),
         dst,
         sport,
         dport,
         proto,
-        pad: [0; 3],
-    };
+    );
     // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
     // cheaper than the precise one, notably in virtual machines.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -185,12 +187,14 @@ fn balance(ctx: &XdpContext) -> u32 {
     count(&TARGET_STATS, target_id, frame_len, new_flow);
 
     if group.forwarding == FORWARDING_IPIP {
-        encapsulate(ctx, &ip_hdr, target, settings)
+        // SAFETY: `ip` was bounds-checked above and the frame has not been resized since.
+        let inner = unsafe { *ip };
+        encapsulate(ctx, &inner, target, settings)
     } else {
         // SAFETY: `eth` was bounds-checked above and the frame has not been resized since.
         unsafe {
-            (*eth).dst_addr = target.mac;
-            (*eth).src_addr = settings.iface_mac;
+            write_mac(&raw mut (*eth).dst_addr, &target.mac);
+            write_mac(&raw mut (*eth).src_addr, &settings.iface_mac);
         }
         XDP_TX
     }
@@ -259,8 +263,8 @@ fn encapsulate(ctx: &XdpContext, inner: &Ipv4Hdr, target: &Target, settings: &Se
     };
     // SAFETY: both pointers were bounds-checked just above, after the head moved.
     unsafe {
-        (*eth).dst_addr = target.mac;
-        (*eth).src_addr = settings.iface_mac;
+        write_mac(&raw mut (*eth).dst_addr, &target.mac);
+        write_mac(&raw mut (*eth).src_addr, &settings.iface_mac);
         (*eth).ether_type = ETH_P_IP_BE;
         *outer = Ipv4Hdr {
             vihl: 0x45,
