@@ -8,10 +8,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_NO_COMMON_LRU,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    },
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -35,9 +32,9 @@ static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LISTENERS, 0);
 
 /// Connection table: flow affinity. Sized by the controller at load time.
 ///
-/// One LRU list per CPU (`BPF_F_NO_COMMON_LRU`), as Katran does: inserting a new flow then takes
-/// no lock shared with the other CPUs. Each CPU evicts among the flows it inserted, which RSS
-/// spreads evenly.
+/// One LRU shared by all CPUs: per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`, as Katran uses) made a
+/// new flow 10-30% slower on one CPU in `cargo xtask bench --only 1`; the contention they spare
+/// between CPUs has not been measured here.
 #[map]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
 
