@@ -209,7 +209,7 @@ pub async fn probe(
         // Close with a reset, as HAProxy's checks do: the target answered, which is all a
         // check asks, and no TIME_WAIT socket is left behind per probe (10,000 a second at
         // 10,000 targets).
-        reset_on_close(&stream).map_err(|e| format!("setsockopt: {e}"))?;
+        crate::net::reset_on_close(&stream).map_err(|e| format!("setsockopt: {e}"))?;
         match check.protocol {
             CheckProtocol::Tcp => Ok(()),
             CheckProtocol::Http => http_get(stream, addr, check).await,
@@ -226,30 +226,6 @@ pub async fn probe(
     match timeout(check.timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {:?}", check.timeout)),
-    }
-}
-
-/// SO_LINGER with a zero timeout: close sends a reset at once (it never blocks, unlike a
-/// non-zero linger, which is why tokio's own setter is deprecated).
-fn reset_on_close(stream: &TcpStream) -> std::io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a live socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -65,6 +65,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("bird", "bird2"),
     ("nft", "nftables"),
+    ("haproxy", "haproxy"),
 ];
 
 fn main() -> Result<()> {
