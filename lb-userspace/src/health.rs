@@ -1,11 +1,12 @@
 //! Health checks with NLB's semantics: target states, threshold counting, HTTP status matchers,
-//! and the probes themselves (TCP connect, HTTP GET, HTTPS GET).
+//! and the probes themselves (TCP half-open handshake or connect, HTTP GET, HTTPS GET).
 //!
 //! The counting is pure (no clock, no I/O) so tests drive it result by result; probes are async,
 //! one jittered task per target, and a slow or black-holed target costs only its own timeout.
 
 use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
+use crate::half_open::HalfOpen;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
@@ -196,13 +197,41 @@ pub struct ProbeResult<K> {
     pub error: Option<String>,
 }
 
+/// What the probe tasks share: the TLS client and, when the process may open a raw socket, the
+/// half-open prober for TCP checks. Cheap to clone.
+#[derive(Clone)]
+pub struct Prober {
+    tls: tokio_rustls::TlsConnector,
+    /// `None`: TCP checks connect (and reset) instead.
+    half_open: Option<HalfOpen>,
+}
+
+impl Prober {
+    /// Must run inside a tokio runtime. Also returns why TCP checks will connect rather than
+    /// send half-open handshakes, if they will.
+    pub fn new() -> (Self, Option<std::io::Error>) {
+        let (half_open, why_not) = match HalfOpen::open() {
+            Ok(h) => (Some(h), None),
+            Err(e) => (None, Some(e)),
+        };
+        (
+            Prober {
+                tls: tls_connector(),
+                half_open,
+            },
+            why_not,
+        )
+    }
+}
+
 /// Probes `addr` once, within the check's timeout.
-pub async fn probe(
-    addr: SocketAddr,
-    check: &HealthCheck,
-    tls: &tokio_rustls::TlsConnector,
-) -> Result<(), String> {
+pub async fn probe(addr: SocketAddr, check: &HealthCheck, prober: &Prober) -> Result<(), String> {
     let attempt = async {
+        if let (CheckProtocol::Tcp, Some(half_open), SocketAddr::V4(v4)) =
+            (check.protocol, &prober.half_open, addr)
+        {
+            return half_open.probe(v4).await;
+        }
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -215,7 +244,8 @@ pub async fn probe(
             CheckProtocol::Http => http_get(stream, addr, check).await,
             CheckProtocol::Https => {
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                let stream = tls
+                let stream = prober
+                    .tls
                     .connect(name, stream)
                     .await
                     .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -279,7 +309,7 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// A TLS client for health checks. Like NLB it does not verify the target's certificate: the
 /// check asks whether the service answers, not who it is.
-pub fn tls_connector() -> tokio_rustls::TlsConnector {
+fn tls_connector() -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -345,14 +375,14 @@ pub async fn probe_loop<K>(
     target: Arc<K>,
     addr: SocketAddr,
     check: Arc<HealthCheck>,
-    tls: tokio_rustls::TlsConnector,
+    prober: Prober,
     results: mpsc::Sender<ProbeResult<K>>,
 ) {
     let interval = check.interval.as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(interval * fastrand::f64())).await;
     loop {
         let start = Instant::now();
-        let outcome = probe(addr, &check, &tls).await;
+        let outcome = probe(addr, &check, &prober).await;
         let result = ProbeResult {
             target: target.clone(),
             ok: outcome.is_ok(),
@@ -447,11 +477,11 @@ mod tests {
 
     #[tokio::test]
     async fn http_probes_match_the_status() {
-        let tls = tls_connector();
+        let (prober, _) = Prober::new();
         let check = http_check(Duration::from_secs(2));
-        assert_eq!(probe(http_server(Some(200)), &check, &tls).await, Ok(()));
-        assert_eq!(probe(http_server(Some(302)), &check, &tls).await, Ok(()));
-        let err = probe(http_server(Some(503)), &check, &tls)
+        assert_eq!(probe(http_server(Some(200)), &check, &prober).await, Ok(()));
+        assert_eq!(probe(http_server(Some(302)), &check, &prober).await, Ok(()));
+        let err = probe(http_server(Some(503)), &check, &prober)
             .await
             .unwrap_err();
         assert_eq!(err, "HTTP status 503 does not match");
@@ -521,14 +551,15 @@ mod tests {
             timeout: Duration::from_secs(5),
             ..HealthCheck::default()
         };
-        let result = probe(addr, &check, &tls_connector()).await;
+        let (prober, _) = Prober::new();
+        let result = probe(addr, &check, &prober).await;
         let plain = probe(
             addr,
             &HealthCheck {
                 protocol: CheckProtocol::Http,
                 ..check.clone()
             },
-            &tls_connector(),
+            &prober,
         )
         .await;
         let _ = server.kill();
@@ -542,9 +573,8 @@ mod tests {
     async fn a_silent_target_costs_only_its_timeout() {
         let check = http_check(Duration::from_millis(300));
         let start = std::time::Instant::now();
-        let err = probe(http_server(None), &check, &tls_connector())
-            .await
-            .unwrap_err();
+        let (prober, _) = Prober::new();
+        let err = probe(http_server(None), &check, &prober).await.unwrap_err();
         assert!(err.starts_with("no answer within"), "{err}");
         let took = start.elapsed();
         assert!(
@@ -554,8 +584,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_closed_port_fails_with_the_reason() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+    async fn tcp_checks_tell_open_from_closed_ports_both_ways() {
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
@@ -563,8 +594,23 @@ mod tests {
             timeout: Duration::from_secs(2),
             ..HealthCheck::default()
         };
-        let err = probe(port, &check, &tls_connector()).await.unwrap_err();
-        assert!(err.starts_with("connect: Connection refused"), "{err}");
+        let (half_open, why_not) = Prober::new();
+        assert!(why_not.is_none(), "raw socket (run as root): {why_not:?}");
+        let connecting = Prober {
+            tls: tls_connector(),
+            half_open: None,
+        };
+        for (prober, refused) in [
+            (half_open, "connection refused"),
+            (connecting, "connect: Connection refused"),
+        ] {
+            assert_eq!(
+                probe(open.local_addr().unwrap(), &check, &prober).await,
+                Ok(())
+            );
+            let err = probe(closed, &check, &prober).await.unwrap_err();
+            assert!(err.starts_with(refused), "{err}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod half_open;
 pub mod health;
 pub mod instance;
 pub mod lifecycle;

@@ -100,7 +100,7 @@ struct Controller {
     probes: HashMap<TargetKey, Probe>,
     results_tx: mpsc::Sender<ProbeResult<TargetKey>>,
     results_rx: mpsc::Receiver<ProbeResult<TargetKey>>,
-    tls: tokio_rustls::TlsConnector,
+    prober: health::Prober,
     admin_rx: mpsc::Receiver<admin::Request>,
     telemetry: Telemetry,
     _instance: Instance,
@@ -178,6 +178,12 @@ impl Controller {
         tokio::spawn(admin::serve(admin_listener, admin_tx));
         let instance = Instance::claim(&iface.name, config_path, metrics_listen)?;
         let (results_tx, results_rx) = mpsc::channel(1024);
+        let (prober, connecting) = health::Prober::new();
+        if let Some(why) = connecting {
+            warn!(
+                "TCP health checks connect instead of sending half-open handshakes: raw socket: {why}"
+            );
+        }
         let mut controller = Controller {
             config_path: config_path.to_owned(),
             config,
@@ -191,7 +197,7 @@ impl Controller {
             probes: HashMap::new(),
             results_tx,
             results_rx,
-            tls: health::tls_connector(),
+            prober,
             admin_rx,
             telemetry: Telemetry::default(),
             _instance: instance,
@@ -418,7 +424,7 @@ impl Controller {
                 Arc::new(key.clone()),
                 addr,
                 Arc::new(check.clone()),
-                self.tls.clone(),
+                self.prober.clone(),
                 self.results_tx.clone(),
             ));
             self.probes.insert(key, Probe { addr, check, task });

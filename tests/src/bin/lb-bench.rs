@@ -162,16 +162,21 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// What the fast path does, for the paragraph under the per-packet table.
 const WHERE_THE_TIME_GOES: &str = "\
-Where the time goes: an established TCP or UDP packet costs the balancer one hash lookup of the\n\
-listener (8-byte key), two array lookups (settings, group), one lookup in the shared LRU\n\
-connection table (16-byte key), one array lookup of the target, `bpf_ktime_get_ns`, and two\n\
-per-CPU counter updates; the baseline does none of these. A new flow adds the flow hash, the\n\
-Maglev slot and an LRU insert, which takes the LRU's locks and may evict, and is the most\n\
-expensive step. What would make it faster: a per-CPU LRU connection table (no shared locks, as\n\
-Katran does), `bpf_ktime_get_coarse_ns` instead of the precise clock (the idle timeout needs\n\
-seconds, not nanoseconds), one counters lookup per packet instead of two (listener and target\n\
-counters in one per-CPU value), and skipping the connection-table write for TCP flows whose\n\
-Maglev pick is stable (Katran's `lru miss` path for established flows).";
+Where the time goes (`perf record -a` while this section runs): an established packet costs the\n\
+balancer a hash lookup of the listener (8-byte key), a lookup in the LRU connection table\n\
+(16-byte key), array lookups of settings, group and target (inlined by the JIT), the coarse\n\
+clock and two per-CPU counter updates; the kernel's hashing of the two keys is the largest cost\n\
+outside the program itself. The baseline does none of this, and its 25-30 ns are mostly\n\
+BPF_PROG_TEST_RUN's own loop, so 2× would leave about 30 ns for all of it, less than the two\n\
+hash lookups take here. A new flow adds the flow hash, the Maglev slot and the LRU insert,\n\
+which takes the LRU's locks and may evict, and costs more than the rest of the path together.\n\
+Done: the profile showed LLVM's byte-by-byte memset and memcpy called as BPF subprograms on\n\
+every packet (the key's padding, each MAC) and the IP header copied to the stack; without them\n\
+an established flow went from about 146 to 110 ns. Tried and rejected: per-CPU LRU lists\n\
+(`BPF_F_NO_COMMON_LRU`), 10-30% slower for new flows on one CPU. What would make it faster\n\
+still: a listener table the program indexes itself (an array probed with a cheap hash instead\n\
+of the kernel's jhash), and Katran's choice of not inserting TCP flows whose Maglev pick is\n\
+stable, which trades affinity across table changes for speed.";
 
 const BENCH_CONFIG: &str = "
 listeners:
@@ -949,8 +954,14 @@ fn maglev_quality(plan: &Plan) -> String {
     let _ = writeln!(
         out,
         "\nThe goal of at most 1.2 × 1/N is met up to about 100 targets with a table of 655373 slots,\n\
-         not at 1,000 targets with any table size that fits in memory: that needs another\n\
-         algorithm than classic Maglev (open work)."
+         not at 1,000 targets. There it conflicts with the balance goal: with 65537 slots, an\n\
+         imbalance of at most 2% means every target holds 65 or 66 slots, so a removed target's\n\
+         slots can only go to targets holding 65, and every removal leaves fewer of those; a table\n\
+         computed from the set of targets alone (as every lb node must compute it, to agree behind\n\
+         ECMP) then has to move other slots as well. A quota-capped rendezvous build, simulated\n\
+         outside this suite, moved fewer slots than classic Maglev but did not reach the goal\n\
+         either. Moved slots change the pick of new flows only: the connection table keeps\n\
+         established flows on their targets."
     );
     let _ = writeln!(out, "\nCommand: `{}`.", command(plan));
     out
@@ -1021,13 +1032,14 @@ fn checker_config(n: usize) -> String {
 fn control_plane(plan: &Plan) -> Result<String> {
     let mut out = String::from(
         "\n## 4. Control plane at scale\n\n\
-         The health checker as `lb run` runs it (one probe task per target, TCP checks every 1 s,\n\
-         results recorded in the registry) against local listeners served by another process.\n\
-         CPU is the checker process's user+system time over the measured window; memory is the\n\
-         growth of its resident set. \"Health change to new table\" is one target turning unhealthy:\n\
-         the registry records it, the maps' contents are rebuilt (Maglev included) and the\n\
-         difference is written to the kernel's maps.\n\n\
-         | targets | probes/s | CPU (one core = 100%) | memory | health change to new table | goal |\n|---|---|---|---|---|---|\n",
+         The health checker as `lb run` runs it (one probe task per target, TCP checks every 1 s\n\
+         as half-open handshakes from one raw socket, results recorded in the registry) against\n\
+         local listeners served by another process. CPU is the checker process's user+system time\n\
+         over the measured window; memory is the growth of its resident set; failed counts probes\n\
+         that failed in that window although every listener was up. \"Health change to new\n\
+         table\" is one target turning unhealthy: the registry records it, the maps' contents are\n\
+         rebuilt (Maglev included) and the difference is written to the kernel's maps.\n\n\
+         | targets | probes/s | failed | CPU (one core = 100%) | memory | health change to new table | goal |\n|---|---|---|---|---|---|---|\n",
     );
     for &n in &plan.checker_sizes {
         let mut child = Command::new(std::env::current_exe()?)
@@ -1040,7 +1052,12 @@ fn control_plane(plan: &Plan) -> Result<String> {
         if ready.trim() != "ready" {
             bail!("the listener process did not start");
         }
-        let (probes, cpu, memory) = run_checker(n, plan.checker_seconds)?;
+        let Checker {
+            probes_per_s,
+            failed,
+            cpu,
+            memory,
+        } = run_checker(n, plan.checker_seconds)?;
         drop(child.stdin.take());
         let _ = child.wait();
         let change = health_change_ms(n, plan.rounds)?;
@@ -1051,16 +1068,37 @@ fn control_plane(plan: &Plan) -> Result<String> {
         };
         writeln!(
             out,
-            "| {n} | {probes:.0} | {cpu:.1}% | {:.1} MiB | {change:.1} ms | {goal} |",
+            "| {n} | {probes_per_s:.0} | {failed} | {cpu:.1}% | {:.1} MiB | {change:.1} ms | {goal} |",
             memory as f64 / (1 << 20) as f64
         )?;
     }
+    writeln!(
+        out,
+        "\nWith local listeners, loopback runs the listener's side of every handshake (the SYN's \
+         request socket, the SYN-ACK, the reset) inside the checker's own send call, so it is \
+         counted as the checker's CPU: in `perf`, the send calls that carry it are about 40% of \
+         the checker's samples. \
+         With targets on other machines, that work is theirs. Connecting TCP checks (a socket, a \
+         full handshake and a reset per probe) cost 44-51% of a core at 10,000 targets in earlier \
+         runs of this benchmark."
+    )?;
     writeln!(out, "\nCommand: `{}`.", command(plan))?;
     Ok(out)
 }
 
-/// Runs `n` probe loops for `seconds` after a warm-up; returns probes/s, CPU % and RSS growth.
-fn run_checker(n: usize, seconds: u64) -> Result<(f64, f64, u64)> {
+/// What one health-checker run measured.
+struct Checker {
+    probes_per_s: f64,
+    /// Probes that failed although every listener was up.
+    failed: u64,
+    /// Percent of one core.
+    cpu: f64,
+    /// Growth of the resident set, bytes.
+    memory: u64,
+}
+
+/// Runs `n` probe loops for `seconds` after a warm-up.
+fn run_checker(n: usize, seconds: u64) -> Result<Checker> {
     let (config, mut registry) = registered(&checker_config(n))?;
     let check = Arc::new(config.target_groups[0].health_check.clone());
     let rss_before = rss_bytes();
@@ -1069,7 +1107,10 @@ fn run_checker(n: usize, seconds: u64) -> Result<(f64, f64, u64)> {
         .build()?;
     runtime.block_on(async move {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-        let tls = health::tls_connector();
+        let (prober, connecting) = health::Prober::new();
+        if let Some(why) = connecting {
+            bail!("TCP checks would connect, not run half-open as lb does as root: {why}");
+        }
         for i in 0..n {
             let key = TargetKey {
                 group: "web".into(),
@@ -1079,7 +1120,7 @@ fn run_checker(n: usize, seconds: u64) -> Result<(f64, f64, u64)> {
                 Arc::new(key),
                 SocketAddr::V4(listener_addr(i)),
                 check.clone(),
-                tls.clone(),
+                prober.clone(),
                 tx.clone(),
             ));
         }
@@ -1091,18 +1132,20 @@ fn run_checker(n: usize, seconds: u64) -> Result<(f64, f64, u64)> {
         }
         let (cpu_start, wall_start) = (cpu_seconds(), Instant::now());
         let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        let mut probes = 0u64;
+        let (mut probes, mut failed) = (0u64, 0u64);
         while let Ok(Some(r)) = tokio::time::timeout_at(until, rx.recv()).await {
             registry.record(&r.target, r.ok, 2, 2);
             probes += 1;
+            failed += u64::from(!r.ok);
         }
         let wall = wall_start.elapsed().as_secs_f64();
         let cpu = (cpu_seconds() - cpu_start) / wall * 100.0;
-        Ok((
-            probes as f64 / wall,
+        Ok(Checker {
+            probes_per_s: probes as f64 / wall,
+            failed,
             cpu,
-            rss_bytes().saturating_sub(rss_before),
-        ))
+            memory: rss_bytes().saturating_sub(rss_before),
+        })
     })
 }
 
