@@ -322,31 +322,11 @@ enum Path {
 }
 
 fn lab_pps(plan: &Plan) -> Result<String> {
-    let lab = Lab::new("lbbench", 3)?;
-    lab.prepare_targets("dsr", &[VIP])?;
+    let (lab, lb_iface, mut balancer) = balanced_lab("lbbench", "udp", 7777)?;
     let lb_ns = lab.ns("lb");
     let client_ns = lab.ns("client");
-    let lb_iface = in_netns(&lb_ns, || Interface::lookup(IFACE))??;
     let client_iface = in_netns(&client_ns, || Interface::lookup(IFACE))??;
-    let mut target_macs = Vec::new();
-    for i in 0..lab.targets {
-        target_macs.push(in_netns(&lab.target_ns(i), || Interface::lookup(IFACE))??.mac);
-    }
-
-    let mut balancer = lab_balancer(
-        "
-listeners:
-  - {name: game, address: 203.0.113.10, port: 7777, protocol: udp, target_group: game}
-target_groups:
-  - name: game
-    targets:
-      - {address: 198.51.100.11, port: 7777}
-      - {address: 198.51.100.12, port: 7777}
-      - {address: 198.51.100.13, port: 7777}
-",
-        &lb_iface,
-        &target_macs,
-    )?;
+    let target_macs = macs_of_targets(&lab)?;
 
     let mut lab_programs = aya::Ebpf::load(lb::LAB_OBJECT)?;
     for name in ["lb_reflect", "lb_sink", "lb_pass"] {
@@ -489,29 +469,9 @@ const CONNECT_THREADS: usize = 8;
 /// the balancer host. Each connection is a whole exchange: handshake, one byte from the target,
 /// its close, and the client's reset.
 fn tcp_connections(plan: &Plan) -> Result<String> {
-    let lab = Lab::new("lbconn", 3)?;
-    lab.prepare_targets("dsr", &[VIP])?;
+    let (lab, _, mut balancer) = balanced_lab("lbconn", "tcp", 80)?;
     let lb_ns = lab.ns("lb");
     let client_ns = lab.ns("client");
-    let lb_iface = in_netns(&lb_ns, || Interface::lookup(IFACE))??;
-    let mut target_macs = Vec::new();
-    for i in 0..lab.targets {
-        target_macs.push(in_netns(&lab.target_ns(i), || Interface::lookup(IFACE))??.mac);
-    }
-    let mut balancer = lab_balancer(
-        "
-listeners:
-  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}
-target_groups:
-  - name: web
-    targets:
-      - {address: 198.51.100.11, port: 80}
-      - {address: 198.51.100.12, port: 80}
-      - {address: 198.51.100.13, port: 80}
-",
-        &lb_iface,
-        &target_macs,
-    )?;
     let servers = (0..lab.targets)
         .map(|i| OneByteServer::start(&lab.target_ns(i), 80))
         .collect::<Result<Vec<_>>>()?;
@@ -749,20 +709,38 @@ impl Drop for Haproxy {
     }
 }
 
-/// The balancer as `lb run` would fill it for `config_text`, with the lab targets' real MACs.
-fn lab_balancer(
-    config_text: &str,
-    lb_iface: &Interface,
-    target_macs: &[[u8; 6]],
-) -> Result<lb::maps::Dataplane> {
-    let (config, registry) = registered(config_text)?;
-    let state = MapState::build(&config, &registry, lb_iface, |k, _| {
+/// A lab of three DSR targets and the balancer as `lb run` would fill it for one listener on
+/// the VIP (`protocol`, `port`), with the targets' real MACs; not attached yet.
+fn balanced_lab(
+    prefix: &str,
+    protocol: &str,
+    port: u16,
+) -> Result<(Lab, Interface, lb::maps::Dataplane)> {
+    let lab = Lab::new(prefix, 3)?;
+    lab.prepare_targets("dsr", &[VIP])?;
+    let lb_iface = in_netns(&lab.ns("lb"), || Interface::lookup(IFACE))??;
+    let target_macs = macs_of_targets(&lab)?;
+    let mut config_text = format!(
+        "listeners:\n  - {{name: bench, address: {VIP}, port: {port}, protocol: {protocol}, \
+         target_group: bench}}\ntarget_groups:\n  - name: bench\n    targets:\n"
+    );
+    for i in 0..lab.targets {
+        config_text += &format!("      - {{address: {}, port: {port}}}\n", target_addr(i));
+    }
+    let (config, registry) = registered(&config_text)?;
+    let state = MapState::build(&config, &registry, &lb_iface, |k, _| {
         let i = (k.addr.ip().octets()[3] - 11) as usize;
         Ok(target_macs[i])
     })?;
     let mut balancer = lb::maps::Dataplane::load(&config.settings, None)?;
     balancer.apply(&MapState::default(), &state)?;
-    Ok(balancer)
+    Ok((lab, lb_iface, balancer))
+}
+
+fn macs_of_targets(lab: &Lab) -> Result<Vec<[u8; 6]>> {
+    (0..lab.targets)
+        .map(|i| Ok(in_netns(&lab.target_ns(i), || Interface::lookup(IFACE))??.mac))
+        .collect()
 }
 
 /// Runs the generator in namespace `netns`: `packets` copies of `frame` out of interface
