@@ -20,6 +20,8 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 
+use crate::net::set_socket_option;
+
 /// Source ports of probes: above Linux's default ephemeral range (32768-60999), so that the
 /// host's own connections do not share a probe's addresses.
 const FIRST_PORT: u16 = 61000;
@@ -71,7 +73,7 @@ impl HalfOpen {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         keep_only_probe_ports(&fd)?;
         // Bursts of answers while the task waits for its turn: 2 MiB is a few thousand segments.
-        setsockopt(&fd, libc::SO_RCVBUF, 2 << 20)?;
+        set_socket_option(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(2 << 20))?;
         // SAFETY: an OwnedFd keeps its descriptor open, and the same, until the AsyncFd drops it.
         let socket = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
         let inner = Arc::new(Inner {
@@ -100,7 +102,7 @@ impl HalfOpen {
                 answer: tx,
             },
         );
-        let _forget = Forget(&self.inner, key);
+        let _forget = Forget(&self.inner, key, seq.wrapping_add(1));
         let segment = syn(source, target, port, seq);
         let dest = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
@@ -150,12 +152,16 @@ impl HalfOpen {
     }
 }
 
-/// Removes a probe from the pending ones when it ends, answered or not.
-struct Forget<'a>(&'a Inner, (SocketAddrV4, u16));
+/// Removes a probe from the pending ones when it ends, answered or not; only its own entry,
+/// identified by its acknowledgement number, should a later probe have taken the same key.
+struct Forget<'a>(&'a Inner, (SocketAddrV4, u16), u32);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        lock(&self.0.pending).remove(&self.1);
+        let mut pending = lock(&self.0.pending);
+        if pending.get(&self.1).is_some_and(|p| p.ack == self.2) {
+            pending.remove(&self.1);
+        }
     }
 }
 
@@ -275,39 +281,8 @@ fn keep_only_probe_ports(fd: &OwnedFd) -> io::Result<()> {
         len: program.len() as u16,
         filter: program.as_ptr().cast_mut(),
     };
-    // SAFETY: the kernel copies the program during the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&fprog as *const libc::sock_fprog).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn setsockopt(fd: &OwnedFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // The kernel copies the program during the call.
+    set_socket_option(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
 }
 
 #[cfg(test)]

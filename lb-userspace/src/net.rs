@@ -171,17 +171,7 @@ pub fn resolve_mac(addr: Ipv4Addr, dev: &str, timeout: Duration) -> Result<[u8; 
 
 fn probe(addr: Ipv4Addr, dev: &str) {
     if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
-        // SAFETY: fd is a live socket and the option value is a byte string of the given length.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_BINDTODEVICE,
-                dev.as_ptr().cast(),
-                dev.len() as libc::socklen_t,
-            );
-        }
+        let _ = set_socket_option(&socket, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev);
         let _ = socket.send_to(&[], SocketAddrV4::new(addr, 9));
     }
 }
@@ -230,14 +220,24 @@ pub fn reset_on_close(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<()>
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a live socket and a correctly sized option value.
+    set_socket_option(socket, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
+/// setsockopt(2) with `value` passed as the option's bytes (a C struct, an int, a string).
+pub fn set_socket_option<T: ?Sized>(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: a live socket, and a pointer to `size_of_val(value)` readable bytes.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of_val(value) as libc::socklen_t,
         )
     };
     if rc == 0 {
