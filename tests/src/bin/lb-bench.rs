@@ -477,15 +477,13 @@ fn tcp_connections(plan: &Plan) -> Result<String> {
         .collect::<Result<Vec<_>>>()?;
     // Ephemeral ports for the client's connections and HAProxy's ones to the targets.
     for ns in [&lb_ns, &client_ns] {
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
+        sysctl(
             ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_local_port_range=1024 65535",
-            "net.ipv4.tcp_tw_reuse=1",
-        ]))?;
+            &[
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )?;
     }
     let haproxy_config = std::env::temp_dir().join("lb-bench-haproxy.cfg");
     std::fs::write(&haproxy_config, haproxy_config_text(lab.targets))?;
@@ -774,14 +772,7 @@ fn generate(netns: &str, ifindex: u32, frame: &[u8], packets: u32) -> Result<(u6
 /// Turns the nftables DNAT balancer on the balancer host on or off.
 fn nftables(netns: &str, on: bool) -> Result<()> {
     if on {
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            netns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]))?;
+        sysctl(netns, &["net.ipv4.ip_forward=1"])?;
         let rules = format!(
             "table ip lbbench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    \
              ip daddr {VIP} udp dport 7777 dnat to numgen random mod 3 map {{ 0 : {}, 1 : {}, 2 : {} }}\n  }}\n}}\n",
@@ -803,6 +794,13 @@ fn nftables(netns: &str, on: bool) -> Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// Sets kernel parameters (`name=value`) in network namespace `netns`.
+fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
+    run(Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw"])
+        .args(settings))
 }
 
 fn run(command: &mut Command) -> Result<()> {
