@@ -4,7 +4,12 @@
 //! The counting is pure (no clock, no I/O) so tests drive it result by result; probes are async,
 //! one jittered task per target, and a slow or black-holed target costs only its own timeout.
 
-use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use crate::half_open::HalfOpen;
 use tokio::{
@@ -368,6 +373,21 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
+/// Probes start on ticks of this length. At 10,000 targets the runtime then wakes about 100
+/// times a second to send a batch, rather than once or twice per probe: those wake-ups (an
+/// `epoll_wait` and a context switch each) were a fifth of the checker's CPU. Intervals are
+/// at least 1 s, so this moves a probe by at most 1% of one.
+const PROBE_TICK: Duration = Duration::from_millis(10);
+
+/// `deadline`, rounded to the nearest probe tick (so intervals keep their mean).
+fn on_tick(deadline: Instant) -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let tick = PROBE_TICK.as_nanos();
+    let ticks = (deadline.saturating_duration_since(epoch).as_nanos() + tick / 2) / tick;
+    epoch + Duration::from_nanos((ticks * tick) as u64)
+}
+
 /// Probes one target forever, every `interval` (±10%, first probe at a random point of the
 /// first interval so that targets are not probed in lockstep), reporting to `results`.
 /// Ends when the receiver is gone; the controller aborts it when the target goes.
@@ -379,7 +399,8 @@ pub async fn probe_loop<K>(
     results: mpsc::Sender<ProbeResult<K>>,
 ) {
     let interval = check.interval.as_secs_f64();
-    tokio::time::sleep(Duration::from_secs_f64(interval * fastrand::f64())).await;
+    let first = Instant::now() + Duration::from_secs_f64(interval * fastrand::f64());
+    tokio::time::sleep_until(on_tick(first)).await;
     loop {
         let start = Instant::now();
         let outcome = probe(addr, &check, &prober).await;
@@ -393,13 +414,31 @@ pub async fn probe_loop<K>(
             return;
         }
         let jitter = 0.9 + 0.2 * fastrand::f64();
-        tokio::time::sleep_until(start + Duration::from_secs_f64(interval * jitter)).await;
+        tokio::time::sleep_until(on_tick(start + Duration::from_secs_f64(interval * jitter))).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_deadlines_round_to_the_nearest_tick() {
+        let now = Instant::now();
+        let first = on_tick(now);
+        for ms in 0..50 {
+            let deadline = now + Duration::from_millis(ms);
+            let at = on_tick(deadline);
+            let off = if at > deadline {
+                at - deadline
+            } else {
+                deadline - at
+            };
+            assert!(off <= PROBE_TICK / 2, "{ms} ms: moved by {off:?}");
+            let since_first = at.saturating_duration_since(first).as_nanos();
+            assert_eq!(since_first % PROBE_TICK.as_nanos(), 0, "{ms} ms: off the ticks");
+        }
+    }
 
     #[test]
     fn thresholds_count_consecutive_results() {

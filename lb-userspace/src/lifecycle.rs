@@ -20,10 +20,13 @@ use crate::{
 };
 
 /// A target is identified by its group and its address and port.
+///
+/// Ordered by address first: the registry's lookup of every probe result (10,000 a second at
+/// 10,000 targets) then mostly compares integers rather than group names.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetKey {
-    pub group: String,
     pub addr: SocketAddrV4,
+    pub group: String,
 }
 
 impl std::fmt::Display for TargetKey {
