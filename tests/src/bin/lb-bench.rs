@@ -5,6 +5,7 @@
 //! it to keep the suite working; its figures are not the ones to quote).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -38,7 +39,12 @@ struct Plan {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("serve-listeners") {
-        return serve_listeners(args.get(1).context("serve-listeners N")?.parse()?);
+        let n = args
+            .get(1)
+            .context("serve-listeners N PLACEMENT")?
+            .parse()?;
+        let placement = Placement::parse(args.get(2).context("serve-listeners N PLACEMENT")?)?;
+        return serve_listeners(n, placement);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let output = args
@@ -684,18 +690,23 @@ impl Haproxy {
 
     /// User and system time of the HAProxy process (all its threads).
     fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .context("/proc stat format")?
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        // SAFETY: sysconf has no preconditions.
-        Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+        process_cpu_seconds(self.child.id())
     }
+}
+
+/// User and system time of process (or thread) `pid`, from /proc.
+fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("/proc stat format")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
 impl Drop for Haproxy {
@@ -950,23 +961,68 @@ fn met(ok: bool) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // 4. Control plane at scale.
 
-/// `n` local listeners on 127.0.x.y:9000, one per target: the health checker's targets.
-fn listener_addr(i: usize) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250 + 1) as u8),
-        9000,
-    )
+/// Where the health checker's targets listen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// In another namespace, behind a veth pair and a bridge whose receive path runs in a kernel
+    /// thread (threaded NAPI), as another machine's would: the checker's process pays for its
+    /// own sends and receives, and the thread for the network's work on both sides.
+    Namespace,
+    /// On 127.0.x.y: loopback runs each target's side of the handshake inside the checker's own
+    /// send call, so the checker's process pays for the targets' work as well.
+    Loopback,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Namespace => "namespace",
+            Placement::Loopback => "loopback",
+        }
+    }
+
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "namespace" => Ok(Placement::Namespace),
+            "loopback" => Ok(Placement::Loopback),
+            _ => bail!("unknown placement {name}"),
+        }
+    }
+
+    /// Listener `i`: 127.0.x.y:9000 on loopback; in the namespace, up to 100 addresses of the
+    /// target host, each listening on one port per target group.
+    fn listener(self, i: usize) -> SocketAddrV4 {
+        match self {
+            Placement::Loopback => SocketAddrV4::new(
+                Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250 + 1) as u8),
+                9000,
+            ),
+            Placement::Namespace => SocketAddrV4::new(
+                Ipv4Addr::new(198, 51, 100, 100 + (i % 100) as u8),
+                10_000 + (i / 100) as u16,
+            ),
+        }
+    }
+
+    /// The target group of listener `i`: in dsr, a target's port is its listener's, so the
+    /// namespace's targets form one group per port.
+    fn group(self, i: usize) -> String {
+        match self {
+            Placement::Loopback => "web".into(),
+            Placement::Namespace => format!("web{}", i / 100),
+        }
+    }
 }
 
 /// The child process that hosts the listeners, so their work is not the checker's.
-fn serve_listeners(n: usize) -> Result<()> {
+fn serve_listeners(n: usize, placement: Placement) -> Result<()> {
     raise_fd_limit()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         for i in 0..n {
-            let listener = tokio::net::TcpListener::bind(listener_addr(i)).await?;
+            let listener = tokio::net::TcpListener::bind(placement.listener(i)).await?;
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
                     drop(stream);
@@ -985,22 +1041,45 @@ fn serve_listeners(n: usize) -> Result<()> {
     })
 }
 
-fn checker_config(n: usize) -> String {
+fn checker_config(n: usize, placement: Placement) -> String {
     let size = [65537u32, 100_003, 200_003]
         .into_iter()
         .find(|s| *s as usize >= 10 * n)
         .unwrap_or(200_003);
-    let mut text = format!(
-        "settings: {{maglev_table_size: {size}, max_target_groups: 2}}\n\
-         listeners:\n  - {{name: web, address: 203.0.113.10, port: 9000, protocol: tcp, target_group: web}}\n\
-         target_groups:\n  - name: web\n    health_check: {{protocol: tcp, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}}\n    targets:\n"
-    );
+    // Targets of one group are consecutive.
+    let mut groups: Vec<(String, Vec<SocketAddrV4>)> = Vec::new();
     for i in 0..n {
+        let group = placement.group(i);
+        match groups.last_mut() {
+            Some((name, targets)) if *name == group => targets.push(placement.listener(i)),
+            _ => groups.push((group, vec![placement.listener(i)])),
+        }
+    }
+    let mut text = format!(
+        "settings: {{maglev_table_size: {size}, max_target_groups: {}}}\nlisteners:\n",
+        groups.len() + 1
+    );
+    for (name, targets) in &groups {
+        let port = targets[0].port();
         let _ = writeln!(
             text,
-            "      - {{address: {}, port: 9000}}",
-            listener_addr(i).ip()
+            "  - {{name: {name}, address: 203.0.113.10, port: {port}, protocol: tcp, target_group: {name}}}"
         );
+    }
+    text += "target_groups:\n";
+    for (name, targets) in &groups {
+        let _ = writeln!(
+            text,
+            "  - name: {name}\n    health_check: {{protocol: tcp, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}}\n    targets:"
+        );
+        for addr in targets {
+            let _ = writeln!(
+                text,
+                "      - {{address: {}, port: {}}}",
+                addr.ip(),
+                addr.port()
+            );
+        }
     }
     text
 }
@@ -1010,53 +1089,64 @@ fn control_plane(plan: &Plan) -> Result<String> {
         "\n## 4. Control plane at scale\n\n\
          The health checker as `lb run` runs it (one probe task per target, TCP checks every 1 s\n\
          as half-open handshakes from one raw socket, results recorded in the registry) against\n\
-         local listeners served by another process. CPU is the checker process's user+system time\n\
-         over the measured window; memory is the growth of its resident set; failed counts probes\n\
-         that failed in that window although every listener was up. \"Health change to new\n\
-         table\" is one target turning unhealthy: the registry records it, the maps' contents are\n\
-         rebuilt (Maglev included) and the difference is written to the kernel's maps.\n\n\
-         | targets | probes/s | failed | CPU (one core = 100%) | memory | health change to new table | goal |\n|---|---|---|---|---|---|---|\n",
+         listeners served by another process on this machine. The listeners sit in another\n\
+         network namespace (100 ports on each of up to 100 addresses), reached through a veth\n\
+         pair and a bridge whose receive path runs in a kernel thread (threaded NAPI): like a\n\
+         NIC's receive processing, the network's work on both sides (the targets' handshakes,\n\
+         and the delivery of their answers to the checker) happens there, and is reported in its\n\
+         own column, while the checker's process pays for its sends, receives and bookkeeping.\n\
+         The last row puts the listeners on loopback instead, where the kernel runs all of that\n\
+         inside the checker's send calls. CPU is user+system time over the measured window;\n\
+         memory is the growth of the checker's resident set; failed counts probes that failed in\n\
+         that window although every listener was up. \"Health change to new table\" is one\n\
+         target turning unhealthy: the registry records it, the maps' contents are rebuilt\n\
+         (Maglev included) and the difference is written to the kernel's maps.\n\n\
+         | targets | listeners | probes/s | failed | checker CPU (one core = 100%) | network kernel thread CPU | memory | health change to new table | goal |\n|---|---|---|---|---|---|---|---|---|\n",
     );
-    for &n in &plan.checker_sizes {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve-listeners", &n.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut ready)?;
-        if ready.trim() != "ready" {
-            bail!("the listener process did not start");
-        }
+    let largest = plan.checker_sizes.iter().copied().max().unwrap_or(0);
+    let mut failure_notes = String::new();
+    let runs = plan
+        .checker_sizes
+        .iter()
+        .map(|&n| (n, Placement::Namespace))
+        .chain([(largest, Placement::Loopback)]);
+    for (n, placement) in runs {
         let Checker {
             probes_per_s,
-            failed,
+            failures,
             cpu,
+            network_cpu,
             memory,
-        } = run_checker(n, plan.checker_seconds)?;
-        drop(child.stdin.take());
-        let _ = child.wait();
+        } = checker_run(n, placement, plan.checker_seconds)?;
+        let failed: u64 = failures.values().sum();
+        for (why, count) in failures {
+            let _ = write!(
+                failure_notes,
+                "\nFailed at {n} targets ({}): {count} × {why}.",
+                placement.name()
+            );
+        }
         let change = health_change_ms(n, plan.rounds)?;
-        let goal = if n == 10_000 {
-            format!("CPU < 20% ({})", met(cpu < 20.0))
+        let goal = if n == 10_000 && placement == Placement::Namespace {
+            format!("checker CPU < 20% ({})", met(cpu < 20.0))
         } else {
             "-".into()
         };
+        let network = network_cpu.map_or("- (in the checker's)".into(), |c| format!("{c:.1}%"));
         writeln!(
             out,
-            "| {n} | {probes_per_s:.0} | {failed} | {cpu:.1}% | {:.1} MiB | {change:.1} ms | {goal} |",
+            "| {n} | {} | {probes_per_s:.0} | {failed} | {cpu:.1}% | {network} | {:.1} MiB | {change:.1} ms | {goal} |",
+            placement.name(),
             memory as f64 / (1 << 20) as f64
         )?;
     }
+    out += &failure_notes;
     writeln!(
         out,
-        "\nWith local listeners, loopback runs the listener's side of every handshake (the SYN's \
-         request socket, the SYN-ACK, the reset) inside the checker's own send call, so it is \
-         counted as the checker's CPU: in `perf`, the send calls that carry it are about 40% of \
-         the checker's samples. \
-         With targets on other machines, that work is theirs. Connecting TCP checks (a socket, a \
-         full handshake and a reset per probe) cost 44-51% of a core at 10,000 targets in earlier \
-         runs of this benchmark."
+        "\nOn loopback, the send calls that carry the targets' side of each handshake (the SYN's \
+         request socket, the SYN-ACK, the reset) were about 40% of the checker's samples in \
+         `perf`. Connecting TCP checks (a socket, a full handshake and a reset per probe) cost \
+         44-51% of a core at 10,000 loopback targets in earlier runs of this benchmark."
     )?;
     writeln!(out, "\nCommand: `{}`.", command(plan))?;
     Ok(out)
@@ -1065,17 +1155,96 @@ fn control_plane(plan: &Plan) -> Result<String> {
 /// What one health-checker run measured.
 struct Checker {
     probes_per_s: f64,
-    /// Probes that failed although every listener was up.
-    failed: u64,
+    /// Why probes failed although every listener was up, and how often.
+    failures: BTreeMap<String, u64>,
     /// Percent of one core.
     cpu: f64,
+    /// Percent of one core spent by the lab's receive thread; `None` on loopback.
+    network_cpu: Option<f64>,
     /// Growth of the resident set, bytes.
     memory: u64,
 }
 
+/// Starts `n` listeners placed as asked, and measures the checker against them.
+fn checker_run(n: usize, placement: Placement, seconds: u64) -> Result<Checker> {
+    let lab = match placement {
+        Placement::Loopback => None,
+        Placement::Namespace => Some(checker_lab(n)?),
+    };
+    let exe = std::env::current_exe()?;
+    let mut listeners = match &lab {
+        Some(lab) => {
+            let mut ip = Command::new("ip");
+            ip.args(["netns", "exec", &lab.target_ns(0)]).arg(exe);
+            ip
+        }
+        None => Command::new(exe),
+    };
+    let mut child = listeners
+        .args(["serve-listeners", &n.to_string(), placement.name()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut ready)?;
+    let result = if ready.trim() != "ready" {
+        Err(anyhow::anyhow!("the listener process did not start"))
+    } else if let Some(lab) = &lab {
+        in_netns(&lab.ns("lb"), move || run_checker(n, seconds, placement))?
+    } else {
+        run_checker(n, seconds, placement)
+    };
+    drop(child.stdin.take());
+    let _ = child.wait();
+    result
+}
+
+/// The lab's checker host ("lb") and one target host, which answers on 100 more addresses; the
+/// bridge port towards the checker receives in its own kernel thread (see [`Placement`]).
+fn checker_lab(n: usize) -> Result<Lab> {
+    let lab = Lab::new("lbbench-hc", 1)?;
+    let target = lab.target_ns(0);
+    for i in 0..n.min(100) {
+        let addr = format!("{}/32", Placement::Namespace.listener(i).ip());
+        let status = Command::new("ip")
+            .args(["-n", &target, "addr", "add", &addr, "dev", IFACE])
+            .status()?;
+        if !status.success() {
+            bail!("adding {addr} to the target host failed");
+        }
+    }
+    // The bridge port already runs XDP (Lab::new attaches a pass program), so it has a NAPI
+    // context to thread.
+    let status = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("sw"), "sh", "-c"])
+        .arg("echo 1 > /sys/class/net/lb/threaded")
+        .status()?;
+    if !status.success() {
+        bail!("threaded NAPI on the bridge port failed");
+    }
+    Ok(lab)
+}
+
+/// CPU seconds of the kernel threads that run the lab bridge port's receive path.
+fn napi_thread_seconds() -> Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        let is_napi = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|comm| comm.starts_with("napi/lb-"));
+        if let (true, Some(pid)) = (
+            is_napi,
+            path.file_name().and_then(|f| f.to_str()?.parse().ok()),
+        ) {
+            total += process_cpu_seconds(pid)?;
+        }
+    }
+    Ok(total)
+}
+
 /// Runs `n` probe loops for `seconds` after a warm-up.
-fn run_checker(n: usize, seconds: u64) -> Result<Checker> {
-    let (config, mut registry) = registered(&checker_config(n))?;
+fn run_checker(n: usize, seconds: u64, placement: Placement) -> Result<Checker> {
+    let (config, mut registry) = registered(&checker_config(n, placement))?;
     let check = Arc::new(config.target_groups[0].health_check.clone());
     let rss_before = rss_bytes();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1089,12 +1258,12 @@ fn run_checker(n: usize, seconds: u64) -> Result<Checker> {
         }
         for i in 0..n {
             let key = TargetKey {
-                group: "web".into(),
-                addr: listener_addr(i),
+                group: placement.group(i),
+                addr: placement.listener(i),
             };
             tokio::spawn(health::probe_loop(
                 Arc::new(key),
-                SocketAddr::V4(listener_addr(i)),
+                SocketAddr::V4(placement.listener(i)),
                 check.clone(),
                 prober.clone(),
                 tx.clone(),
@@ -1106,20 +1275,29 @@ fn run_checker(n: usize, seconds: u64) -> Result<Checker> {
         while let Ok(Some(r)) = tokio::time::timeout_at(warm_until, rx.recv()).await {
             registry.record(&r.target, r.ok, 2, 2);
         }
-        let (cpu_start, wall_start) = (cpu_seconds(), Instant::now());
+        let (cpu_start, network_start) = (cpu_seconds(), napi_thread_seconds()?);
+        let wall_start = Instant::now();
         let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        let (mut probes, mut failed) = (0u64, 0u64);
+        let mut probes = 0u64;
+        let mut failures = BTreeMap::<String, u64>::new();
         while let Ok(Some(r)) = tokio::time::timeout_at(until, rx.recv()).await {
             registry.record(&r.target, r.ok, 2, 2);
             probes += 1;
-            failed += u64::from(!r.ok);
+            if let Some(error) = r.error {
+                *failures.entry(error).or_default() += 1;
+            }
         }
         let wall = wall_start.elapsed().as_secs_f64();
-        let cpu = (cpu_seconds() - cpu_start) / wall * 100.0;
+        let percent = |seconds: f64| seconds / wall * 100.0;
+        let network_cpu = match placement {
+            Placement::Namespace => Some(percent(napi_thread_seconds()? - network_start)),
+            Placement::Loopback => None,
+        };
         Ok(Checker {
             probes_per_s: probes as f64 / wall,
-            failed,
-            cpu,
+            failures,
+            cpu: percent(cpu_seconds() - cpu_start),
+            network_cpu,
             memory: rss_bytes().saturating_sub(rss_before),
         })
     })
@@ -1127,7 +1305,7 @@ fn run_checker(n: usize, seconds: u64) -> Result<Checker> {
 
 /// Median time from a health change to the new table in the map, for a group of `n`.
 fn health_change_ms(n: usize, rounds: usize) -> Result<f64> {
-    let config_text = checker_config(n);
+    let config_text = checker_config(n, Placement::Loopback);
     let (config, _) = registered(&config_text)?;
     let (mut dataplane, mut state, mut registry) = dataplane_for(&config_text)?;
     let keys: Vec<TargetKey> = registry.targets().map(|(k, _)| k.clone()).collect();
