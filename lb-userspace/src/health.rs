@@ -436,7 +436,11 @@ mod tests {
             };
             assert!(off <= PROBE_TICK / 2, "{ms} ms: moved by {off:?}");
             let since_first = at.saturating_duration_since(first).as_nanos();
-            assert_eq!(since_first % PROBE_TICK.as_nanos(), 0, "{ms} ms: off the ticks");
+            assert_eq!(
+                since_first % PROBE_TICK.as_nanos(),
+                0,
+                "{ms} ms: off the ticks"
+            );
         }
     }
 
