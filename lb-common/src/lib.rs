@@ -15,12 +15,20 @@ pub const PROTO_UDP: u8 = 17;
 pub const MAX_LISTENERS: u32 = 1024;
 pub const MAX_TARGETS: u32 = 16384;
 
+/// Slots per half of the listener table: a power of two, and at least four times the keys and
+/// VIPs of any config (`MAX_LISTENERS` listeners, each `tcp_udp` on a VIP of its own: three
+/// entries apiece), so that probe sequences stay short.
+pub const LISTENER_SLOTS: u32 = 16 * MAX_LISTENERS;
+/// The data plane looks at most this many consecutive slots for a key. The controller places
+/// every key within this many slots of its home, choosing a seed for which that holds.
+pub const LISTENER_PROBES: u32 = 8;
+
 /// Index of the only entry of the `SETTINGS` array.
 pub const SETTINGS_KEY: u32 = 0;
 
 /// A listener is found by VIP, port and protocol.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
     /// VIP, network byte order.
     pub addr: u32,
@@ -30,8 +38,28 @@ pub struct ListenerKey {
     pub pad: u8,
 }
 
+impl ListenerKey {
+    /// The key that marks a VIP: no listener has port 0 or protocol 0.
+    pub const fn vip(addr: u32) -> Self {
+        ListenerKey {
+            addr,
+            port: 0,
+            proto: 0,
+            pad: 0,
+        }
+    }
+
+    /// The key as one word, for a comparison the BPF program makes in one instruction.
+    #[inline(always)]
+    pub fn word(&self) -> u64 {
+        let [p0, p1] = self.port.to_ne_bytes();
+        let a = self.addr.to_ne_bytes();
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], p0, p1, self.proto, self.pad])
+    }
+}
+
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Listener {
     /// Index into the per-listener counters.
     pub id: u32,
@@ -40,6 +68,37 @@ pub struct Listener {
     /// A flow idle longer than this (seconds) is a new flow.
     pub idle_timeout_s: u32,
     pub pad: u32,
+}
+
+/// One slot of the listener table: a listener, a VIP (`ListenerKey::vip`, listener unused), or
+/// nothing (all zero; 0.0.0.0 is never a VIP).
+///
+/// The table is an array that the program probes itself (open addressing, `listener_home`):
+/// the kernel's hash maps cost a jhash and a call per lookup, about 20 ns here, on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerSlot {
+    pub key: ListenerKey,
+    pub listener: Listener,
+}
+
+/// Which half of the double-buffered listener table is live, and the seed each half was placed
+/// with. The controller fills the inactive half, writes its seed, then flips `active_half`: two
+/// writes that change one field each, so a packet sees one consistent half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerTable {
+    pub active_half: u32,
+    pub seeds: [u32; 2],
+    pub pad: u32,
+}
+
+/// The slot where the search for `key` starts, in a half of `LISTENER_SLOTS`.
+#[inline(always)]
+pub fn listener_home(key: &ListenerKey, seed: u32) -> u32 {
+    let h = murmur_round(seed, key.addr);
+    let h = murmur_round(h, ((key.port as u32) << 8) | key.proto as u32);
+    murmur_finish(h ^ 8) & (LISTENER_SLOTS - 1)
 }
 
 /// The 5-tuple of a flow as the client sent it.
@@ -196,6 +255,9 @@ impl DropReason {
 const _: () = {
     assert!(size_of::<ListenerKey>() == 8);
     assert!(size_of::<Listener>() == 16);
+    assert!(size_of::<ListenerSlot>() == 24);
+    assert!(size_of::<ListenerTable>() == 16);
+    assert!(LISTENER_SLOTS.is_power_of_two() && LISTENER_SLOTS / 4 >= 3 * MAX_LISTENERS);
     assert!(size_of::<FlowKey>() == 16);
     assert!(core::mem::offset_of!(FlowKey, sport) == 8);
     assert!(core::mem::offset_of!(FlowKey, proto) == 12);
@@ -211,6 +273,8 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted above).
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::Listener {}
+    unsafe impl aya::Pod for super::ListenerSlot {}
+    unsafe impl aya::Pod for super::ListenerTable {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Target {}

@@ -17,9 +17,9 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Counters, DropReason, FORWARDING_DSR, FORWARDING_IPIP, Flow, FlowKey, Group, Listener,
-    ListenerKey, SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE,
-    TARGET_UNHEALTHY, Target,
+    Counters, DropReason, FORWARDING_DSR, FORWARDING_IPIP, Flow, FlowKey, Group, LISTENER_PROBES,
+    LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot, ListenerTable, SETTINGS_KEY, Settings,
+    TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
 
 use crate::{
@@ -35,8 +35,8 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer: all are pinned, so that a successor adopts them.
 const MAPS: [&str; 10] = [
-    "LISTENERS",
-    "VIPS",
+    "LISTENER_SLOTS",
+    "LISTENER_TABLE",
     "FLOWS",
     "TARGETS",
     "GROUPS",
@@ -167,6 +167,49 @@ impl MapState {
     }
 }
 
+/// One half of the listener table holding every listener key and VIP, each within
+/// `LISTENER_PROBES` slots of its home, and the seed that placed them so: the first of a few
+/// that does. Keys go in a fixed order, so the same listeners always give the same table.
+pub fn place_listeners(
+    listeners: &HashMap<ListenerKey, Listener>,
+    vips: &HashSet<u32>,
+) -> Result<(u32, Vec<ListenerSlot>)> {
+    let mut entries: Vec<ListenerSlot> = listeners
+        .iter()
+        .map(|(&key, &listener)| ListenerSlot { key, listener })
+        .chain(vips.iter().map(|&vip| ListenerSlot {
+            key: ListenerKey::vip(vip),
+            listener: Listener::default(),
+        }))
+        .collect();
+    if entries.len() > LISTENER_SLOTS as usize / 4 {
+        return Err(anyhow!(
+            "{} listener keys and VIPs: the listener table holds at most {}",
+            entries.len(),
+            LISTENER_SLOTS / 4
+        ));
+    }
+    entries.sort_by_key(|e| e.key.word());
+    'seeds: for seed in 0..64 {
+        let mut slots = vec![ListenerSlot::default(); LISTENER_SLOTS as usize];
+        for entry in &entries {
+            let home = listener_home(&entry.key, seed);
+            let free = (0..LISTENER_PROBES)
+                .map(|i| ((home + i) & (LISTENER_SLOTS - 1)) as usize)
+                .find(|&i| slots[i].key.addr == 0);
+            match free {
+                Some(i) => slots[i] = *entry,
+                None => continue 'seeds,
+            }
+        }
+        return Ok((seed, slots));
+    }
+    Err(anyhow!(
+        "no seed places {} listener keys and VIPs in the listener table",
+        entries.len()
+    ))
+}
+
 /// A map's shape and the memory the kernel charges for it (`memlock` in its fdinfo).
 #[derive(Clone, Debug)]
 pub struct MapMemory {
@@ -214,6 +257,8 @@ pub struct Dataplane {
     /// What this process last wrote into each half of each group's Maglev table; unknown (so
     /// written in full) for maps it adopted.
     tables: HashMap<u32, [Option<Vec<u32>>; 2]>,
+    /// The same for the two halves of the listener table.
+    listener_halves: [Option<Vec<ListenerSlot>>; 2],
 }
 
 impl Dataplane {
@@ -272,6 +317,7 @@ impl Dataplane {
             ebpf,
             maglev_size: settings.maglev_table_size,
             tables: HashMap::new(),
+            listener_halves: [None, None],
         })
     }
 
@@ -292,13 +338,26 @@ impl Dataplane {
     /// What the maps hold now, as far as [`Dataplane::apply`] needs it to write a difference:
     /// listeners, VIPs and targets. Groups are left out, so every table is written again.
     pub fn read_state(&self) -> Result<MapState> {
-        let listeners: BpfHashMap<&MapData, ListenerKey, Listener> = self.map_ref("LISTENERS")?;
-        let vips: BpfHashMap<&MapData, u32, u32> = self.map_ref("VIPS")?;
+        let table: Array<&MapData, ListenerTable> = self.map_ref("LISTENER_TABLE")?;
+        let slots: Array<&MapData, ListenerSlot> = self.map_ref("LISTENER_SLOTS")?;
+        let base = (table.get(&0, 0)?.active_half & 1) * LISTENER_SLOTS;
+        let (mut listeners, mut vips) = (HashMap::new(), HashSet::new());
+        for index in base..base + LISTENER_SLOTS {
+            let slot = slots.get(&index, 0)?;
+            if slot.key.addr == 0 {
+                continue;
+            }
+            if slot.key == ListenerKey::vip(slot.key.addr) {
+                vips.insert(slot.key.addr);
+            } else {
+                listeners.insert(slot.key, slot.listener);
+            }
+        }
         let targets: Array<&MapData, Target> = self.map_ref("TARGETS")?;
         Ok(MapState {
             settings: None,
-            listeners: listeners.iter().collect::<Result<_, _>>()?,
-            vips: vips.keys().collect::<Result<_, _>>()?,
+            listeners,
+            vips,
             targets: targets
                 .iter()
                 .enumerate()
@@ -348,26 +407,8 @@ impl Dataplane {
                 self.write_group(*gid, g)?;
             }
         }
-        let mut vips: BpfHashMap<_, u32, u32> = self.map("VIPS")?;
-        for vip in new.vips.difference(&old.vips) {
-            vips.insert(vip, 1, 0)?;
-        }
-        let mut listeners: BpfHashMap<_, ListenerKey, Listener> = self.map("LISTENERS")?;
-        for (key, value) in &new.listeners {
-            if old.listeners.get(key) != Some(value) {
-                listeners.insert(key, value, 0)?;
-            }
-        }
-        for key in old
-            .listeners
-            .keys()
-            .filter(|k| !new.listeners.contains_key(k))
-        {
-            listeners.remove(key)?;
-        }
-        let mut vips: BpfHashMap<_, u32, u32> = self.map("VIPS")?;
-        for vip in old.vips.difference(&new.vips) {
-            vips.remove(vip)?;
+        if new.listeners != old.listeners || new.vips != old.vips {
+            self.write_listeners(new)?;
         }
         let empty = GroupState {
             forwarding: FORWARDING_DSR,
@@ -391,6 +432,30 @@ impl Dataplane {
             };
             targets.set(*id, free, 0)?;
         }
+        Ok(())
+    }
+
+    /// Fills the listener table's inactive half and makes it live (see [`ListenerTable`]).
+    fn write_listeners(&mut self, state: &MapState) -> Result<()> {
+        let (seed, slots) = place_listeners(&state.listeners, &state.vips)?;
+        let mut table = self
+            .map::<Array<_, ListenerTable>>("LISTENER_TABLE")?
+            .get(&0, 0)?;
+        let half = (table.active_half & 1) ^ 1;
+        // Only the slots that differ from what this half already holds.
+        let written = self.listener_halves[half as usize].take();
+        let mut map: Array<_, ListenerSlot> = self.map("LISTENER_SLOTS")?;
+        for (i, slot) in slots.iter().enumerate() {
+            if written.as_ref().is_none_or(|w| w.get(i) != Some(slot)) {
+                map.set(half * LISTENER_SLOTS + i as u32, slot, 0)?;
+            }
+        }
+        self.listener_halves[half as usize] = Some(slots);
+        let mut info: Array<_, ListenerTable> = self.map("LISTENER_TABLE")?;
+        table.seeds[half as usize] = seed;
+        info.set(0, table, 0)?;
+        table.active_half = half;
+        info.set(0, table, 0)?;
         Ok(())
     }
 
@@ -544,5 +609,77 @@ impl Dataplane {
             .map(name)
             .ok_or_else(|| anyhow!("map {name} missing from the embedded object"))?;
         Ok(T::try_from(map)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The data plane's search (`find_key` in the balancer), on one placed half.
+    fn find(slots: &[ListenerSlot], seed: u32, key: &ListenerKey) -> Option<ListenerSlot> {
+        let home = listener_home(key, seed);
+        for i in 0..LISTENER_PROBES {
+            let slot = slots[((home + i) & (LISTENER_SLOTS - 1)) as usize];
+            if slot.key == *key {
+                return Some(slot);
+            }
+            if slot.key.addr == 0 {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn key(vip: u32, port: u16, proto: u8) -> ListenerKey {
+        ListenerKey {
+            addr: be(Ipv4Addr::from(vip)),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_full_listener_table_finds_every_key_and_nothing_else() {
+        // VIPs with 3 listener keys each, plus the VIPs: as full as the table may get.
+        let first_vip = u32::from(Ipv4Addr::new(203, 0, 113, 0));
+        let mut listeners = HashMap::new();
+        let mut vips = HashSet::new();
+        for v in 0..LISTENER_SLOTS / 16 {
+            for (p, port) in [80u16, 443, 27015].into_iter().enumerate() {
+                let id = v * 3 + p as u32;
+                let listener = Listener {
+                    id,
+                    group: id % 16,
+                    idle_timeout_s: 350,
+                    pad: 0,
+                };
+                listeners.insert(key(first_vip + v, port, 6), listener);
+            }
+            vips.insert(be(Ipv4Addr::from(first_vip + v)));
+        }
+        let (seed, slots) = place_listeners(&listeners, &vips).unwrap();
+        assert_eq!(
+            place_listeners(&listeners, &vips).unwrap(),
+            (seed, slots.clone()),
+            "the same listeners give the same table"
+        );
+        for (k, l) in &listeners {
+            assert_eq!(find(&slots, seed, k).map(|s| s.listener), Some(*l));
+            let other_protocol = ListenerKey { proto: 17, ..*k };
+            assert_eq!(find(&slots, seed, &other_protocol), None);
+        }
+        for &vip in &vips {
+            assert!(find(&slots, seed, &ListenerKey::vip(vip)).is_some());
+        }
+        let not_a_vip = be(Ipv4Addr::new(198, 51, 100, 7));
+        assert_eq!(find(&slots, seed, &ListenerKey::vip(not_a_vip)), None);
+
+        vips.insert(not_a_vip);
+        match place_listeners(&listeners, &vips) {
+            Err(e) => assert!(e.to_string().contains("at most 4096"), "{e}"),
+            Ok(_) => panic!("4097 keys placed in a table for 4096"),
+        }
     }
 }

@@ -11,24 +11,27 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, DropReason, FORWARDING_IPIP, Flow, FlowKey, Group, Listener, ListenerKey,
+    Counters, DropReason, FORWARDING_IPIP, Flow, FlowKey, Group, LISTENER_PROBES,
+    LISTENER_SLOTS as LISTENER_SLOT_COUNT, Listener, ListenerKey, ListenerSlot, ListenerTable,
     MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY, Settings, TARGET_ACTIVE,
-    TARGET_DRAINING, Target, flow_hash,
+    TARGET_DRAINING, Target, flow_hash, listener_home,
 };
 use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum, write_mac};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-/// Listeners by (VIP, port, protocol).
+/// Listeners by (VIP, port, protocol), and every VIP (so that traffic to a VIP port without a
+/// listener is dropped rather than passed): two halves of `LISTENER_SLOTS`, probed by
+/// `find_key`. Array lookups are inlined by the JIT; a hash map's cost a call and a jhash.
 #[map]
-static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+static LISTENER_SLOTS: Array<ListenerSlot> = Array::with_max_entries(2 * LISTENER_SLOT_COUNT, 0);
 
-/// Every VIP, so that traffic to a VIP port without a listener is dropped rather than passed.
+/// The live half of `LISTENER_SLOTS` and the seeds of both.
 #[map]
-static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+static LISTENER_TABLE: Array<ListenerTable> = Array::with_max_entries(1, 0);
 
 /// Connection table: flow affinity. Sized by the controller at load time.
 ///
@@ -76,25 +79,29 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    balance(&ctx)
+    // One place asks whether an unforwardable packet was for a VIP: each inlined copy of the
+    // listener table's probe loop costs hundreds of instructions.
+    balance(&ctx).unwrap_or_else(|(dst, reason)| drop_if_vip(dst, reason))
 }
 
+/// The action for the frame, or the destination and reason of a packet that cannot be
+/// forwarded: dropped if it was for a VIP, passed otherwise.
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> u32 {
+fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return XDP_PASS;
+        return Ok(XDP_PASS);
     };
     // SAFETY: every pointer below comes from `ptr_at`, which checked it against data_end.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return XDP_PASS;
+        return Ok(XDP_PASS);
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return XDP_PASS;
+        return Ok(XDP_PASS);
     };
     // Only the fields used: copying the whole header costs a byte load and a stack store each.
     let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return XDP_PASS;
+        return Ok(XDP_PASS);
     }
     let dst = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
     let frame_len = ctx.data_end() - ctx.data();
@@ -107,24 +114,24 @@ fn balance(ctx: &XdpContext) -> u32 {
         UDP_HDR_LEN
     };
     if vihl >> 4 != 4 || ihl < IPV4_LEN || tot_len < ihl + l4_len || ETH_LEN + tot_len > frame_len {
-        return drop_if_vip(dst, DropReason::Malformed);
+        return Err((dst, DropReason::Malformed));
     }
     if u16::from_be_bytes(unsafe { (*ip).frags }) & IP_MF_OFFSET_MASK != 0 {
-        return drop_if_vip(dst, DropReason::Fragment);
+        return Err((dst, DropReason::Fragment));
     }
     // `ihl` is at most 60: the mask tells the verifier so.
     let l4_off = ETH_LEN + (ihl & 0x3c);
     // TCP needs its flags; UDP only its ports (the first four bytes of both headers).
     let tcp_flags = if proto == PROTO_TCP {
         let Some(flags) = ptr_at::<u8>(ctx, l4_off + TCP_FLAGS_OFFSET) else {
-            return drop_if_vip(dst, DropReason::Malformed);
+            return Err((dst, DropReason::Malformed));
         };
         unsafe { *flags }
     } else {
         0
     };
     let Some(ports) = ptr_at::<[u16; 2]>(ctx, l4_off) else {
-        return drop_if_vip(dst, DropReason::Malformed);
+        return Err((dst, DropReason::Malformed));
     };
     let [sport, dport] = unsafe { *ports };
 
@@ -134,15 +141,15 @@ fn balance(ctx: &XdpContext) -> u32 {
         proto,
         pad: 0,
     };
-    let Some(listener) = (unsafe { LISTENERS.get(&listener_key) }) else {
-        return drop_if_vip(dst, DropReason::NoListener);
+    let Some(slot) = find_key(&listener_key) else {
+        return Err((dst, DropReason::NoListener));
     };
-    let listener = *listener;
+    let listener = slot.listener;
     let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
-        return XDP_PASS;
+        return Ok(XDP_PASS);
     };
     let Some(group) = GROUPS.get(listener.group) else {
-        return drop(DropReason::NoTarget);
+        return Ok(drop(DropReason::NoTarget));
     };
 
     let key = FlowKey::new(
@@ -161,7 +168,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         Some(id) => id,
         None => {
             let Some(id) = maglev_pick(&key, &listener, group, settings) else {
-                return drop(DropReason::NoTarget);
+                return Ok(drop(DropReason::NoTarget));
             };
             new_flow = true;
             // A stray RST must not create state for a flow that does not exist.
@@ -177,7 +184,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         }
     };
     let Some(target) = TARGETS.get(target_id) else {
-        return drop(DropReason::NoTarget);
+        return Ok(drop(DropReason::NoTarget));
     };
 
     count(&LISTENER_STATS, listener.id, frame_len, new_flow);
@@ -186,14 +193,14 @@ fn balance(ctx: &XdpContext) -> u32 {
     if group.forwarding == FORWARDING_IPIP {
         // SAFETY: `ip` was bounds-checked above and the frame has not been resized since.
         let inner = unsafe { *ip };
-        encapsulate(ctx, &inner, target, settings)
+        Ok(encapsulate(ctx, &inner, target, settings))
     } else {
         // SAFETY: `eth` was bounds-checked above and the frame has not been resized since.
         unsafe {
             write_mac(&raw mut (*eth).dst_addr, &target.mac);
             write_mac(&raw mut (*eth).src_addr, &settings.iface_mac);
         }
-        XDP_TX
+        Ok(XDP_TX)
     }
 }
 
@@ -280,9 +287,37 @@ fn encapsulate(ctx: &XdpContext, inner: &Ipv4Hdr, target: &Target, settings: &Se
     XDP_TX
 }
 
+/// The live listener table's slot for `key`: linear probing from its home slot, at most
+/// `LISTENER_PROBES` slots, stopping early at an empty one.
+#[inline(always)]
+fn find_key(key: &ListenerKey) -> Option<&'static ListenerSlot> {
+    let table = LISTENER_TABLE.get(0)?;
+    let half = table.active_half & 1;
+    let seed = if half == 0 {
+        table.seeds[0]
+    } else {
+        table.seeds[1]
+    };
+    let home = listener_home(key, seed);
+    let word = key.word();
+    let mut i = 0;
+    while i < LISTENER_PROBES {
+        let index = half * LISTENER_SLOT_COUNT + ((home + i) & (LISTENER_SLOT_COUNT - 1));
+        let slot = LISTENER_SLOTS.get(index)?;
+        if slot.key.word() == word {
+            return Some(slot);
+        }
+        if slot.key.addr == 0 {
+            return None;
+        }
+        i += 1;
+    }
+    None
+}
+
 #[inline(always)]
 fn drop_if_vip(dst: u32, reason: DropReason) -> u32 {
-    if unsafe { VIPS.get(&dst) }.is_some() {
+    if find_key(&ListenerKey::vip(dst)).is_some() {
         drop(reason)
     } else {
         XDP_PASS

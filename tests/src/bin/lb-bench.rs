@@ -169,20 +169,24 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// What the fast path does, for the paragraph under the per-packet table.
 const WHERE_THE_TIME_GOES: &str = "\
 Where the time goes (`perf record -a` while this section runs): an established packet costs the\n\
-balancer a hash lookup of the listener (8-byte key), a lookup in the LRU connection table\n\
-(16-byte key), array lookups of settings, group and target (inlined by the JIT), the coarse\n\
-clock and two per-CPU counter updates; the kernel's hashing of the two keys is the largest cost\n\
-outside the program itself. The baseline does none of this, and its 25-30 ns are mostly\n\
-BPF_PROG_TEST_RUN's own loop, so 2× would leave about 30 ns for all of it, less than the two\n\
-hash lookups take here. A new flow adds the flow hash, the Maglev slot and the LRU insert,\n\
+balancer a probe of its listener table (an array it indexes itself, with a murmur hash of the\n\
+VIP, port and protocol), a lookup in the LRU connection table (16-byte key), array lookups of\n\
+settings, group and target (all array lookups are inlined by the JIT), the coarse clock and two\n\
+per-CPU counter updates. The connection table lookup is the largest cost left: the kernel's\n\
+jhash of the key and a call into the LRU. The baseline does none of this, and its 25-30 ns are\n\
+mostly BPF_PROG_TEST_RUN's own loop, so 2× would leave about 30 ns for all of it, about what\n\
+that one lookup takes here. A new flow adds the flow hash, the Maglev slot and the LRU insert,\n\
 which takes the LRU's locks and may evict, and costs more than the rest of the path together.\n\
 Done: the profile showed LLVM's byte-by-byte memset and memcpy called as BPF subprograms on\n\
 every packet (the key's padding, each MAC) and the IP header copied to the stack; without them\n\
-an established flow went from about 146 to 110 ns. Tried and rejected: per-CPU LRU lists\n\
+an established flow went from about 146 to 110 ns. Then the listener and VIP hash maps (a\n\
+jhash and a call each, about 20 ns) gave way to the listener table: established flows went\n\
+from about 4.4× to 3.8× the baseline and packets not for a VIP from about 2.5× to 1.8× (runs\n\
+of `cargo xtask bench --only 1` before and after). Tried and rejected: per-CPU LRU lists\n\
 (`BPF_F_NO_COMMON_LRU`), 10-30% slower for new flows on one CPU. What would make it faster\n\
-still: a listener table the program indexes itself (an array probed with a cheap hash instead\n\
-of the kernel's jhash), and Katran's choice of not inserting TCP flows whose Maglev pick is\n\
-stable, which trades affinity across table changes for speed.";
+still: Katran's choice of not inserting TCP flows whose Maglev pick is stable, which trades\n\
+affinity across table changes for a cheaper new flow; the established path has little left\n\
+to remove but the connection table itself.";
 
 const BENCH_CONFIG: &str = "
 listeners:
