@@ -455,11 +455,13 @@ fn lab_pps(plan: &Plan) -> Result<String> {
          {reflector:.0}/s). On this 2-core machine the generator, the forwarder and the receivers \
          share the same CPUs, and veth runs its peer's receive processing on the sending CPU, so \
          the generator is largely paced by the chain behind it: read the rates as costs per packet \
-         of the whole chain, not as line rates (that needs two machines with real NICs). nftables \
-         coming out ahead of the XDP forwarders is most likely a veth artifact, not yet verified \
-         with a profile: veth must copy each frame that reaches an interface running XDP into a \
-         page with XDP headroom, which real NICs do not do, while the nftables path hands the \
-         buffer on.",
+         of the whole chain, not as line rates (that needs two machines with real NICs). Why nftables \
+         comes out ahead of both XDP forwarders here is not established. An earlier guess, that \
+         veth copies every frame reaching an interface that runs XDP, does not hold: in `perf \
+         record -a -g` over `lb-bench --only 2 --quick`, copies (memcpy, skb_copy_bits, page pool \
+         allocations) were under 1% of all samples and the balancer program about 1%, while \
+         veth's NAPI polling and the bridge around it (with its netfilter hooks) took most of \
+         the forwarding time. Separating the paths in a profile is the next step.",
         if reflector_saturated {
             "saturated before the generator"
         } else {
