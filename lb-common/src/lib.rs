@@ -94,11 +94,14 @@ pub struct ListenerTable {
 }
 
 /// The slot where the search for `key` starts, in a half of `LISTENER_SLOTS`.
+///
+/// Multiply-shift hashing: the seed's multiple and the multiplier are independent of each other,
+/// so the whole hash is about two multiplies deep. Murmur's chain of six dependent multiplies
+/// cost about 8 ns per probe here, and every packet probes once (twice when not for a VIP).
 #[inline(always)]
 pub fn listener_home(key: &ListenerKey, seed: u32) -> u32 {
-    let h = murmur_round(seed, key.addr);
-    let h = murmur_round(h, ((key.port as u32) << 8) | key.proto as u32);
-    murmur_finish(h ^ 8) & (LISTENER_SLOTS - 1)
+    let mixed = key.word() ^ (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed.wrapping_mul(0xd6e8_feb8_6659_fd93) >> (64 - LISTENER_SLOTS.trailing_zeros())) as u32
 }
 
 /// The 5-tuple of a flow as the client sent it.
