@@ -106,7 +106,7 @@ pub fn listener_home(key: &ListenerKey, seed: u32) -> u32 {
 
 /// The 5-tuple of a flow as the client sent it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: u32,
     pub dst: u32,
@@ -133,17 +133,87 @@ impl FlowKey {
         // SAFETY: `FlowKey` is 16 bytes of plain integers with this exact layout (asserted below).
         unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
     }
+
+    /// The key as four words, for comparisons and hashing without byte accesses.
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 4] {
+        // SAFETY: as in `new`.
+        unsafe { core::mem::transmute::<FlowKey, [u32; 4]>(*self) }
+    }
 }
 
-/// What the connection table remembers of a flow.
+/// Entries per bucket of the connection table: four 32-byte entries, two cache lines.
+pub const FLOW_WAYS: usize = 4;
+
+/// One entry of the connection table: a flow and the target it keeps.
+///
+/// Entries are written field by field, by any CPU, while others read them: `check` is what makes
+/// a torn entry (the key of one flow with the target of another) detectable. It is computed from
+/// the flow's hash and the target, so a reader finds it valid only if it was written for its own
+/// flow with this target. A zeroed entry is never valid: `check` is odd.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Flow {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub key: FlowKey,
     /// Index into `TARGETS`.
     pub target: u32,
-    pub pad: u32,
+    /// `flow_check` of the flow's hash and `target`.
+    pub check: u32,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) when the flow was last refreshed.
     pub last_seen_ns: u64,
+}
+
+/// A bucket of the connection table: the flows whose hash falls on it, `FLOW_WAYS` at most.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    pub entries: [FlowEntry; FLOW_WAYS],
+}
+
+/// The connection table's shape and hash: its number of buckets and the random coefficients of
+/// its hash, chosen when the table is created. A secret hash keeps anyone from aiming flows at
+/// one bucket, as the kernel's own hash maps do with a random seed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTable {
+    pub buckets: u32,
+    pub pad: u32,
+    /// Odd 64-bit multipliers of the key's four words, and the offset.
+    pub multipliers: [u64; 4],
+    pub offset: u64,
+}
+
+impl FlowTable {
+    /// The flow's 64-bit hash in this table: multiply-add-shift over the key's 32-bit words,
+    /// four independent multiplies that the CPU runs side by side.
+    #[inline(always)]
+    pub fn hash(&self, key: &FlowKey) -> u64 {
+        let w = key.words();
+        let m = &self.multipliers;
+        (w[0] as u64)
+            .wrapping_mul(m[0])
+            .wrapping_add((w[1] as u64).wrapping_mul(m[1]))
+            .wrapping_add((w[2] as u64).wrapping_mul(m[2]))
+            .wrapping_add((w[3] as u64).wrapping_mul(m[3]))
+            .wrapping_add(self.offset)
+    }
+
+    /// The bucket of a flow with this hash: its top 32 bits scaled to the bucket count.
+    #[inline(always)]
+    pub fn bucket(&self, hash: u64) -> u32 {
+        (((hash >> 32) * self.buckets as u64) >> 32) as u32
+    }
+
+    /// Whether `entry` was written whole, for its own flow and target (see [`FlowEntry`]).
+    pub fn is_whole(&self, entry: &FlowEntry) -> bool {
+        entry.check == flow_check(self.hash(&entry.key), entry.target)
+    }
+}
+
+/// The `check` of an entry for a flow with this hash and target (odd, so never zero).
+#[inline(always)]
+pub fn flow_check(hash: u64, target: u32) -> u32 {
+    (hash as u32 ^ target.wrapping_mul(0x9e37_79b9)) | 1
 }
 
 /// `Target::state`: a free slot.
@@ -264,7 +334,9 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(core::mem::offset_of!(FlowKey, sport) == 8);
     assert!(core::mem::offset_of!(FlowKey, proto) == 12);
-    assert!(size_of::<Flow>() == 16);
+    assert!(size_of::<FlowEntry>() == 32);
+    assert!(size_of::<FlowBucket>() == 32 * FLOW_WAYS);
+    assert!(size_of::<FlowTable>() == 48);
     assert!(size_of::<Target>() == 16);
     assert!(size_of::<Group>() == 16);
     assert!(size_of::<Settings>() == 24);
@@ -279,7 +351,9 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerSlot {}
     unsafe impl aya::Pod for super::ListenerTable {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowBucket {}
+    unsafe impl aya::Pod for super::FlowTable {}
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::Group {}
     unsafe impl aya::Pod for super::Settings {}

@@ -13,13 +13,14 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues},
     programs::Xdp,
 };
 use lb_common::{
-    Counters, DropReason, FORWARDING_DSR, FORWARDING_IPIP, Flow, FlowKey, Group, LISTENER_PROBES,
-    LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot, ListenerTable, SETTINGS_KEY, Settings,
-    TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
+    Counters, DropReason, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FlowBucket, FlowEntry,
+    FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
+    ListenerSlot, ListenerTable, SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING,
+    TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
 
 use crate::{
@@ -34,10 +35,11 @@ use crate::{
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer: all are pinned, so that a successor adopts them.
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     "LISTENER_SLOTS",
     "LISTENER_TABLE",
     "FLOWS",
+    "FLOW_TABLE",
     "TARGETS",
     "GROUPS",
     "MAGLEV",
@@ -225,9 +227,76 @@ pub struct MapMemory {
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     match map {
-        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Some(d),
+        Map::Array(d) | Map::PerCpuArray(d) => Some(d),
         _ => None,
     }
+}
+
+/// The connection table mapped read-only into this process (the map is `BPF_F_MMAPABLE`):
+/// counting flows for a scrape reads memory instead of making a system call per bucket.
+struct FlowMemory {
+    buckets: *const FlowBucket,
+    count: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is read-only and lives until `drop`; it is read only by copying.
+unsafe impl Send for FlowMemory {}
+unsafe impl Sync for FlowMemory {}
+
+impl FlowMemory {
+    fn map(data: &MapData, count: u32) -> Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (count as usize * size_of::<FlowBucket>()).next_multiple_of(page);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
+        // SAFETY: a new read-only shared mapping of the map's memory; nothing else is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mapping the connection table");
+        }
+        Ok(FlowMemory {
+            buckets: ptr as *const FlowBucket,
+            count,
+            bytes,
+        })
+    }
+
+    /// A copy of bucket `index`, as the data plane left it at that moment.
+    fn bucket(&self, index: u32) -> FlowBucket {
+        assert!(index < self.count, "bucket {index} of {}", self.count);
+        // SAFETY: in bounds (checked above) of a live mapping. The data plane writes entries
+        // while we read: a torn copy is what `check` detects.
+        unsafe { self.buckets.add(index as usize).read_volatile() }
+    }
+}
+
+impl Drop for FlowMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, which nothing refers to any more.
+        unsafe { libc::munmap(self.buckets as *mut libc::c_void, self.bytes) };
+    }
+}
+
+/// Fresh random words from the kernel, for the connection table's hash.
+fn random_words() -> Result<[u64; 4]> {
+    let mut words = [0u64; 4];
+    let len = size_of_val(&words);
+    // SAFETY: getrandom writes at most `len` bytes into `words`.
+    let got = unsafe { libc::getrandom(words.as_mut_ptr().cast(), len, 0) };
+    if got != len as isize {
+        return Err(std::io::Error::last_os_error()).context("getrandom");
+    }
+    Ok(words)
 }
 
 /// Active flows by listener id and by target id.
@@ -259,6 +328,9 @@ pub struct Dataplane {
     tables: HashMap<u32, [Option<Vec<u32>>; 2]>,
     /// The same for the two halves of the listener table.
     listener_halves: [Option<Vec<ListenerSlot>>; 2],
+    /// The connection table's shape and hash, and the table itself, mapped into this process.
+    flow_table: FlowTable,
+    flows: FlowMemory,
 }
 
 impl Dataplane {
@@ -268,12 +340,9 @@ impl Dataplane {
     /// lb on the same interface) are adopted with their contents, connection table included.
     pub fn load(settings: &config::Settings, pin_dir: Option<&Path>) -> Result<Self> {
         let maglev_slots = settings.max_target_groups * 2 * settings.maglev_table_size;
+        let flow_buckets = settings.connection_table_size.div_ceil(FLOW_WAYS as u32);
         let sizes = [
-            (
-                "FLOWS",
-                settings.connection_table_size,
-                "connection_table_size",
-            ),
+            ("FLOWS", flow_buckets, "connection_table_size"),
             ("GROUPS", settings.max_target_groups, "max_target_groups"),
             (
                 "MAGLEV",
@@ -313,11 +382,32 @@ impl Dataplane {
             .context("balancer program missing from the embedded object")?
             .try_into()?;
         program.load().map_err(crate::xdp::explain_program_error)?;
+        let mut shape: Array<_, FlowTable> = Array::try_from(
+            ebpf.map_mut("FLOW_TABLE")
+                .context("map FLOW_TABLE missing from the embedded object")?,
+        )?;
+        // An adopted table keeps its hash: its flows are where that hash put them.
+        let mut flow_table = shape.get(&0, 0)?;
+        if flow_table.buckets == 0 {
+            flow_table = FlowTable {
+                buckets: flow_buckets,
+                pad: 0,
+                multipliers: random_words()?.map(|m| m | 1),
+                offset: random_words()?[0],
+            };
+            shape.set(0, flow_table, 0)?;
+        }
+        let flows = FlowMemory::map(
+            ebpf.map("FLOWS").and_then(map_data).context("map FLOWS")?,
+            flow_table.buckets,
+        )?;
         Ok(Dataplane {
             ebpf,
             maglev_size: settings.maglev_table_size,
             tables: HashMap::new(),
             listener_halves: [None, None],
+            flow_table,
+            flows,
         })
     }
 
@@ -492,43 +582,51 @@ impl Dataplane {
     }
 
     /// The connection table's entry for a flow, if any.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        let flows: BpfHashMap<&MapData, FlowKey, Flow> = self.map_ref("FLOWS")?;
-        match flows.get(key, 0) {
-            Ok(flow) => Ok(Some(flow)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        let bucket = self.flows.bucket(self.flow_bucket(key));
+        bucket
+            .entries
+            .into_iter()
+            .find(|e| e.key == *key && self.flow_table.is_whole(e))
+    }
+
+    /// The connection-table bucket that holds `key` (its hash is this table's secret).
+    pub fn flow_bucket(&self, key: &FlowKey) -> u32 {
+        self.flow_table.bucket(self.flow_table.hash(key))
     }
 
     /// Flows seen within their listener's idle timeout, per listener id and per target id:
     /// one pass over the connection table, which is the only place that knows.
-    pub fn active_flows(&self, state: &MapState) -> Result<ActiveFlows> {
+    pub fn active_flows(&self, state: &MapState) -> ActiveFlows {
         let now = monotonic_ns();
-        let flows: BpfHashMap<&MapData, FlowKey, Flow> = self.map_ref("FLOWS")?;
         let mut active = ActiveFlows::default();
-        // Entries the kernel evicts while we walk the table are simply skipped.
-        for (key, flow) in flows.iter().filter_map(Result::ok) {
-            let listener_key = ListenerKey {
-                addr: key.dst,
-                port: key.dport,
-                proto: key.proto,
-                pad: 0,
-            };
-            let Some(listener) = state.listeners.get(&listener_key) else {
-                continue;
-            };
-            let live = state.targets.get(&flow.target).is_some_and(|t| {
-                t.group == listener.group
-                    && (t.state == TARGET_ACTIVE || t.state == TARGET_DRAINING)
-            });
-            let idle_ns = now.saturating_sub(flow.last_seen_ns);
-            if live && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000 {
-                *active.listeners.entry(listener.id).or_default() += 1;
-                *active.targets.entry(flow.target).or_default() += 1;
+        for bucket in 0..self.flow_table.buckets {
+            for flow in self.flows.bucket(bucket).entries {
+                if !self.flow_table.is_whole(&flow) {
+                    continue;
+                }
+                let key = flow.key;
+                let listener_key = ListenerKey {
+                    addr: key.dst,
+                    port: key.dport,
+                    proto: key.proto,
+                    pad: 0,
+                };
+                let Some(listener) = state.listeners.get(&listener_key) else {
+                    continue;
+                };
+                let live = state.targets.get(&flow.target).is_some_and(|t| {
+                    t.group == listener.group
+                        && (t.state == TARGET_ACTIVE || t.state == TARGET_DRAINING)
+                });
+                let idle_ns = now.saturating_sub(flow.last_seen_ns);
+                if live && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000 {
+                    *active.listeners.entry(listener.id).or_default() += 1;
+                    *active.targets.entry(flow.target).or_default() += 1;
+                }
             }
         }
-        Ok(active)
+        active
     }
 
     /// Every map's shape and the memory the kernel charges for it.
@@ -615,6 +713,54 @@ impl Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::flow_check;
+
+    fn flow_table() -> FlowTable {
+        FlowTable {
+            buckets: 256,
+            pad: 0,
+            multipliers: [3u64, 5, 7, 9].map(|m| m.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            offset: 11,
+        }
+    }
+
+    #[test]
+    fn a_torn_flow_entry_is_not_whole() {
+        let table = flow_table();
+        let entry = |key: FlowKey, target| FlowEntry {
+            key,
+            target,
+            check: flow_check(table.hash(&key), target),
+            last_seen_ns: 1,
+        };
+        let a = entry(FlowKey::new(1, 2, 3, 4, 6), 7);
+        let b = entry(FlowKey::new(1, 2, 5, 4, 6), 9);
+        assert!(table.is_whole(&a) && table.is_whole(&b));
+        // Any mix of the two writes: one flow's key with the other's target or check.
+        assert!(!table.is_whole(&FlowEntry {
+            target: b.target,
+            ..a
+        }));
+        assert!(!table.is_whole(&FlowEntry {
+            check: b.check,
+            ..a
+        }));
+        assert!(!table.is_whole(&FlowEntry { key: b.key, ..a }));
+        assert!(!table.is_whole(&FlowEntry::default()), "an empty entry");
+    }
+
+    #[test]
+    fn one_clients_flows_spread_over_the_flow_buckets() {
+        let table = flow_table();
+        let mut per_bucket = vec![0u32; table.buckets as usize];
+        for sport in 0..16384u16 {
+            let key = FlowKey::new(7, 10, sport.to_be(), 80u16.to_be(), 6);
+            per_bucket[table.bucket(table.hash(&key)) as usize] += 1;
+        }
+        // 64 per bucket on average; a Poisson spread keeps every bucket within about ±30.
+        let (min, max) = (per_bucket.iter().min(), per_bucket.iter().max());
+        assert!(min >= Some(&24) && max <= Some(&112), "{min:?}..{max:?}");
+    }
 
     /// The data plane's search (`find_key` in the balancer), on one placed half.
     fn find(slots: &[ListenerSlot], seed: u32, key: &ListenerKey) -> Option<ListenerSlot> {

@@ -74,7 +74,7 @@ impl Status {
         state: &MapState,
         dataplane: &Dataplane,
     ) -> Result<Self> {
-        let active = dataplane.active_flows(state)?;
+        let active = dataplane.active_flows(state);
         let traffic = |counters: lb_common::Counters, active: u64| Traffic {
             packets: counters.packets,
             bytes: counters.bytes,

@@ -248,23 +248,57 @@ fn malformed_and_fragmented_vip_packets_are_dropped_and_counted() -> Result<()> 
 fn connection_table_keeps_flows_and_ignores_stray_resets() -> Result<()> {
     let (mut dp, state) = load()?;
     let ack = Packet::tcp(80, 2000, 0x10);
-    ensure!(dp.flow(&ack.key())?.is_none());
+    ensure!(dp.flow(&ack.key()).is_none());
     ensure!(run(&mut dp, &ack.frame())?.0 == XDP_TX);
     let flow = dp
-        .flow(&ack.key())?
+        .flow(&ack.key())
         .ok_or_else(|| anyhow::anyhow!("no flow entry"))?;
     ensure!(flow.target == expected_target(&state, 0, &ack).0);
 
     let rst = Packet::tcp(80, 2001, 0x04);
     ensure!(run(&mut dp, &rst.frame())?.0 == XDP_TX);
-    ensure!(dp.flow(&rst.key())?.is_none(), "an RST created a flow");
+    ensure!(dp.flow(&rst.key()).is_none(), "an RST created a flow");
 
     let udp = Packet::udp(53, 2002);
     run(&mut dp, &udp.frame())?;
     ensure!(
-        dp.flow(&udp.key())?.is_some(),
+        dp.flow(&udp.key()).is_some(),
         "a UDP flow was not remembered"
     );
+    Ok(())
+}
+
+/// A full bucket makes room by forgetting its least recently seen flow, so a flow that keeps
+/// sending outlives newer ones that went quiet.
+#[test]
+fn a_full_flow_bucket_forgets_its_least_recently_seen_flow() -> Result<()> {
+    let (mut dp, _) = load()?;
+    let first = Packet::tcp(80, 5000, 0x10);
+    let bucket = dp.flow_bucket(&first.key());
+    // Four more flows of the same bucket: with 4096 flows in buckets of four, one in 1024 is.
+    let same: Vec<Packet> = (5001..u16::MAX)
+        .map(|sport| Packet::tcp(80, sport, 0x10))
+        .filter(|p| dp.flow_bucket(&p.key()) == bucket)
+        .take(lb_common::FLOW_WAYS)
+        .collect();
+    ensure!(same.len() == lb_common::FLOW_WAYS);
+    let present = |dp: &Dataplane, p: &Packet| dp.flow(&p.key()).is_some();
+
+    run(&mut dp, &first.frame())?;
+    // Last-seen times move in steps of one second (the data plane refreshes them no more often).
+    std::thread::sleep(Duration::from_millis(1100));
+    for p in &same[..3] {
+        run(&mut dp, &p.frame())?;
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    run(&mut dp, &first.frame())?; // still active: refreshed
+    run(&mut dp, &same[3].frame())?; // a fifth flow: the bucket is full
+    ensure!(present(&dp, &first), "the active flow was forgotten");
+    ensure!(
+        !present(&dp, &same[0]),
+        "the least recently seen flow was kept"
+    );
+    ensure!(same[1..].iter().all(|p| present(&dp, p)));
     Ok(())
 }
 
@@ -325,12 +359,12 @@ fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()>
     dp.apply(&state_a, &state_b)?;
     // Still active: the flow keeps its target although the table changed.
     let (_, out) = run(&mut dp, &packet.frame())?;
-    ensure!(out[0..6] == old.mac && dp.flow(&packet.key())?.map(|f| f.target) == Some(old_id));
+    ensure!(out[0..6] == old.mac && dp.flow(&packet.key()).map(|f| f.target) == Some(old_id));
     // Idle past the listener's 1 s timeout: a new flow, picked from the new table.
     std::thread::sleep(Duration::from_millis(1500));
     let (_, out) = run(&mut dp, &packet.frame())?;
     ensure!(out[0..6] == new.mac, "an idle flow kept its old target");
-    ensure!(dp.flow(&packet.key())?.map(|f| f.target) == Some(new_id));
+    ensure!(dp.flow(&packet.key()).map(|f| f.target) == Some(new_id));
     Ok(())
 }
 

@@ -8,17 +8,20 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        BPF_F_MMAPABLE,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, DropReason, FORWARDING_IPIP, Flow, FlowKey, Group, LISTENER_PROBES,
-    LISTENER_SLOTS as LISTENER_SLOT_COUNT, Listener, ListenerKey, ListenerSlot, ListenerTable,
-    MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY, Settings, TARGET_ACTIVE,
-    TARGET_DRAINING, Target, flow_hash, listener_home,
+    Counters, DropReason, FLOW_WAYS, FORWARDING_IPIP, FlowBucket, FlowEntry, FlowKey, FlowTable,
+    Group, LISTENER_PROBES, LISTENER_SLOTS as LISTENER_SLOT_COUNT, Listener, ListenerKey,
+    ListenerSlot, ListenerTable, MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY,
+    Settings, TARGET_ACTIVE, TARGET_DRAINING, Target, flow_check, flow_hash, listener_home,
 };
 use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum, write_mac};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -35,11 +38,17 @@ static LISTENER_TABLE: Array<ListenerTable> = Array::with_max_entries(1, 0);
 
 /// Connection table: flow affinity. Sized by the controller at load time.
 ///
-/// One LRU shared by all CPUs: per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`, as Katran uses) made a
-/// new flow 10-30% slower on one CPU in `cargo xtask bench --only 1`; the contention they spare
-/// between CPUs has not been measured here.
+/// A set-associative array that the program indexes itself (`FLOW_TABLE` has its hash): a flow
+/// lives in one bucket of `FLOW_WAYS` entries, and a new flow takes an entry of the same flow or
+/// else the bucket's least recently seen one. The kernel's LRU hash cost a call, a jhash and a
+/// key comparison per lookup, and its inserts take locks and a free-list node: about half of an
+/// established packet's time and most of a new flow's. Mappable, so that the controller reads
+/// it as memory to count flows.
 #[map]
-static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
+static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+#[map]
+static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
 
 #[map]
 static TARGETS: Array<Target> = Array::with_max_entries(MAX_TARGETS, 0);
@@ -159,12 +168,29 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         dport,
         proto,
     );
+    let Some(table) = FLOW_TABLE.get(0) else {
+        return Ok(XDP_PASS);
+    };
+    let hash = table.hash(&key);
+    let Some(bucket) = FLOWS.get_ptr_mut(table.bucket(hash)) else {
+        return Ok(drop(DropReason::NoTarget));
+    };
+    let (entry, found) = find_way(bucket, &key);
+    // SAFETY: `find_way` returns a pointer into the bucket, a map value that stays valid for the
+    // duration of the program run.
+    let entry = unsafe { &mut *entry };
     // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
     // cheaper than the precise one, notably in virtual machines.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A SYN starts a new connection, which always takes a fresh pick.
     let is_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut new_flow = false;
-    let target_id = match existing_target(&key, &listener, is_syn, now) {
+    let existing = if found && !is_syn {
+        existing_target(entry, hash, &listener, now)
+    } else {
+        None
+    };
+    let target_id = match existing {
         Some(id) => id,
         None => {
             let Some(id) = maglev_pick(&key, &listener, group, settings) else {
@@ -173,12 +199,12 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
             new_flow = true;
             // A stray RST must not create state for a flow that does not exist.
             if tcp_flags & TCP_RST == 0 {
-                let flow = Flow {
-                    target: id,
-                    pad: 0,
-                    last_seen_ns: now,
-                };
-                let _ = FLOWS.insert(&key, &flow, 0);
+                // Word stores: a struct copy may become a call to LLVM's memcpy subprogram.
+                // SAFETY: `FlowKey` is four 32-bit words (asserted in lb-common).
+                unsafe { *(&raw mut entry.key as *mut [u32; 4]) = key.words() };
+                entry.target = id;
+                entry.check = flow_check(hash, id);
+                entry.last_seen_ns = now;
             }
             id
         }
@@ -204,32 +230,51 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     }
 }
 
-/// The target the connection table remembers for this flow, if it is still valid for it: the
-/// flow was not idle too long, and its target is still in the listener's group and either takes
-/// flows or drains them.
+/// The entry of `bucket` that holds `key`, and `true`; or else the entry a new flow takes, the
+/// least recently seen (an empty one has never been seen), and `false`.
 #[inline(always)]
-fn existing_target(key: &FlowKey, listener: &Listener, is_syn: bool, now: u64) -> Option<u32> {
-    // A SYN starts a new connection, which always takes a fresh pick.
-    if is_syn {
+fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool) {
+    let first = bucket as *mut FlowEntry;
+    let words = key.words();
+    let (mut victim, mut oldest) = (first, u64::MAX);
+    let mut way = 0;
+    while way < FLOW_WAYS {
+        // SAFETY: `way` < FLOW_WAYS, the number of entries in a bucket.
+        let entry = unsafe { first.add(way) };
+        let (stored, seen) = unsafe { ((*entry).key.words(), (*entry).last_seen_ns) };
+        if stored == words {
+            return (entry, true);
+        }
+        if seen < oldest {
+            (victim, oldest) = (entry, seen);
+        }
+        way += 1;
+    }
+    (victim, false)
+}
+
+/// The target the connection table remembers for this flow, if it is still valid for it: the
+/// entry is whole, the flow was not idle too long, and its target is still in the listener's
+/// group and either takes flows or drains them.
+#[inline(always)]
+fn existing_target(entry: &mut FlowEntry, hash: u64, listener: &Listener, now: u64) -> Option<u32> {
+    if entry.check != flow_check(hash, entry.target) {
         return None;
     }
-    let flow = FLOWS.get_ptr_mut(key)?;
-    // SAFETY: map values stay valid for the duration of the program run.
-    let flow = unsafe { &mut *flow };
-    let idle = now.wrapping_sub(flow.last_seen_ns);
+    let idle = now.wrapping_sub(entry.last_seen_ns);
     if idle > listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    let target = TARGETS.get(flow.target)?;
+    let target = TARGETS.get(entry.target)?;
     if (target.state != TARGET_ACTIVE && target.state != TARGET_DRAINING)
         || target.group != listener.group
     {
         return None;
     }
     if idle > LAST_SEEN_GRANULARITY_NS {
-        flow.last_seen_ns = now;
+        entry.last_seen_ns = now;
     }
-    Some(flow.target)
+    Some(entry.target)
 }
 
 /// Consistent-hash pick from the group's live Maglev table.

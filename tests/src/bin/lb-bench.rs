@@ -1412,12 +1412,14 @@ fn memory() -> Result<String> {
         total as f64 / (1 << 20) as f64
     )?;
     if let Some(flows) = maps.iter().find(|m| m.name == "FLOWS") {
-        let per_gib = flows.max_entries as f64 / (flows.bytes as f64 / (1u64 << 30) as f64);
+        let entries = flows.max_entries as f64 * lb_common::FLOW_WAYS as f64;
+        let per_gib = entries / (flows.bytes as f64 / (1u64 << 30) as f64);
         writeln!(
             out,
-            "\nConnection table: {:.0} bytes per flow, so about {:.1} million flows per GiB \
-             (`settings.connection_table_size` sizes it).",
-            flows.bytes as f64 / flows.max_entries as f64,
+            "\nConnection table: buckets of {} flows, {:.0} bytes per flow, so about {:.1} million \
+             flows per GiB (`settings.connection_table_size` sizes it).",
+            lb_common::FLOW_WAYS,
+            flows.bytes as f64 / entries,
             per_gib / 1e6
         )?;
     }
