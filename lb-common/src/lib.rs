@@ -142,7 +142,8 @@ impl FlowKey {
     }
 }
 
-/// Entries per bucket of the connection table: four 32-byte entries, two cache lines.
+/// Entries per bucket of the connection table: four 32-byte entries, two cache lines. Each flow
+/// has two buckets to choose from (`FlowTable::buckets_of`).
 pub const FLOW_WAYS: usize = 4;
 
 /// One entry of the connection table: a flow and the target it keeps.
@@ -198,10 +199,13 @@ impl FlowTable {
             .wrapping_add(self.offset)
     }
 
-    /// The bucket of a flow with this hash: its top 32 bits scaled to the bucket count.
+    /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
+    /// bucket count. A new flow takes the least recently seen entry of the two, so a flow is
+    /// forgotten only when both of its buckets are full, and the table fills evenly.
     #[inline(always)]
-    pub fn bucket(&self, hash: u64) -> u32 {
-        (((hash >> 32) * self.buckets as u64) >> 32) as u32
+    pub fn buckets_of(&self, hash: u64) -> [u32; 2] {
+        let scale = |half: u64| ((half * self.buckets as u64) >> 32) as u32;
+        [scale(hash >> 32), scale(hash & 0xffff_ffff)]
     }
 
     /// Whether `entry` was written whole, for its own flow and target (see [`FlowEntry`]).

@@ -268,37 +268,51 @@ fn connection_table_keeps_flows_and_ignores_stray_resets() -> Result<()> {
     Ok(())
 }
 
-/// A full bucket makes room by forgetting its least recently seen flow, so a flow that keeps
-/// sending outlives newer ones that went quiet.
+/// A flow is forgotten only when both of its buckets are full, and then it is the least
+/// recently seen of their entries that goes: a flow that keeps sending outlives newer ones that
+/// went quiet.
 #[test]
-fn a_full_flow_bucket_forgets_its_least_recently_seen_flow() -> Result<()> {
+fn full_flow_buckets_forget_their_least_recently_seen_flow() -> Result<()> {
     let (mut dp, _) = load()?;
     let first = Packet::tcp(80, 5000, 0x10);
-    let bucket = dp.flow_bucket(&first.key());
-    // Four more flows of the same bucket: with 4096 flows in buckets of four, one in 1024 is.
-    let same: Vec<Packet> = (5001..u16::MAX)
-        .map(|sport| Packet::tcp(80, sport, 0x10))
-        .filter(|p| dp.flow_bucket(&p.key()) == bucket)
-        .take(lb_common::FLOW_WAYS)
+    let buckets = dp.flow_buckets(&first.key());
+    // Eight more flows with the same two buckets (one in a million is, of 1024 buckets).
+    let slots = 2 * lb_common::FLOW_WAYS;
+    let same: Vec<Packet> = (1..=255u8)
+        .flat_map(|host| {
+            (1024..u16::MAX).map(move |sport| {
+                let mut p = Packet::tcp(80, sport, 0x10);
+                p.src = Ipv4Addr::new(192, 0, 2, host);
+                p
+            })
+        })
+        .filter(|p| p.key() != first.key() && dp.flow_buckets(&p.key()) == buckets)
+        .take(slots)
         .collect();
-    ensure!(same.len() == lb_common::FLOW_WAYS);
+    ensure!(
+        same.len() == slots,
+        "only {} flows share both buckets",
+        same.len()
+    );
     let present = |dp: &Dataplane, p: &Packet| dp.flow(&p.key()).is_some();
 
     run(&mut dp, &first.frame())?;
     // Last-seen times move in steps of one second (the data plane refreshes them no more often).
     std::thread::sleep(Duration::from_millis(1100));
-    for p in &same[..3] {
+    for p in &same[..slots - 1] {
         run(&mut dp, &p.frame())?;
     }
+    ensure!(present(&dp, &first) && same[..slots - 1].iter().all(|p| present(&dp, p)));
     std::thread::sleep(Duration::from_millis(1100));
     run(&mut dp, &first.frame())?; // still active: refreshed
-    run(&mut dp, &same[3].frame())?; // a fifth flow: the bucket is full
+    run(&mut dp, &same[slots - 1].frame())?; // one flow more than both buckets hold
     ensure!(present(&dp, &first), "the active flow was forgotten");
     ensure!(
-        !present(&dp, &same[0]),
-        "the least recently seen flow was kept"
+        present(&dp, &same[slots - 1]),
+        "the new flow was not remembered"
     );
-    ensure!(same[1..].iter().all(|p| present(&dp, p)));
+    let forgotten = same.iter().filter(|p| !present(&dp, p)).count();
+    ensure!(forgotten == 1, "{forgotten} quiet flows forgotten, not one");
     Ok(())
 }
 

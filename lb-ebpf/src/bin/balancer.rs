@@ -39,8 +39,8 @@ static LISTENER_TABLE: Array<ListenerTable> = Array::with_max_entries(1, 0);
 /// Connection table: flow affinity. Sized by the controller at load time.
 ///
 /// A set-associative array that the program indexes itself (`FLOW_TABLE` has its hash): a flow
-/// lives in one bucket of `FLOW_WAYS` entries, and a new flow takes an entry of the same flow or
-/// else the bucket's least recently seen one. The kernel's LRU hash cost a call, a jhash and a
+/// lives in one of its two buckets of `FLOW_WAYS` entries, and a new flow takes an entry of the
+/// same flow or else the least recently seen one of the two buckets. The kernel's LRU hash cost a call, a jhash and a
 /// key comparison per lookup, and its inserts take locks and a free-list node: about half of an
 /// established packet's time and most of a new flow's. Mappable, so that the controller reads
 /// it as memory to count flows.
@@ -172,11 +172,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         return Ok(XDP_PASS);
     };
     let hash = table.hash(&key);
-    let Some(bucket) = FLOWS.get_ptr_mut(table.bucket(hash)) else {
+    let Some((entry, found)) = find_entry(table.buckets_of(hash), &key) else {
         return Ok(drop(DropReason::NoTarget));
     };
-    let (entry, found) = find_way(bucket, &key);
-    // SAFETY: `find_way` returns a pointer into the bucket, a map value that stays valid for the
+    // SAFETY: `find_entry` returns a pointer into a bucket, a map value that stays valid for the
     // duration of the program run.
     let entry = unsafe { &mut *entry };
     // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
@@ -230,27 +229,53 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     }
 }
 
-/// The entry of `bucket` that holds `key`, and `true`; or else the entry a new flow takes, the
-/// least recently seen (an empty one has never been seen), and `false`.
+/// The entry that holds `key` in either of its buckets, and `true`; or else the entry a new flow
+/// takes, and `false`: an empty one of the bucket with more empty entries (the buckets fill
+/// evenly, so that both of a flow's buckets are rarely full), or if neither has one, the least
+/// recently seen of both. The second bucket is read only when the first does not hold the flow.
 #[inline(always)]
-fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool) {
+fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)> {
+    let (entry, found, empty) = find_way(FLOWS.get_ptr_mut(buckets[0])?, key);
+    if found {
+        return Some((entry, true));
+    }
+    let (other, found, other_empty) = find_way(FLOWS.get_ptr_mut(buckets[1])?, key);
+    let take_other = if empty + other_empty == 0 {
+        // SAFETY: both point into buckets, map values valid for the duration of the program run.
+        unsafe { (*other).last_seen_ns < (*entry).last_seen_ns }
+    } else {
+        other_empty > empty
+    };
+    if found || take_other {
+        Some((other, found))
+    } else {
+        Some((entry, false))
+    }
+}
+
+/// In `bucket`: the entry that holds `key`, and `true`; or else the entry a new flow would take,
+/// the least recently seen (an empty one, never seen, first), and `false`; and how many entries
+/// are empty.
+#[inline(always)]
+fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u32) {
     let first = bucket as *mut FlowEntry;
     let words = key.words();
-    let (mut victim, mut oldest) = (first, u64::MAX);
+    let (mut victim, mut oldest, mut empty) = (first, u64::MAX, 0);
     let mut way = 0;
     while way < FLOW_WAYS {
         // SAFETY: `way` < FLOW_WAYS, the number of entries in a bucket.
         let entry = unsafe { first.add(way) };
         let (stored, seen) = unsafe { ((*entry).key.words(), (*entry).last_seen_ns) };
         if stored == words {
-            return (entry, true);
+            return (entry, true, 0);
         }
         if seen < oldest {
             (victim, oldest) = (entry, seen);
         }
+        empty += (seen == 0) as u32;
         way += 1;
     }
-    (victim, false)
+    (victim, false, empty)
 }
 
 /// The target the connection table remembers for this flow, if it is still valid for it: the

@@ -1382,7 +1382,7 @@ fn raise_fd_limit() -> Result<()> {
 fn memory() -> Result<String> {
     let config = "listeners:\n  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}\n\
                   target_groups:\n  - name: web\n    targets:\n      - {address: 198.51.100.11, port: 80}\n";
-    let (dataplane, _, _) = dataplane_for(config)?;
+    let (mut dataplane, _, _) = dataplane_for(config)?;
     let maps = dataplane.memory()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = format!(
@@ -1421,6 +1421,56 @@ fn memory() -> Result<String> {
             lb_common::FLOW_WAYS,
             flows.bytes as f64 / entries,
             per_gib / 1e6
+        )?;
+    }
+    out += &table_fill(&mut dataplane)?;
+    Ok(out)
+}
+
+/// SplitMix64: a well-mixed 64-bit value for each input.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// How many flows the connection table remembers as it fills: distinct TCP flows sent through
+/// the balancer one after another (by `BPF_PROG_TEST_RUN`), then each looked up in the table.
+fn table_fill(dataplane: &mut lb::maps::Dataplane) -> Result<String> {
+    let size = lb::config::DEFAULT_CONNECTION_TABLE_SIZE;
+    let mut out = format!(
+        "\nHow full the connection table ({size} flows) gets: distinct TCP flows sent through the\n\
+         balancer one after another, then looked up. A full bucket forgets its least recently\n\
+         seen flow, so some are forgotten before the table is full.\n\n\
+         | flows sent | of `connection_table_size` | remembered |\n|---|---|---|\n"
+    );
+    // Clients spread as on the Internet: a pseudo-random address (in 198.18.0.0/15, RFC 2544's
+    // benchmarking range) and port for each flow. Consecutive ports of one client would fill
+    // the buckets more evenly than that.
+    let flow = |i: u32| {
+        let r = splitmix64(i as u64);
+        let mut packet = Packet::tcp(80, (r >> 48) as u16 | 1024, 0x10);
+        packet.src = Ipv4Addr::from(0xc612_0000 | (r as u32 & 0x1_ffff));
+        packet
+    };
+    let mut sent = 0;
+    for percent in [25u64, 50, 75, 100] {
+        let until = (size as u64 * percent / 100) as u32;
+        while sent < until {
+            let (verdict, _, _) = run_xdp(dataplane.program_mut(), &flow(sent).frame(), 1)?;
+            if verdict != 3 {
+                bail!("flow {sent}: the balancer returned {verdict}, not XDP_TX");
+            }
+            sent += 1;
+        }
+        let kept = (0..sent)
+            .filter(|&i| dataplane.flow(&flow(i).key()).is_some())
+            .count();
+        writeln!(
+            out,
+            "| {sent} | {percent}% | {:.2}% |",
+            100.0 * kept as f64 / sent as f64
         )?;
     }
     Ok(out)
