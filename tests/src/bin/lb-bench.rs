@@ -168,25 +168,28 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// What the fast path does, for the paragraph under the per-packet table.
 const WHERE_THE_TIME_GOES: &str = "\
-Where the time goes (`perf record -a` while this section runs): an established packet costs the\n\
-balancer a probe of its listener table (an array it indexes itself, with a murmur hash of the\n\
-VIP, port and protocol), a lookup in the LRU connection table (16-byte key), array lookups of\n\
-settings, group and target (all array lookups are inlined by the JIT), the coarse clock and two\n\
-per-CPU counter updates. The connection table lookup is the largest cost left: the kernel's\n\
-jhash of the key and a call into the LRU. The baseline does none of this, and its 25-30 ns are\n\
-mostly BPF_PROG_TEST_RUN's own loop, so 2× would leave about 30 ns for all of it, about what\n\
-that one lookup takes here. A new flow adds the flow hash, the Maglev slot and the LRU insert,\n\
-which takes the LRU's locks and may evict, and costs more than the rest of the path together.\n\
-Done: the profile showed LLVM's byte-by-byte memset and memcpy called as BPF subprograms on\n\
-every packet (the key's padding, each MAC) and the IP header copied to the stack; without them\n\
-an established flow went from about 146 to 110 ns. Then the listener and VIP hash maps (a\n\
-jhash and a call each, about 20 ns) gave way to the listener table: established flows went\n\
-from about 4.4× to 3.8× the baseline and packets not for a VIP from about 2.5× to 1.8× (runs\n\
-of `cargo xtask bench --only 1` before and after). Tried and rejected: per-CPU LRU lists\n\
-(`BPF_F_NO_COMMON_LRU`), 10-30% slower for new flows on one CPU. What would make it faster\n\
-still: Katran's choice of not inserting TCP flows whose Maglev pick is stable, which trades\n\
-affinity across table changes for a cheaper new flow; the established path has little left\n\
-to remove but the connection table itself.";
+Where the time goes: a packet not for a VIP costs the parse and two probes of the listener\n\
+table (its own key and its VIP's), each a multiply-shift hash and an array lookup that the JIT\n\
+inlines. An established packet costs one probe, then the connection table: a multiply-add-shift\n\
+hash of the 5-tuple (four independent multiplies) and one bucket of four entries read (the\n\
+second bucket only for a flow that went there), then inlined array lookups of settings, group\n\
+and target, the coarse clock (a helper call) and two per-CPU counter updates. A new flow adds\n\
+the Maglev hash (murmur3, which every node sharing a VIP must compute alike), a division by\n\
+the table size and the stores into its entry. Done, each measured with `cargo xtask bench\n\
+--only 1` before and after: LLVM's memset and memcpy subprograms removed from the fast path\n\
+(established 146 to 110 ns, on a machine whose baseline was 25 ns); the listener and VIP hash\n\
+maps replaced by the listener table (established 4.4× to 3.8× the baseline); on this machine,\n\
+whose baseline is about 8 ns, the listener table's murmur hash (six dependent multiplies)\n\
+replaced by multiply-shift (not for a VIP 35 to 28 ns), and the kernel's LRU hash map replaced\n\
+by the set-associative connection table (new flow 130 to 48 ns, established 39 to 33 ns: the\n\
+LRU's insert took locks and a free-list node, its lookup a call, a jhash and a memcmp). Tried\n\
+and rejected: per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), slower for new flows. Why the goals\n\
+are still not met: the baseline does five instructions, and its time is mostly\n\
+BPF_PROG_TEST_RUN's own loop, so 2× leaves one baseline's worth of time for all of lb's work,\n\
+less than parsing and finding the listener take (the not-for-a-VIP row). What would make it\n\
+faster still: a multiply-add Maglev hash with coefficients derived from `hash_seed` for new\n\
+flows. Looking the flow up before the listener would spare established packets a probe, but\n\
+would cost every packet not for a VIP a connection-table miss.";
 
 const BENCH_CONFIG: &str = "
 listeners:
@@ -329,6 +332,9 @@ enum Path {
     Reflector,
     Balancer,
     Nftables,
+    /// nftables with an `XDP_PASS` program on the balancer's interface: the stack's forwarding
+    /// behind veth's XDP receive path, which the XDP forwarders also go through.
+    NftablesBehindXdp,
 }
 
 fn lab_pps(plan: &Plan) -> Result<String> {
@@ -389,7 +395,12 @@ fn lab_pps(plan: &Plan) -> Result<String> {
     frame[6..12].copy_from_slice(&client_iface.mac);
     let packets: u32 = if plan.quick { 100_000 } else { 1_000_000 };
 
-    let paths = [Path::Reflector, Path::Balancer, Path::Nftables];
+    let paths = [
+        Path::Reflector,
+        Path::Balancer,
+        Path::Nftables,
+        Path::NftablesBehindXdp,
+    ];
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); paths.len()];
     for _ in 0..plan.rounds.min(5) {
         for (k, &path) in paths.iter().enumerate() {
@@ -397,6 +408,10 @@ fn lab_pps(plan: &Plan) -> Result<String> {
                 Path::Reflector => attach_xdp(&lb_ns, IFACE, prog("lb_reflect")?)?,
                 Path::Balancer => attach_xdp(&lb_ns, IFACE, balancer.program_mut())?,
                 Path::Nftables => nftables(&lb_ns, true)?,
+                Path::NftablesBehindXdp => {
+                    nftables(&lb_ns, true)?;
+                    attach_xdp(&lb_ns, IFACE, prog("lb_pass")?)?;
+                }
             }
             let before = sunk()?;
             let (sent, seconds) = generate(&client_ns, client_iface.index, &frame, packets)?;
@@ -404,6 +419,10 @@ fn lab_pps(plan: &Plan) -> Result<String> {
             let received = sunk()? - before;
             match path {
                 Path::Nftables => nftables(&lb_ns, false)?,
+                Path::NftablesBehindXdp => {
+                    detach_xdp(&lb_ns, IFACE)?;
+                    nftables(&lb_ns, false)?;
+                }
                 _ => detach_xdp(&lb_ns, IFACE)?,
             }
             results[k].0.push(sent as f64 / seconds);
@@ -414,6 +433,7 @@ fn lab_pps(plan: &Plan) -> Result<String> {
     let (gen_reflector, reflector) = rate(0);
     let (gen_lb, lb) = rate(1);
     let (gen_nft, nft) = rate(2);
+    let (gen_nft_xdp, nft_xdp) = rate(3);
     let mut out = format!(
         "\n## 2. Packets per second through the lab\n\n\
          The lab of the tests (veth pairs on a bridge, network namespaces). A generator in the client\n\
@@ -448,6 +468,12 @@ fn lab_pps(plan: &Plan) -> Result<String> {
         lb / nft,
         met(lb / nft >= 5.0)
     )?;
+    writeln!(
+        out,
+        "| nftables DNAT behind an `XDP_PASS` program on the balancer's interface | {gen_nft_xdp:.0} | {nft_xdp:.0} | {} | {:.2}× | - |",
+        lost(gen_nft_xdp, nft_xdp),
+        nft_xdp / reflector,
+    )?;
     let reflector_saturated = gen_reflector > reflector * 1.02;
     writeln!(
         out,
@@ -456,17 +482,24 @@ fn lab_pps(plan: &Plan) -> Result<String> {
          share the same CPUs, and veth runs its peer's receive processing on the sending CPU, so \
          the generator is largely paced by the chain behind it: read the rates as costs per packet \
          of the whole chain, not as line rates (that needs two machines with real NICs). Why nftables \
-         comes out ahead of both XDP forwarders here is not established. An earlier guess, that \
-         veth copies every frame reaching an interface that runs XDP, does not hold: in `perf \
-         record -a -g` over `lb-bench --only 2 --quick`, copies (memcpy, skb_copy_bits, page pool \
-         allocations) were under 1% of all samples and the balancer program about 1%, while \
-         veth's NAPI polling and the bridge around it (with its netfilter hooks) took most of \
-         the forwarding time. Separating the paths in a profile is the next step.",
+         comes out ahead of both XDP forwarders here: the last row sends nftables' packets through \
+         veth's XDP receive path too (a NAPI ring instead of the backlog), as the XDP forwarders' \
+         go; that costs it {:.0}% of its rate but leaves it {:.2}× the reflector, so most of the gap \
+         is in transmitting with `XDP_TX` on veth. What the kernel's source suggests about that \
+         (drivers/net/veth.c, net/core/page_pool.c; read, not measured): veth takes a page \
+         reference for a frame it transmits with XDP_TX, so the generator's page no longer returns \
+         to its page pool and every packet costs a page allocation and a free, and the peer on the \
+         bridge builds one more socket buffer from the frame. A NIC driver's XDP_TX recycles its \
+         own pages; how lb compares with nftables there needs real NICs. Copies are not it: in \
+         `perf record -a -g` over `lb-bench --only 2 --quick` they were under 1% of the samples \
+         and the balancer program about 1%.",
         if reflector_saturated {
             "saturated before the generator"
         } else {
             "did NOT saturate before the generator, so its row shows the generator's pace rather than the forwarding limit"
-        }
+        },
+        (1.0 - nft_xdp / nft) * 100.0,
+        nft_xdp / reflector
     )?;
     drop(lab);
     out += &tcp_connections(plan)?;
