@@ -34,19 +34,20 @@ use crate::{
 /// Name of the balancer program in the embedded object.
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
-/// Every map of the balancer: all are pinned, so that a successor adopts them.
-const MAPS: [&str; 11] = [
-    "LISTENER_SLOTS",
-    "LISTENER_TABLE",
-    "FLOWS",
-    "FLOW_TABLE",
-    "TARGETS",
-    "GROUPS",
-    "MAGLEV",
-    "SETTINGS",
-    "LISTENER_STATS",
-    "TARGET_STATS",
-    "DROPS",
+/// Every map of the balancer and the size of its values: all are pinned, so that a successor
+/// adopts them, which it can only if its maps have the same layout.
+const MAPS: [(&str, usize); 11] = [
+    ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
+    ("LISTENER_TABLE", size_of::<ListenerTable>()),
+    ("FLOWS", size_of::<FlowBucket>()),
+    ("FLOW_TABLE", size_of::<FlowTable>()),
+    ("TARGETS", size_of::<Target>()),
+    ("GROUPS", size_of::<Group>()),
+    ("MAGLEV", size_of::<u32>()),
+    ("SETTINGS", size_of::<Settings>()),
+    ("LISTENER_STATS", size_of::<Counters>()),
+    ("TARGET_STATS", size_of::<Counters>()),
+    ("DROPS", size_of::<u64>()),
 ];
 
 /// Everything the data plane needs, keyed as the maps are.
@@ -355,13 +356,27 @@ impl Dataplane {
             loader.map_max_entries(map, size);
         }
         if let Some(dir) = pin_dir {
-            for map in MAPS {
+            for (map, _) in MAPS {
                 loader.map_pin_path(map, dir.join(map));
             }
         }
         let mut ebpf = loader
             .load(crate::BALANCER_OBJECT)
             .map_err(crate::xdp::explain_load_error)?;
+        let pinned_in = || pin_dir.map_or_else(String::new, |d| d.display().to_string());
+        for (map, value_size) in MAPS {
+            let actual = ebpf
+                .map(map)
+                .and_then(map_data)
+                .and_then(|d| d.info().ok())
+                .map(|info| info.value_size() as usize);
+            if actual.is_some_and(|actual| actual != value_size) {
+                return Err(anyhow!(
+                    "the maps pinned in {} were made by an lb whose map {map} differs from this one's: it cannot take them over; stop the running lb (which removes them), then start this one",
+                    pinned_in()
+                ));
+            }
+        }
         for (map, size, setting) in sizes {
             let actual = ebpf
                 .map(map)
@@ -373,7 +388,7 @@ impl Dataplane {
             {
                 return Err(anyhow!(
                     "the maps pinned in {} hold {actual} {map} entries but the config asks for {size}: settings.{setting} changed, which needs a fresh start (stop lb, which removes them)",
-                    pin_dir.map_or_else(String::new, |d| d.display().to_string())
+                    pinned_in()
                 ));
             }
         }
@@ -413,7 +428,7 @@ impl Dataplane {
 
     /// Removes the pins of every map in `dir` (the maps go when the last user lets go).
     pub fn unpin(dir: &Path) -> Result<()> {
-        for map in MAPS {
+        for (map, _) in MAPS {
             match std::fs::remove_file(dir.join(map)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e)
@@ -631,7 +646,7 @@ impl Dataplane {
     /// Every map's shape and the memory the kernel charges for it.
     pub fn memory(&self) -> Result<Vec<MapMemory>> {
         MAPS.iter()
-            .map(|&name| {
+            .map(|&(name, _)| {
                 let data = self
                     .ebpf
                     .map(name)

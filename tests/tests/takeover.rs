@@ -112,3 +112,37 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     let _ = std::fs::remove_file(config);
     Ok(())
 }
+
+/// Maps pinned by an lb whose layout differs (here, another program's map pinned as `FLOWS`)
+/// are refused with a sentence that says what to do, before anything is attached.
+#[test]
+fn maps_of_another_layout_are_not_taken_over() -> Result<()> {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/lb-test-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<String> {
+        let mut lab = aya::Ebpf::load(lb::LAB_OBJECT)?;
+        let other = lab.map_mut("SUNK").ok_or_else(|| anyhow::anyhow!("SUNK"))?;
+        let aya::maps::Map::PerCpuArray(data) = other else {
+            anyhow::bail!("SUNK is not a per-CPU array");
+        };
+        data.pin(dir.join("FLOWS"))?;
+        let (config, _) = lb_tests::frames::registered(
+            "listeners:\n  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}\n\
+             target_groups:\n  - name: web\n    targets:\n      - {address: 198.51.100.11, port: 80}\n",
+        )?;
+        let settings = config.settings;
+        match lb::maps::Dataplane::load(&settings, Some(&dir)) {
+            Ok(_) => anyhow::bail!("adopted a FLOWS map of another layout"),
+            Err(e) => Ok(e.to_string()),
+        }
+    })();
+    let _ = lb::maps::Dataplane::unpin(&dir);
+    let _ = std::fs::remove_dir(&dir);
+    let message = result?;
+    ensure!(
+        message.contains("map FLOWS differs") && message.contains("stop the running lb"),
+        "{message}"
+    );
+    Ok(())
+}
