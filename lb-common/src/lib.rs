@@ -171,46 +171,84 @@ pub struct FlowBucket {
     pub entries: [FlowEntry; FLOW_WAYS],
 }
 
-/// The connection table's shape and hash: its number of buckets and the random coefficients of
-/// its hash, chosen when the table is created. A secret hash keeps anyone from aiming flows at
-/// one bucket, as the kernel's own hash maps do with a random seed.
+/// A multiply-add-shift hash of a flow's 5-tuple: four independent multiplies, which the CPU
+/// runs side by side (murmur3's chain of dependent multiplies cost a new flow about 10 ns more
+/// here). With coefficients drawn at random it is universal: nobody who does not know them can
+/// aim flows at one value.
+///
+/// It reads the key's words in network order, so that nodes of any endianness sharing a VIP
+/// compute the same Maglev pick.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowHasher {
+    /// Odd multipliers of the key's four words.
+    pub multipliers: [u64; 4],
+    pub offset: u64,
+}
+
+impl FlowHasher {
+    /// The hasher of the Maglev pick for `seed`: its coefficients are SplitMix64's sequence from
+    /// the seed, so every node with the same `hash_seed` picks alike.
+    pub fn from_seed(seed: u32) -> Self {
+        let mut state = seed as u64;
+        let mut next = || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        FlowHasher {
+            multipliers: [next() | 1, next() | 1, next() | 1, next() | 1],
+            offset: next(),
+        }
+    }
+
+    #[inline(always)]
+    pub fn hash(&self, key: &FlowKey) -> u64 {
+        let w = key.words();
+        let m = &self.multipliers;
+        (u32::from_be(w[0]) as u64)
+            .wrapping_mul(m[0])
+            .wrapping_add((u32::from_be(w[1]) as u64).wrapping_mul(m[1]))
+            .wrapping_add((u32::from_be(w[2]) as u64).wrapping_mul(m[2]))
+            .wrapping_add((u32::from_be(w[3]) as u64).wrapping_mul(m[3]))
+            .wrapping_add(self.offset)
+    }
+}
+
+/// `half` (below 2^32) scaled to `0..n`: an index from 32 hash bits without a division.
+#[inline(always)]
+pub fn scale(half: u64, n: u32) -> u32 {
+    ((half * n as u64) >> 32) as u32
+}
+
+/// The connection table's shape and hash: its number of buckets and a hasher with random
+/// coefficients, chosen when the table is created. A secret hash keeps anyone from aiming flows
+/// at one bucket, as the kernel's own hash maps do with a random seed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowTable {
     pub buckets: u32,
     pub pad: u32,
-    /// Odd 64-bit multipliers of the key's four words, and the offset.
-    pub multipliers: [u64; 4],
-    pub offset: u64,
+    pub hasher: FlowHasher,
 }
 
 impl FlowTable {
-    /// The flow's 64-bit hash in this table: multiply-add-shift over the key's 32-bit words,
-    /// four independent multiplies that the CPU runs side by side.
-    #[inline(always)]
-    pub fn hash(&self, key: &FlowKey) -> u64 {
-        let w = key.words();
-        let m = &self.multipliers;
-        (w[0] as u64)
-            .wrapping_mul(m[0])
-            .wrapping_add((w[1] as u64).wrapping_mul(m[1]))
-            .wrapping_add((w[2] as u64).wrapping_mul(m[2]))
-            .wrapping_add((w[3] as u64).wrapping_mul(m[3]))
-            .wrapping_add(self.offset)
-    }
-
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
     /// bucket count. A new flow takes the least recently seen entry of the two, so a flow is
     /// forgotten only when both of its buckets are full, and the table fills evenly.
     #[inline(always)]
     pub fn buckets_of(&self, hash: u64) -> [u32; 2] {
-        let scale = |half: u64| ((half * self.buckets as u64) >> 32) as u32;
-        [scale(hash >> 32), scale(hash & 0xffff_ffff)]
+        [
+            scale(hash >> 32, self.buckets),
+            scale(hash & 0xffff_ffff, self.buckets),
+        ]
     }
 
     /// Whether `entry` was written whole, for its own flow and target (see [`FlowEntry`]).
     pub fn is_whole(&self, entry: &FlowEntry) -> bool {
-        entry.check == flow_check(self.hash(&entry.key), entry.target)
+        entry.check == flow_check(self.hasher.hash(&entry.key), entry.target)
     }
 }
 
@@ -272,10 +310,22 @@ pub struct Settings {
     pub iface_addr: u32,
     /// Slots per Maglev table (a prime).
     pub maglev_size: u32,
-    /// Seed of the flow hash, the same on every node that shares VIPs.
-    pub hash_seed: u32,
     /// Largest IP packet the interface sends; larger encapsulated packets are dropped and counted.
     pub mtu: u32,
+    pub pad2: u32,
+    /// The hash of the Maglev pick, from `hash_seed`: the same on every node that shares VIPs.
+    pub pick: FlowHasher,
+}
+
+impl Settings {
+    /// The slot of a new flow in its group's Maglev table.
+    ///
+    /// Both sides use this one function, so the controller (and its tests) can predict exactly
+    /// which target the data plane picks.
+    #[inline(always)]
+    pub fn maglev_slot(&self, key: &FlowKey) -> u32 {
+        scale(self.pick.hash(key) >> 32, self.maglev_size)
+    }
 }
 
 /// Packet, byte and new-flow counters, kept per CPU.
@@ -340,10 +390,11 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowKey, proto) == 12);
     assert!(size_of::<FlowEntry>() == 32);
     assert!(size_of::<FlowBucket>() == 32 * FLOW_WAYS);
+    assert!(size_of::<FlowHasher>() == 40);
     assert!(size_of::<FlowTable>() == 48);
     assert!(size_of::<Target>() == 16);
     assert!(size_of::<Group>() == 16);
-    assert!(size_of::<Settings>() == 24);
+    assert!(size_of::<Settings>() == 64);
     assert!(size_of::<Counters>() == 24);
 };
 
@@ -358,47 +409,9 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::FlowBucket {}
     unsafe impl aya::Pod for super::FlowTable {}
+    unsafe impl aya::Pod for super::FlowHasher {}
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::Group {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
-}
-
-/// The hash that picks a Maglev slot for a new flow.
-///
-/// Both sides use this one function, so the controller (and its tests) can predict exactly which
-/// target the data plane picks. It works on host-order values so that nodes of any endianness
-/// sharing a VIP agree. Murmur3's 32-bit body and finaliser: a few multiplies, no loops, no
-/// tables, which keeps the verifier and the fast path happy.
-#[inline(always)]
-pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    let ports = ((u16::from_be(key.sport) as u32) << 16) | u16::from_be(key.dport) as u32;
-    let mut h = seed;
-    h = murmur_round(h, u32::from_be(key.src));
-    h = murmur_round(h, u32::from_be(key.dst));
-    h = murmur_round(h, ports);
-    h = murmur_round(h, key.proto as u32);
-    h ^= 16;
-    murmur_finish(h)
-}
-
-#[inline(always)]
-pub fn murmur_round(h: u32, k: u32) -> u32 {
-    let k = k
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
-}
-
-#[inline(always)]
-pub fn murmur_finish(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }

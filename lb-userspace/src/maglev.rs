@@ -7,8 +7,6 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{murmur_finish, murmur_round};
-
 /// What Maglev needs to know of a target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
@@ -69,11 +67,31 @@ pub fn build(entries: &[Entry], size: u32, seed: u32) -> Vec<u32> {
     }
 }
 
+/// Murmur3's 32-bit body and finaliser over a target's address and port.
 fn target_hash(e: &Entry, seed: u32, salt: u32) -> u32 {
     let mut h = seed ^ salt;
     h = murmur_round(h, u32::from(e.address));
     h = murmur_round(h, e.port as u32);
     murmur_finish(h ^ 8)
+}
+
+fn murmur_round(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+fn murmur_finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 #[cfg(test)]
@@ -179,12 +197,21 @@ mod tests {
         assert_ne!(build(&t, 4099, 1), build(&t, 4099, 2));
     }
 
-    /// Clients pick source ports in steps (Linux uses even ports for connect): the flow hash
+    /// Clients pick source ports in steps (Linux uses even ports for connect): the Maglev pick
     /// must still spread such flows evenly over a table.
     #[test]
-    fn flow_hash_spreads_sequential_source_ports() {
+    fn the_pick_spreads_sequential_source_ports() {
         let t = targets(3);
         let table = build(&t, 65537, 0);
+        let settings = lb_common::Settings {
+            iface_mac: [0; 6],
+            pad: 0,
+            iface_addr: 0,
+            maglev_size: 65537,
+            mtu: 1500,
+            pad2: 0,
+            pick: lb_common::FlowHasher::from_seed(0),
+        };
         let mut counts = [0usize; 3];
         for i in 0..3000u16 {
             let key = lb_common::FlowKey {
@@ -200,8 +227,7 @@ mod tests {
                 key,
                 lb_common::FlowKey::new(key.src, key.dst, key.sport, key.dport, key.proto)
             );
-            let h = lb_common::flow_hash(&key, 0);
-            counts[table[(h % 65537) as usize] as usize] += 1;
+            counts[table[settings.maglev_slot(&key) as usize] as usize] += 1;
         }
         for c in counts {
             assert!((900..=1100).contains(&c), "{counts:?}");

@@ -18,7 +18,7 @@ use aya::{
 };
 use lb_common::{
     Counters, DropReason, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FlowBucket, FlowEntry,
-    FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
+    FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
     ListenerSlot, ListenerTable, SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING,
     TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
@@ -85,8 +85,9 @@ impl MapState {
             pad: 0,
             iface_addr: be(iface.primary_ipv4()?),
             maglev_size: config.settings.maglev_table_size,
-            hash_seed: config.settings.hash_seed,
             mtu: iface.mtu,
+            pad2: 0,
+            pick: FlowHasher::from_seed(config.settings.hash_seed),
         };
         let mut state = MapState {
             settings: Some(settings),
@@ -125,7 +126,7 @@ impl MapState {
                     weight: *weight,
                 })
                 .collect();
-            let table = maglev::build(&entries, settings.maglev_size, settings.hash_seed)
+            let table = maglev::build(&entries, settings.maglev_size, config.settings.hash_seed)
                 .into_iter()
                 .map(|i| usable[i as usize].1)
                 .collect();
@@ -407,8 +408,10 @@ impl Dataplane {
             flow_table = FlowTable {
                 buckets: flow_buckets,
                 pad: 0,
-                multipliers: random_words()?.map(|m| m | 1),
-                offset: random_words()?[0],
+                hasher: FlowHasher {
+                    multipliers: random_words()?.map(|m| m | 1),
+                    offset: random_words()?[0],
+                },
             };
             shape.set(0, flow_table, 0)?;
         }
@@ -606,7 +609,7 @@ impl Dataplane {
 
     /// The two connection-table buckets that may hold `key` (its hash is this table's secret).
     pub fn flow_buckets(&self, key: &FlowKey) -> [u32; 2] {
-        self.flow_table.buckets_of(self.flow_table.hash(key))
+        self.flow_table.buckets_of(self.flow_table.hasher.hash(key))
     }
 
     /// Flows seen within their listener's idle timeout, per listener id and per target id:
@@ -733,8 +736,7 @@ mod tests {
         FlowTable {
             buckets: 256,
             pad: 0,
-            multipliers: [3u64, 5, 7, 9].map(|m| m.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
-            offset: 11,
+            hasher: FlowHasher::from_seed(7),
         }
     }
 
@@ -744,7 +746,7 @@ mod tests {
         let entry = |key: FlowKey, target| FlowEntry {
             key,
             target,
-            check: flow_check(table.hash(&key), target),
+            check: flow_check(table.hasher.hash(&key), target),
             last_seen_ns: 1,
         };
         let a = entry(FlowKey::new(1, 2, 3, 4, 6), 7);
@@ -770,7 +772,7 @@ mod tests {
             let mut per_bucket = vec![0u32; table.buckets as usize];
             for sport in 0..16384u16 {
                 let key = FlowKey::new(7, 10, sport.to_be(), 80u16.to_be(), 6);
-                per_bucket[table.buckets_of(table.hash(&key))[choice] as usize] += 1;
+                per_bucket[table.buckets_of(table.hasher.hash(&key))[choice] as usize] += 1;
             }
             // 64 per bucket on average; a Poisson spread keeps every bucket within about ±30.
             let (min, max) = (per_bucket.iter().min(), per_bucket.iter().max());

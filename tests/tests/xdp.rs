@@ -13,7 +13,7 @@ use lb::{
     lifecycle::Registry,
     maps::{Dataplane, MapState},
 };
-use lb_common::{DropReason, flow_hash};
+use lb_common::DropReason;
 use lb_tests::frames::{
     CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, mac_of, registered,
     run_xdp, test_interface,
@@ -58,9 +58,9 @@ fn run(dataplane: &mut Dataplane, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
 
 /// The target the data plane must pick for `packet` in group `group`: id and entry.
 fn expected_target(state: &MapState, group: u32, packet: &Packet) -> (u32, lb_common::Target) {
-    let hash = flow_hash(&packet.key(), state.settings.unwrap().hash_seed);
+    let slot = state.settings.unwrap().maglev_slot(&packet.key());
     let table = &state.groups[&group].table;
-    let id = table[(hash % table.len() as u32) as usize];
+    let id = table[slot as usize];
     (id, state.targets[&id])
 }
 

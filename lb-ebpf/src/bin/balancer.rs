@@ -21,7 +21,7 @@ use lb_common::{
     Counters, DropReason, FLOW_WAYS, FORWARDING_IPIP, FlowBucket, FlowEntry, FlowKey, FlowTable,
     Group, LISTENER_PROBES, LISTENER_SLOTS as LISTENER_SLOT_COUNT, Listener, ListenerKey,
     ListenerSlot, ListenerTable, MAX_LISTENERS, MAX_TARGETS, PROTO_TCP, PROTO_UDP, SETTINGS_KEY,
-    Settings, TARGET_ACTIVE, TARGET_DRAINING, Target, flow_check, flow_hash, listener_home,
+    Settings, TARGET_ACTIVE, TARGET_DRAINING, Target, flow_check, listener_home,
 };
 use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, ptr_at, set_ipv4_checksum, write_mac};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -171,7 +171,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(table) = FLOW_TABLE.get(0) else {
         return Ok(XDP_PASS);
     };
-    let hash = table.hash(&key);
+    let hash = table.hasher.hash(&key);
     let Some((entry, found)) = find_entry(table.buckets_of(hash), &key) else {
         return Ok(drop(DropReason::NoTarget));
     };
@@ -315,7 +315,7 @@ fn maglev_pick(
     }
     let size = settings.maglev_size;
     let table = listener.group * 2 + (group.active_half & 1);
-    let slot = table * size + flow_hash(key, settings.hash_seed) % size;
+    let slot = table * size + settings.maglev_slot(key);
     let id = *MAGLEV.get(slot)?;
     let target = TARGETS.get(id)?;
     (target.state == TARGET_ACTIVE).then_some(id)

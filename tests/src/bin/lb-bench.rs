@@ -174,22 +174,24 @@ inlines. An established packet costs one probe, then the connection table: a mul
 hash of the 5-tuple (four independent multiplies) and one bucket of four entries read (the\n\
 second bucket only for a flow that went there), then inlined array lookups of settings, group\n\
 and target, the coarse clock (a helper call) and two per-CPU counter updates. A new flow adds\n\
-the Maglev hash (murmur3, which every node sharing a VIP must compute alike), a division by\n\
-the table size and the stores into its entry. Done, each measured with `cargo xtask bench\n\
---only 1` before and after: LLVM's memset and memcpy subprograms removed from the fast path\n\
-(established 146 to 110 ns, on a machine whose baseline was 25 ns); the listener and VIP hash\n\
-maps replaced by the listener table (established 4.4× to 3.8× the baseline); on this machine,\n\
-whose baseline is about 8 ns, the listener table's murmur hash (six dependent multiplies)\n\
-replaced by multiply-shift (not for a VIP 35 to 28 ns), and the kernel's LRU hash map replaced\n\
-by the set-associative connection table (new flow 130 to 48 ns, established 39 to 33 ns: the\n\
-LRU's insert took locks and a free-list node, its lookup a call, a jhash and a memcmp). Tried\n\
-and rejected: per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), slower for new flows. Why the goals\n\
-are still not met: the baseline does five instructions, and its time is mostly\n\
-BPF_PROG_TEST_RUN's own loop, so 2× leaves one baseline's worth of time for all of lb's work,\n\
-less than parsing and finding the listener take (the not-for-a-VIP row). What would make it\n\
-faster still: a multiply-add Maglev hash with coefficients derived from `hash_seed` for new\n\
-flows. Looking the flow up before the listener would spare established packets a probe, but\n\
-would cost every packet not for a VIP a connection-table miss.";
+the Maglev pick (the same kind of hash, with coefficients from `hash_seed` so that every node\n\
+picks alike, scaled to the table by a multiply) and the stores into its entry. Done, each\n\
+measured with `cargo xtask bench --only 1` before and after: LLVM's memset and memcpy\n\
+subprograms removed from the fast path (established 146 to 110 ns, on a machine whose baseline\n\
+was 25 ns); the listener and VIP hash maps replaced by the listener table (established 4.4× to\n\
+3.8× the baseline); then, on this machine, whose baseline is about 8 ns: the listener table's\n\
+murmur3 hash (six dependent multiplies) replaced by multiply-shift (not for a VIP 35 to 28 ns);\n\
+the kernel's LRU hash map replaced by the set-associative connection table (new flow 130 to\n\
+48 ns, established 39 to 33 ns: the LRU's insert took locks and a free-list node, its lookup a\n\
+call, a jhash and a memcmp); the Maglev pick's murmur3 and division replaced as above (new flow\n\
+49 to 36 ns). Tried and rejected: per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), slower for new\n\
+flows. Why the goals are still not met: the baseline does five instructions, and its time is\n\
+mostly BPF_PROG_TEST_RUN's own loop, so 2× leaves one baseline's worth of time for all of lb's\n\
+work, less than parsing and finding the listener take (the not-for-a-VIP row). What is left to\n\
+try: looking the flow up before the listener would spare established packets a probe but cost\n\
+every packet not for a VIP a connection-table miss; the clock could come from a map the\n\
+controller updates instead of a helper call, at the price of idle timeouts that stop when the\n\
+controller does.";
 
 const BENCH_CONFIG: &str = "
 listeners:
