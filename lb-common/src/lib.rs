@@ -173,8 +173,9 @@ pub struct FlowBucket {
 
 /// A multiply-add-shift hash of a flow's 5-tuple: four independent multiplies, which the CPU
 /// runs side by side (murmur3's chain of dependent multiplies cost a new flow about 10 ns more
-/// here). With coefficients drawn at random it is universal: nobody who does not know them can
-/// aim flows at one value.
+/// here). With secret random coefficients, as the connection table's are, it is universal:
+/// nobody who does not know them can aim flows at one bucket. The Maglev pick's come from
+/// `hash_seed`, which is only as secret as the operator keeps it.
 ///
 /// It reads the key's words in network order, so that nodes of any endianness sharing a VIP
 /// compute the same Maglev pick.
@@ -230,14 +231,20 @@ pub fn scale(half: u64, n: u32) -> u32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowTable {
     pub buckets: u32,
-    pub pad: u32,
+    /// `MAP_LAYOUT` of the lb that created the maps.
+    pub layout: u32,
     pub hasher: FlowHasher,
 }
 
+/// The version of what the maps hold and mean. A successor adopts pinned maps only if their
+/// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
+/// field), even if no size changes.
+pub const MAP_LAYOUT: u32 = 2;
+
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
-    /// bucket count. A new flow takes the least recently seen entry of the two, so a flow is
-    /// forgotten only when both of its buckets are full, and the table fills evenly.
+    /// bucket count. A new flow takes an empty entry of the emptier one, so the table fills
+    /// evenly, and a flow is forgotten only when both of its buckets are full.
     #[inline(always)]
     pub fn buckets_of(&self, hash: u64) -> [u32; 2] {
         [
@@ -253,9 +260,11 @@ impl FlowTable {
 }
 
 /// The `check` of an entry for a flow with this hash and target (odd, so never zero).
+///
+/// Both halves of the hash go in: flows that share a bucket share the top bits of one half.
 #[inline(always)]
 pub fn flow_check(hash: u64, target: u32) -> u32 {
-    (hash as u32 ^ target.wrapping_mul(0x9e37_79b9)) | 1
+    (hash as u32 ^ (hash >> 32) as u32 ^ target.wrapping_mul(0x9e37_79b9)) | 1
 }
 
 /// `Target::state`: a free slot.

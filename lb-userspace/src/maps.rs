@@ -19,8 +19,8 @@ use aya::{
 use lb_common::{
     Counters, DropReason, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FlowBucket, FlowEntry,
     FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
-    ListenerSlot, ListenerTable, SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING,
-    TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
+    ListenerSlot, ListenerTable, MAP_LAYOUT, SETTINGS_KEY, Settings, TARGET_ACTIVE,
+    TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
 
 use crate::{
@@ -273,12 +273,11 @@ impl FlowMemory {
         })
     }
 
-    /// A copy of bucket `index`, as the data plane left it at that moment.
-    fn bucket(&self, index: u32) -> FlowBucket {
-        assert!(index < self.count, "bucket {index} of {}", self.count);
-        // SAFETY: in bounds (checked above) of a live mapping. The data plane writes entries
-        // while we read: a torn copy is what `check` detects.
-        unsafe { self.buckets.add(index as usize).read_volatile() }
+    /// A copy of bucket `index`, as the data plane left it at that moment (none past the end).
+    fn bucket(&self, index: u32) -> Option<FlowBucket> {
+        // SAFETY: in bounds (checked) of a live mapping. The data plane writes entries while we
+        // read: a torn copy is what `check` detects.
+        (index < self.count).then(|| unsafe { self.buckets.add(index as usize).read_volatile() })
     }
 }
 
@@ -393,11 +392,6 @@ impl Dataplane {
                 ));
             }
         }
-        let program: &mut Xdp = ebpf
-            .program_mut(BALANCER_PROGRAM)
-            .context("balancer program missing from the embedded object")?
-            .try_into()?;
-        program.load().map_err(crate::xdp::explain_program_error)?;
         let mut shape: Array<_, FlowTable> = Array::try_from(
             ebpf.map_mut("FLOW_TABLE")
                 .context("map FLOW_TABLE missing from the embedded object")?,
@@ -407,14 +401,26 @@ impl Dataplane {
         if flow_table.buckets == 0 {
             flow_table = FlowTable {
                 buckets: flow_buckets,
-                pad: 0,
+                layout: MAP_LAYOUT,
                 hasher: FlowHasher {
                     multipliers: random_words()?.map(|m| m | 1),
                     offset: random_words()?[0],
                 },
             };
             shape.set(0, flow_table, 0)?;
+        } else if flow_table.layout != MAP_LAYOUT || flow_table.buckets != flow_buckets {
+            return Err(anyhow!(
+                "the maps pinned in {} were made by an lb whose maps hold or mean other things (layout {}, {} connection-table buckets; this lb: layout {MAP_LAYOUT}, {flow_buckets}): it cannot take them over; stop the running lb (which removes them), then start this one",
+                pinned_in(),
+                flow_table.layout,
+                flow_table.buckets
+            ));
         }
+        let program: &mut Xdp = ebpf
+            .program_mut(BALANCER_PROGRAM)
+            .context("balancer program missing from the embedded object")?
+            .try_into()?;
+        program.load().map_err(crate::xdp::explain_program_error)?;
         let flows = FlowMemory::map(
             ebpf.map("FLOWS").and_then(map_data).context("map FLOWS")?,
             flow_table.buckets,
@@ -603,7 +609,8 @@ impl Dataplane {
     pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
         self.flow_buckets(key)
             .into_iter()
-            .flat_map(|b| self.flows.bucket(b).entries)
+            .filter_map(|b| self.flows.bucket(b))
+            .flat_map(|b| b.entries)
             .find(|e| e.key == *key && self.flow_table.is_whole(e))
     }
 
@@ -617,8 +624,8 @@ impl Dataplane {
     pub fn active_flows(&self, state: &MapState) -> ActiveFlows {
         let now = monotonic_ns();
         let mut active = ActiveFlows::default();
-        for bucket in 0..self.flow_table.buckets {
-            for flow in self.flows.bucket(bucket).entries {
+        for bucket in (0..self.flow_table.buckets).filter_map(|b| self.flows.bucket(b)) {
+            for flow in bucket.entries {
                 if !self.flow_table.is_whole(&flow) {
                     continue;
                 }
@@ -735,7 +742,7 @@ mod tests {
     fn flow_table() -> FlowTable {
         FlowTable {
             buckets: 256,
-            pad: 0,
+            layout: MAP_LAYOUT,
             hasher: FlowHasher::from_seed(7),
         }
     }

@@ -113,35 +113,69 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     Ok(())
 }
 
-/// Maps pinned by an lb whose layout differs (here, another program's map pinned as `FLOWS`)
-/// are refused with a sentence that says what to do, before anything is attached.
-#[test]
-fn maps_of_another_layout_are_not_taken_over() -> Result<()> {
-    let dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/lb-test-layout-{}", std::process::id()));
+/// The settings of a one-listener config (the defaults).
+fn settings() -> Result<lb::config::Settings> {
+    let (config, _) = lb_tests::frames::registered(
+        "listeners:\n  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}\n\
+         target_groups:\n  - name: web\n    targets:\n      - {address: 198.51.100.11, port: 80}\n",
+    )?;
+    Ok(config.settings)
+}
+
+/// What `Dataplane::load` says about the maps that `prepare` leaves in a fresh pin directory.
+fn load_over_pins(prepare: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<String> {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/lb-test-layout-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir)?;
     let result = (|| -> Result<String> {
-        let mut lab = aya::Ebpf::load(lb::LAB_OBJECT)?;
-        let other = lab.map_mut("SUNK").ok_or_else(|| anyhow::anyhow!("SUNK"))?;
-        let aya::maps::Map::PerCpuArray(data) = other else {
-            anyhow::bail!("SUNK is not a per-CPU array");
-        };
-        data.pin(dir.join("FLOWS"))?;
-        let (config, _) = lb_tests::frames::registered(
-            "listeners:\n  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}\n\
-             target_groups:\n  - name: web\n    targets:\n      - {address: 198.51.100.11, port: 80}\n",
-        )?;
-        let settings = config.settings;
-        match lb::maps::Dataplane::load(&settings, Some(&dir)) {
-            Ok(_) => anyhow::bail!("adopted a FLOWS map of another layout"),
+        prepare(&dir)?;
+        match lb::maps::Dataplane::load(&settings()?, Some(&dir)) {
+            Ok(_) => anyhow::bail!("adopted maps of another layout"),
             Err(e) => Ok(e.to_string()),
         }
     })();
     let _ = lb::maps::Dataplane::unpin(&dir);
     let _ = std::fs::remove_dir(&dir);
-    let message = result?;
+    result
+}
+
+/// Maps pinned by an lb whose maps differ in size (here, another program's map pinned as
+/// `FLOWS`) are refused with a sentence that says what to do, before anything is attached.
+#[test]
+fn maps_of_another_size_are_not_taken_over() -> Result<()> {
+    let message = load_over_pins(|dir| {
+        let mut lab = aya::Ebpf::load(lb::LAB_OBJECT)?;
+        let Some(aya::maps::Map::PerCpuArray(data)) = lab.map_mut("SUNK") else {
+            anyhow::bail!("SUNK is not a per-CPU array");
+        };
+        data.pin(dir.join("FLOWS"))?;
+        Ok(())
+    })?;
     ensure!(
         message.contains("map FLOWS differs") && message.contains("stop the running lb"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// Maps of the same sizes but another meaning (another `MAP_LAYOUT`) are refused too.
+#[test]
+fn maps_of_another_layout_version_are_not_taken_over() -> Result<()> {
+    let message = load_over_pins(|dir| {
+        drop(lb::maps::Dataplane::load(&settings()?, Some(dir))?);
+        let pinned = aya::maps::MapData::from_pin(dir.join("FLOW_TABLE"))?;
+        let mut table: aya::maps::Array<_, lb_common::FlowTable> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(pinned))?;
+        let mut shape = table.get(&0, 0)?;
+        shape.layout = lb_common::MAP_LAYOUT + 1;
+        table.set(0, shape, 0)?;
+        Ok(())
+    })?;
+    ensure!(
+        message.contains("layout") && message.contains("stop the running lb"),
         "{message}"
     );
     Ok(())

@@ -57,8 +57,8 @@ static TARGETS: Array<Target> = Array::with_max_entries(MAX_TARGETS, 0);
 #[map]
 static GROUPS: Array<Group> = Array::with_max_entries(1, 0);
 
-/// Maglev lookup tables, two halves per group: slot `(group * 2 + half) * size + hash % size`
-/// holds a target id. Sized by the controller at load time.
+/// Maglev lookup tables, two halves per group: slot `(group * 2 + half) * size` plus the flow's
+/// `Settings::maglev_slot` holds a target id. Sized by the controller at load time.
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -83,8 +83,9 @@ const TCP_ACK: u8 = 0x10;
 /// More-fragments flag and fragment offset, in the first byte pair of `frags` (network order).
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const IP_DF: u8 = 0x40;
-/// Refresh a flow's last-seen time at most this often, to spare a map write per packet.
-const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+/// Refresh a flow's last-seen time at most this often, to spare a map write per packet. It is
+/// also how finely a full bucket tells its busy flows from quiet ones when it must forget one.
+const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
@@ -175,9 +176,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some((entry, found)) = find_entry(table.buckets_of(hash), &key) else {
         return Ok(drop(DropReason::NoTarget));
     };
-    // SAFETY: `find_entry` returns a pointer into a bucket, a map value that stays valid for the
-    // duration of the program run.
-    let entry = unsafe { &mut *entry };
     // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
     // cheaper than the precise one, notably in virtual machines.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -198,12 +196,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
             new_flow = true;
             // A stray RST must not create state for a flow that does not exist.
             if tcp_flags & TCP_RST == 0 {
-                // Word stores: a struct copy may become a call to LLVM's memcpy subprogram.
-                // SAFETY: `FlowKey` is four 32-bit words (asserted in lb-common).
-                unsafe { *(&raw mut entry.key as *mut [u32; 4]) = key.words() };
-                entry.target = id;
-                entry.check = flow_check(hash, id);
-                entry.last_seen_ns = now;
+                // SAFETY: `entry` points into a bucket, a map value that stays valid for the
+                // duration of the program run. Word stores: a struct copy may become a call to
+                // LLVM's memcpy subprogram; `FlowKey` is four 32-bit words (asserted in lb-common).
+                unsafe {
+                    (&raw mut (*entry).key as *mut [u32; 4]).write(key.words());
+                    (&raw mut (*entry).target).write(id);
+                    (&raw mut (*entry).check).write(flow_check(hash, id));
+                    (&raw mut (*entry).last_seen_ns).write(now);
+                }
             }
             id
         }
@@ -263,9 +264,16 @@ fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u3
     let (mut victim, mut oldest, mut empty) = (first, u64::MAX, 0);
     let mut way = 0;
     while way < FLOW_WAYS {
-        // SAFETY: `way` < FLOW_WAYS, the number of entries in a bucket.
+        // SAFETY: `way` < FLOW_WAYS, the number of entries in a bucket. Plain reads (volatile
+        // ones of the key cost an established packet about 10 ns): a key torn by another CPU's
+        // write matches no flow, or matches one whose `check` then fails.
         let entry = unsafe { first.add(way) };
-        let (stored, seen) = unsafe { ((*entry).key.words(), (*entry).last_seen_ns) };
+        let (stored, seen) = unsafe {
+            (
+                (&raw const (*entry).key as *const [u32; 4]).read(),
+                (&raw const (*entry).last_seen_ns).read(),
+            )
+        };
         if stored == words {
             return (entry, true, 0);
         }
@@ -281,25 +289,37 @@ fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u3
 /// The target the connection table remembers for this flow, if it is still valid for it: the
 /// entry is whole, the flow was not idle too long, and its target is still in the listener's
 /// group and either takes flows or drains them.
+///
+/// Other CPUs may rewrite the entry meanwhile: each field is read once, so the target that is
+/// checked is the target returned.
 #[inline(always)]
-fn existing_target(entry: &mut FlowEntry, hash: u64, listener: &Listener, now: u64) -> Option<u32> {
-    if entry.check != flow_check(hash, entry.target) {
+fn existing_target(entry: *mut FlowEntry, hash: u64, listener: &Listener, now: u64) -> Option<u32> {
+    // SAFETY: `entry` points into a bucket, a map value valid for the duration of the program run.
+    let (id, check, last_seen) = unsafe {
+        (
+            (&raw const (*entry).target).read_volatile(),
+            (&raw const (*entry).check).read_volatile(),
+            (&raw const (*entry).last_seen_ns).read_volatile(),
+        )
+    };
+    if check != flow_check(hash, id) {
         return None;
     }
-    let idle = now.wrapping_sub(entry.last_seen_ns);
+    let idle = now.wrapping_sub(last_seen);
     if idle > listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    let target = TARGETS.get(entry.target)?;
+    let target = TARGETS.get(id)?;
     if (target.state != TARGET_ACTIVE && target.state != TARGET_DRAINING)
         || target.group != listener.group
     {
         return None;
     }
-    if idle > LAST_SEEN_GRANULARITY_NS {
-        entry.last_seen_ns = now;
+    if idle > LAST_SEEN_REFRESH_NS {
+        // SAFETY: as above.
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now) };
     }
-    Some(entry.target)
+    Some(id)
 }
 
 /// Consistent-hash pick from the group's live Maglev table.

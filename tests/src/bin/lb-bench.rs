@@ -490,32 +490,54 @@ fn lab_pps(plan: &Plan) -> Result<String> {
     )?;
     // The generator alone must outrun what the reflector delivers by a clear margin.
     let reflector_saturated = reflector * 1.2 < generator_sunk;
+    let generator_text = if reflector_saturated {
+        format!(
+            "The generator is not the bottleneck: alone, with its frames dropped at the first \
+             hop, it sends {generator:.0} frames/s, and the reflector saturates well below that \
+             ({reflector:.0}/s delivered)."
+        )
+    } else {
+        format!(
+            "In this run the generator alone (its frames dropped at the first hop) sent \
+             {generator:.0} frames/s, not clearly more than the reflector delivered \
+             ({reflector:.0}/s): the reflector's row may show the generator's pace rather than \
+             the forwarding limit."
+        )
+    };
+    let nftables_text = if nft <= reflector {
+        "nftables did not come out ahead of the reflector in this run.".to_string()
+    } else if nft_xdp > reflector * 1.2 {
+        format!(
+            "Why nftables comes out ahead of both XDP forwarders here: the last row sends \
+             nftables' packets through veth's XDP receive path too (a NAPI ring instead of the \
+             backlog), as the XDP forwarders' go, and it still delivers {:.2}× the reflector \
+             ({:.2}× what nftables does without it), so most of the gap is in transmitting with \
+             `XDP_TX` on veth. What the kernel's source suggests about that (drivers/net/veth.c, \
+             net/core/page_pool.c; read, not measured): veth takes a page reference for a frame \
+             it transmits with XDP_TX, so the generator's page no longer returns to its page \
+             pool and every packet costs a page allocation and a free, and the peer on the \
+             bridge builds one more socket buffer from the frame. A NIC driver's XDP_TX recycles \
+             its own pages; how lb compares with nftables there needs real NICs. Copies are not \
+             it: in `perf record -a -g` over `lb-bench --only 2 --quick` they were under 1% of \
+             the samples and the balancer program about 1%.",
+            nft_xdp / reflector,
+            nft_xdp / nft
+        )
+    } else {
+        format!(
+            "nftables comes out ahead of both XDP forwarders here, but behind veth's XDP receive \
+             path (the last row) it delivers only {:.2}× the reflector: in this run that receive \
+             path, not XDP_TX, accounts for most of the gap.",
+            nft_xdp / reflector
+        )
+    };
     writeln!(
         out,
-        "\nThe generator is not the bottleneck: alone, with its frames dropped at the first hop, it \
-         sends {generator:.0} frames/s, and the reflector {} ({reflector:.0}/s delivered). On this \
-         2-core machine the generator, the forwarder and the receivers \
+        "\n{generator_text} On this 2-core machine the generator, the forwarder and the receivers \
          share the same CPUs, and veth runs its peer's receive processing on the sending CPU, so \
          the generator is largely paced by the chain behind it: read the rates as costs per packet \
-         of the whole chain, not as line rates (that needs two machines with real NICs). Why nftables \
-         comes out ahead of both XDP forwarders here: the last row sends nftables' packets through \
-         veth's XDP receive path too (a NAPI ring instead of the backlog), as the XDP forwarders' \
-         go, and it still delivers {:.2}× the reflector ({:.2}× what nftables does without it), so \
-         most of the gap is in transmitting with `XDP_TX` on veth. What the kernel's source suggests about that \
-         (drivers/net/veth.c, net/core/page_pool.c; read, not measured): veth takes a page \
-         reference for a frame it transmits with XDP_TX, so the generator's page no longer returns \
-         to its page pool and every packet costs a page allocation and a free, and the peer on the \
-         bridge builds one more socket buffer from the frame. A NIC driver's XDP_TX recycles its \
-         own pages; how lb compares with nftables there needs real NICs. Copies are not it: in \
-         `perf record -a -g` over `lb-bench --only 2 --quick` they were under 1% of the samples \
-         and the balancer program about 1%.",
-        if reflector_saturated {
-            "saturates well below that"
-        } else {
-            "did NOT deliver clearly less than that in this run, so its row may show the generator's pace rather than the forwarding limit"
-        },
-        nft_xdp / reflector,
-        nft_xdp / nft
+         of the whole chain, not as line rates (that needs two machines with real NICs). \
+         {nftables_text}"
     )?;
     drop(lab);
     out += &tcp_connections(plan)?;
