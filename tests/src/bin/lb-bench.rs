@@ -413,7 +413,8 @@ fn lab_pps(plan: &Plan) -> Result<String> {
         Path::Nftables,
         Path::NftablesBehindXdp,
     ];
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); paths.len()];
+    // Per path: frames sent per second, delivered per second, pages allocated per frame sent.
+    let mut results = vec![[Vec::new(), Vec::new(), Vec::new()]; paths.len()];
     for _ in 0..plan.rounds {
         for (k, &path) in paths.iter().enumerate() {
             match path {
@@ -428,7 +429,7 @@ fn lab_pps(plan: &Plan) -> Result<String> {
                     attach_xdp(&lb_ns, IFACE, prog("lb_pass")?)?;
                 }
             }
-            let before = sunk()?;
+            let (before, pages_before) = (sunk()?, pages_allocated()?);
             let flows = if path == Path::BalancerFewFlows {
                 FEW_FLOWS
             } else {
@@ -436,7 +437,7 @@ fn lab_pps(plan: &Plan) -> Result<String> {
             };
             let (sent, seconds) = generate(&client_ns, client_iface.index, &frame, packets, flows)?;
             std::thread::sleep(Duration::from_millis(200));
-            let received = sunk()? - before;
+            let (received, pages) = (sunk()? - before, pages_allocated()? - pages_before);
             match path {
                 Path::GeneratorAlone => attach_xdp(&lab.ns("sw"), "client", prog("lb_pass")?)?,
                 Path::Nftables => nftables(&lb_ns, false)?,
@@ -446,17 +447,30 @@ fn lab_pps(plan: &Plan) -> Result<String> {
                 }
                 _ => detach_xdp(&lb_ns, IFACE)?,
             }
-            results[k].0.push(sent as f64 / seconds);
-            results[k].1.push(received as f64 / seconds);
+            results[k][0].push(sent as f64 / seconds);
+            results[k][1].push(received as f64 / seconds);
+            results[k][2].push(pages as f64 / sent.max(1) as f64);
         }
     }
-    let rate = |k: usize| (median(results[k].0.clone()), median(results[k].1.clone()));
-    let (generator, generator_sunk) = rate(0);
-    let (gen_reflector, reflector) = rate(1);
-    let (gen_lb, lb) = rate(2);
-    let (gen_lb_few, lb_few) = rate(3);
-    let (gen_nft, nft) = rate(4);
-    let (gen_nft_xdp, nft_xdp) = rate(5);
+    let medians: Vec<[f64; 3]> = results.iter().map(|r| r.clone().map(median)).collect();
+    let delivered = |k: usize| medians[k][1];
+    let (generator, generator_sunk) = (medians[0][0], delivered(0));
+    let (reflector, lb, lb_few, nft, nft_xdp) = (
+        delivered(1),
+        delivered(2),
+        delivered(3),
+        delivered(4),
+        delivered(5),
+    );
+    // Sent/s, delivered/s, lost, pages per packet and the ratio to the reflector of path `k`.
+    let cells = |k: usize| {
+        let [sent, delivered, pages] = medians[k];
+        format!(
+            "{sent:.0} | {delivered:.0} | {:.1}% | {pages:.2} | {:.2}×",
+            (1.0 - delivered / sent).max(0.0) * 100.0,
+            delivered / reflector
+        )
+    };
     let mut out = format!(
         "\n## 2. Packets per second through the lab\n\n\
          The lab of the tests (veth pairs on a bridge, network namespaces). A generator in the client\n\
@@ -467,47 +481,40 @@ fn lab_pps(plan: &Plan) -> Result<String> {
          program `lb run` loads, its maps filled by the controller's code. nftables is a DNAT load\n\
          balancer on the balancer host with `numgen random mod 3` (what kube-proxy's nftables mode\n\
          does), forwarding through the kernel's stack.\n\n\
-         | path | generator sent/s | delivered/s | lost | vs reflector | goal |\n|---|---|---|---|---|---|\n"
+         | path | generator sent/s | delivered/s | lost | pages allocated per packet | vs reflector | goal |\n|---|---|---|---|---|---|---|\n"
     );
-    let lost =
-        |sent: f64, delivered: f64| format!("{:.1}%", (1.0 - delivered / sent).max(0.0) * 100.0);
     writeln!(
         out,
-        "| the generator alone (its frames dropped at the first hop) | {generator:.0} | {generator_sunk:.0} | {} | {:.2}× | - |",
-        lost(generator, generator_sunk),
-        generator_sunk / reflector
+        "| the generator alone (its frames dropped at the first hop) | {} | - |",
+        cells(0)
     )?;
     writeln!(
         out,
-        "| MAC-swap reflector (`XDP_TX`), the limit | {gen_reflector:.0} | {reflector:.0} | {} | 1.00× | - |",
-        lost(gen_reflector, reflector)
+        "| MAC-swap reflector (`XDP_TX`), the limit | {} | - |",
+        cells(1)
     )?;
     writeln!(
         out,
-        "| lb | {gen_lb:.0} | {lb:.0} | {} | {:.2}× | ≥ 0.90× ({}) |",
-        lost(gen_lb, lb),
-        lb / reflector,
+        "| lb | {} | ≥ 0.90× ({}) |",
+        cells(2),
         met(lb / reflector >= 0.9)
     )?;
     writeln!(
         out,
-        "| lb, {FEW_FLOWS} flows instead of {MANY_FLOWS} | {gen_lb_few:.0} | {lb_few:.0} | {} | {:.2}× | - |",
-        lost(gen_lb_few, lb_few),
-        lb_few / reflector
+        "| lb, {FEW_FLOWS} flows instead of {MANY_FLOWS} | {} | - |",
+        cells(3)
     )?;
     writeln!(
         out,
-        "| nftables DNAT (`numgen`) | {gen_nft:.0} | {nft:.0} | {} | {:.2}× | lb ≥ 5× nftables: {:.2}× ({}) |",
-        lost(gen_nft, nft),
-        nft / reflector,
+        "| nftables DNAT (`numgen`) | {} | lb ≥ 5× nftables: {:.2}× ({}) |",
+        cells(4),
         lb / nft,
         met(lb / nft >= 5.0)
     )?;
     writeln!(
         out,
-        "| nftables DNAT behind an `XDP_PASS` program on the balancer's interface | {gen_nft_xdp:.0} | {nft_xdp:.0} | {} | {:.2}× | - |",
-        lost(gen_nft_xdp, nft_xdp),
-        nft_xdp / reflector,
+        "| nftables DNAT behind an `XDP_PASS` program on the balancer's interface | {} | - |",
+        cells(5)
     )?;
     // The generator alone must outrun what the reflector delivers by a clear margin.
     let reflector_saturated = reflector * 1.2 < generator_sunk;
@@ -549,16 +556,28 @@ fn lab_pps(plan: &Plan) -> Result<String> {
              nftables' packets through veth's XDP receive path too (a NAPI ring instead of the \
              backlog), as the XDP forwarders' go, and it still delivers {:.2}× the reflector \
              ({:.2}× what nftables does without it), so most of the gap is in transmitting with \
-             `XDP_TX` on veth. What the kernel's source suggests about that (drivers/net/veth.c, \
-             net/core/page_pool.c; read, not measured): veth takes a page reference for a frame \
-             it transmits with XDP_TX, so the generator's page no longer returns to its page \
-             pool and every packet costs a page allocation and a free, and the peer on the \
-             bridge builds one more socket buffer from the frame. A NIC driver's XDP_TX recycles \
-             its own pages; how lb compares with nftables there needs real NICs. Copies are not \
-             it: in `perf record -a -g` over `lb-bench --only 2 --quick` they were under 1% of \
-             the samples and the balancer program about 1%.",
+             `XDP_TX` on veth. {} A NIC driver's XDP_TX recycles its own pages; how lb compares \
+             with nftables there needs real NICs. Copies are not it: in `perf record -a -g` over \
+             `lb-bench --only 2 --quick` they were under 1% of the samples and the balancer \
+             program about 1%.",
             nft_xdp / reflector,
-            nft_xdp / nft
+            nft_xdp / nft,
+            if medians[2][2] > medians[4][2] + 0.5 {
+                format!(
+                    "The pages column shows what it costs: a frame that veth transmits with \
+                     XDP_TX costs a page allocation ({:.2} pages per packet through lb, {:.2} \
+                     through nftables, {:.2} behind an `XDP_PASS` program). As we read \
+                     the kernel's source (drivers/net/veth.c, net/core/page_pool.c), veth takes \
+                     a page reference for such a frame, so the generator's page no longer \
+                     returns to its page pool and is allocated anew, and the peer on the bridge \
+                     builds one more socket buffer from the frame.",
+                    medians[2][2], medians[4][2], medians[5][2]
+                )
+            } else {
+                "In this run the XDP paths did not allocate clearly more pages per packet than \
+                 nftables, so where that cost lies is open."
+                    .to_string()
+            }
         )
     } else {
         format!(
@@ -868,6 +887,15 @@ fn macs_of_targets(lab: &Lab) -> Result<Vec<[u8; 6]>> {
 
 /// Runs the generator in namespace `netns`: `packets` copies of `frame` out of interface
 /// `ifindex`. Returns how many it sent and how long it took.
+/// Pages the kernel has allocated since boot, all CPUs and zones (`pgalloc_*` in /proc/vmstat).
+fn pages_allocated() -> Result<u64> {
+    Ok(std::fs::read_to_string("/proc/vmstat")?
+        .lines()
+        .filter(|l| l.starts_with("pgalloc_"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum())
+}
+
 /// Runs the generator in `netns`: `packets` frames from `flows` source ports, out of interface
 /// `ifindex`. Returns the frames sent and the seconds it took.
 fn generate(
