@@ -188,21 +188,20 @@ pub struct FlowHasher {
 }
 
 impl FlowHasher {
+    /// The hasher with these coefficients: four multipliers (made odd) and the offset.
+    pub fn new(words: [u64; 5]) -> Self {
+        FlowHasher {
+            multipliers: [words[0] | 1, words[1] | 1, words[2] | 1, words[3] | 1],
+            offset: words[4],
+        }
+    }
+
     /// The hasher of the Maglev pick for `seed`: its coefficients are SplitMix64's sequence from
     /// the seed, so every node with the same `hash_seed` picks alike.
     pub fn from_seed(seed: u32) -> Self {
-        let mut state = seed as u64;
-        let mut next = || {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
-        FlowHasher {
-            multipliers: [next() | 1, next() | 1, next() | 1, next() | 1],
-            offset: next(),
-        }
+        Self::new(core::array::from_fn(|i| {
+            splitmix64((seed as u64).wrapping_add(i as u64 * SPLITMIX64_GAMMA))
+        }))
     }
 
     #[inline(always)]
@@ -216,6 +215,16 @@ impl FlowHasher {
             .wrapping_add((u32::from_be(w[3]) as u64).wrapping_mul(m[3]))
             .wrapping_add(self.offset)
     }
+}
+
+const SPLITMIX64_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64: the `x`-th value of its sequence, a well-mixed 64-bit word for each input.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(SPLITMIX64_GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// `half` (below 2^32) scaled to `0..n`: an index from 32 hash bits without a division.

@@ -289,8 +289,8 @@ impl Drop for FlowMemory {
 }
 
 /// Fresh random words from the kernel, for the connection table's hash.
-fn random_words() -> Result<[u64; 4]> {
-    let mut words = [0u64; 4];
+fn random_words() -> Result<[u64; 5]> {
+    let mut words = [0u64; 5];
     let len = size_of_val(&words);
     // SAFETY: getrandom writes at most `len` bytes into `words`.
     let got = unsafe { libc::getrandom(words.as_mut_ptr().cast(), len, 0) };
@@ -402,10 +402,7 @@ impl Dataplane {
             flow_table = FlowTable {
                 buckets: flow_buckets,
                 layout: MAP_LAYOUT,
-                hasher: FlowHasher {
-                    multipliers: random_words()?.map(|m| m | 1),
-                    offset: random_words()?[0],
-                },
+                hasher: FlowHasher::new(random_words()?),
             };
             shape.set(0, flow_table, 0)?;
         } else if flow_table.layout != MAP_LAYOUT || flow_table.buckets != flow_buckets {

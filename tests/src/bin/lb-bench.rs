@@ -1576,14 +1576,6 @@ fn memory() -> Result<String> {
     Ok(out)
 }
 
-/// SplitMix64: a well-mixed 64-bit value for each input.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// How many flows the connection table remembers as it fills: distinct TCP flows sent through
 /// the balancer one after another (by `BPF_PROG_TEST_RUN`), then each looked up in the table.
 fn table_fill(dataplane: &mut lb::maps::Dataplane) -> Result<String> {
@@ -1599,7 +1591,7 @@ fn table_fill(dataplane: &mut lb::maps::Dataplane) -> Result<String> {
     // benchmarking range) and port for each flow. Consecutive ports of one client would fill
     // the buckets more evenly than that.
     let flow = |i: u32| {
-        let r = splitmix64(i as u64);
+        let r = lb_common::splitmix64(i as u64);
         let mut packet = Packet::tcp(80, (r >> 48) as u16 | 1024, 0x10);
         packet.src = Ipv4Addr::from(0xc612_0000 | (r as u32 & 0x1_ffff));
         packet
