@@ -364,13 +364,10 @@ impl Dataplane {
             .load(crate::BALANCER_OBJECT)
             .map_err(crate::xdp::explain_load_error)?;
         let pinned_in = || pin_dir.map_or_else(String::new, |d| d.display().to_string());
+        // What the kernel says of each map: for adopted maps, what their creator made them.
+        let info = |map: &str| ebpf.map(map).and_then(map_data).and_then(|d| d.info().ok());
         for (map, value_size) in MAPS {
-            let actual = ebpf
-                .map(map)
-                .and_then(map_data)
-                .and_then(|d| d.info().ok())
-                .map(|info| info.value_size() as usize);
-            if actual.is_some_and(|actual| actual != value_size) {
+            if info(map).is_some_and(|i| i.value_size() as usize != value_size) {
                 return Err(anyhow!(
                     "the maps pinned in {} were made by an lb whose map {map} differs from this one's: it cannot take them over; stop the running lb (which removes them), then start this one",
                     pinned_in()
@@ -378,12 +375,7 @@ impl Dataplane {
             }
         }
         for (map, size, setting) in sizes {
-            let actual = ebpf
-                .map(map)
-                .and_then(map_data)
-                .and_then(|d| d.info().ok())
-                .map(|info| info.max_entries());
-            if let Some(actual) = actual
+            if let Some(actual) = info(map).map(|i| i.max_entries())
                 && actual != size
             {
                 return Err(anyhow!(

@@ -39,11 +39,10 @@ static LISTENER_TABLE: Array<ListenerTable> = Array::with_max_entries(1, 0);
 /// Connection table: flow affinity. Sized by the controller at load time.
 ///
 /// A set-associative array that the program indexes itself (`FLOW_TABLE` has its hash): a flow
-/// lives in one of its two buckets of `FLOW_WAYS` entries, and a new flow takes an entry of the
-/// same flow or else the least recently seen one of the two buckets. The kernel's LRU hash cost a call, a jhash and a
-/// key comparison per lookup, and its inserts take locks and a free-list node: about half of an
-/// established packet's time and most of a new flow's. Mappable, so that the controller reads
-/// it as memory to count flows.
+/// lives in one of its two buckets of `FLOW_WAYS` entries (see `find_entry` for which entry a
+/// new flow takes). The kernel's LRU hash cost a call, a jhash and a key comparison per lookup,
+/// and its inserts take locks and a free-list node: about half of an established packet's time
+/// and most of a new flow's. Mappable, so that the controller reads it as memory to count flows.
 #[map]
 static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
