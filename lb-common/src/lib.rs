@@ -27,6 +27,9 @@ pub const LISTENER_PROBES: u32 = 8;
 pub const SETTINGS_KEY: u32 = 0;
 
 /// A listener is found by VIP, port and protocol.
+///
+/// The same triple, with the target's port, keys a target host's reply ports: what its
+/// replies from (VIP, target port, protocol) must say as their source port (the listener's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
@@ -248,7 +251,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 2;
+pub const MAP_LAYOUT: u32 = 3;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -297,6 +300,10 @@ pub struct Target {
     pub mac: [u8; 6],
     /// `TARGET_ACTIVE`, `TARGET_DRAINING`, `TARGET_UNHEALTHY` or `TARGET_FREE`.
     pub state: u16,
+    /// The port the target serves on, network byte order. Where it differs from the
+    /// listener's, the data plane rewrites the destination port (port translation).
+    pub port: u16,
+    pub pad: u16,
 }
 
 pub const FORWARDING_DSR: u32 = 0;
@@ -410,7 +417,7 @@ const _: () = {
     assert!(size_of::<FlowBucket>() == 32 * FLOW_WAYS);
     assert!(size_of::<FlowHasher>() == 40);
     assert!(size_of::<FlowTable>() == 48);
-    assert!(size_of::<Target>() == 16);
+    assert!(size_of::<Target>() == 20);
     assert!(size_of::<Group>() == 16);
     assert!(size_of::<Settings>() == 64);
     assert!(size_of::<Counters>() == 24);

@@ -1,4 +1,4 @@
-//! Pieces shared by lb's XDP programs: bounds-checked header access and the IPv4 checksum.
+//! Pieces shared by lb's programs: bounds-checked header access and checksums.
 #![no_std]
 
 use aya_ebpf::programs::XdpContext;
@@ -10,6 +10,9 @@ pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IP protocol number of IP-in-IP.
 pub const IPPROTO_IPIP: u8 = 4;
+/// Where the checksum sits in a TCP and in a UDP header.
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_CHECK_OFFSET: usize = 6;
 
 /// A pointer to a `T` at `offset` in the frame, or `None` if the frame is too short.
 ///
@@ -61,6 +64,16 @@ pub fn set_ipv4_checksum(ip: *mut Ipv4Hdr) {
         sum = (sum & 0xffff) + (sum >> 16);
         (*ip).check = (!(sum as u16)).to_ne_bytes();
     }
+}
+
+/// The Internet checksum `check` after a 16-bit word it covers changed from `old` to `new`
+/// (RFC 1624, eqn. 3). All three as read from the packet: the sum is byte-order independent.
+#[inline(always)]
+pub fn checksum_replace(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[cfg(target_arch = "bpf")]

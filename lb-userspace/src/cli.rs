@@ -171,6 +171,7 @@ pub fn main() -> ExitCode {
 
 fn check(path: &std::path::Path) -> Result<bool> {
     let config = config::load(path)?;
+    config.log_warnings();
     println!("{}: ok: {}", path.display(), config.summary());
     Ok(true)
 }

@@ -42,6 +42,9 @@ pub struct Config {
     pub settings: Settings,
     pub listeners: Vec<Listener>,
     pub target_groups: Vec<TargetGroup>,
+    /// What is allowed but probably not meant (a group without targets), at its place in the
+    /// file: `lb check` and `lb run` print these and go on.
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +91,8 @@ pub struct TargetGroup {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     pub address: Ipv4Addr,
+    /// Where the target serves: its own `port`, else its group's. The data plane translates a
+    /// listener port that differs.
     pub port: u16,
     pub weight: u32,
 }
@@ -143,6 +148,13 @@ impl Config {
         self.target_groups.iter().find(|g| g.name == name)
     }
 
+    /// Logs each warning: allowed, probably not meant.
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!("{w}");
+        }
+    }
+
     /// The one-line summary `lb check` prints.
     pub fn summary(&self) -> String {
         let targets: usize = self.target_groups.iter().map(|g| g.targets.len()).sum();
@@ -155,6 +167,15 @@ impl Config {
             targets,
             plural(targets),
         )
+    }
+}
+
+/// `tcp` or `udp`, for an IP protocol number lb balances.
+pub fn protocol_name(proto: u8) -> &'static str {
+    if proto == lb_common::PROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
     }
 }
 
@@ -234,8 +255,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         file: path,
         positions: &positions,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
-    let config = v.config(raw);
+    let mut config = v.config(raw);
+    config.warnings = v.warnings;
     if v.errors.is_empty() {
         Ok(config)
     } else {
@@ -295,6 +318,8 @@ struct RawTargetGroup {
     forwarding: Forwarding,
     #[serde(default)]
     algorithm: Algorithm,
+    /// The targets' port where a target names none, as in an NLB target group.
+    port: Option<i64>,
     #[serde(default)]
     targets: Vec<RawTarget>,
     health_check: Option<RawHealthCheck>,
@@ -319,7 +344,7 @@ struct RawHealthCheck {
 #[serde(deny_unknown_fields)]
 struct RawTarget {
     address: String,
-    port: i64,
+    port: Option<i64>,
     weight: Option<i64>,
 }
 
@@ -330,17 +355,28 @@ struct Validator<'a> {
     file: &'a Path,
     positions: &'a Positions,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Validator<'_> {
-    fn error(&mut self, at: &str, message: String) {
+    fn at(&self, at: &str, message: String) -> ConfigError {
         let marker = self.positions.get(at);
-        self.errors.push(ConfigError {
+        ConfigError {
             file: self.file.to_owned(),
             line: marker.map(|m| m.0),
             column: marker.map(|m| m.1),
             message,
-        });
+        }
+    }
+
+    fn error(&mut self, at: &str, message: String) {
+        let error = self.at(at, message);
+        self.errors.push(error);
+    }
+
+    fn warning(&mut self, at: &str, message: String) {
+        let warning = self.at(at, message);
+        self.warnings.push(warning);
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
@@ -448,13 +484,10 @@ impl Validator<'_> {
                         format!(
                             "listener `{}` uses {address}:{port}/{} already taken by listener `{other}`",
                             l.name,
-                            if proto == lb_common::PROTO_TCP { "tcp" } else { "udp" },
+                            protocol_name(proto),
                         ),
                     );
                 }
-            }
-            if let Some(group) = group {
-                self.ports_match(l, port, group, &raw.target_groups);
             }
             let idle_timeout = l.idle_timeout.as_deref().and_then(|text| {
                 self.duration(
@@ -474,7 +507,9 @@ impl Validator<'_> {
             });
         }
 
+        self.reply_ports_unambiguous(&listeners, &groups);
         Config {
+            warnings: Vec::new(),
             settings: settings.unwrap_or(Settings {
                 maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
                 hash_seed: 0,
@@ -539,17 +574,34 @@ impl Validator<'_> {
 
     fn target_group(&mut self, at: &str, g: &RawTargetGroup) -> TargetGroup {
         if g.targets.is_empty() {
-            self.error(
+            self.warning(
                 &format!("{at}.name"),
-                format!("target group `{}` has no targets", g.name),
+                format!(
+                    "target group `{}` has no targets: its listeners drop their traffic (counted as no_target)",
+                    g.name
+                ),
             );
         }
+        let default_port = g.port.and_then(|p| self.port(&format!("{at}.port"), p));
         let mut targets = Vec::new();
         let mut seen = HashSet::new();
         for (j, t) in g.targets.iter().enumerate() {
             let at = format!("{at}.targets[{j}]");
             let address = self.address(&format!("{at}.address"), &t.address, "target");
-            let port = self.port(&format!("{at}.port"), t.port);
+            let port = match t.port {
+                Some(p) => self.port(&format!("{at}.port"), p),
+                None if g.port.is_some() => default_port,
+                None => {
+                    self.error(
+                        &format!("{at}.address"),
+                        format!(
+                            "target {} has no port: give it one, or give target group `{}` a default `port`",
+                            t.address, g.name
+                        ),
+                    );
+                    None
+                }
+            };
             let weight = t.weight.unwrap_or(1);
             if !(1..=MAX_WEIGHT as i64).contains(&weight) {
                 self.error(
@@ -742,27 +794,45 @@ impl Validator<'_> {
         }
     }
 
-    /// In dsr and ipip the target receives the client's packet with its original destination
-    /// port, so it must listen on the listener's port.
-    fn ports_match(
-        &mut self,
-        l: &RawListener,
-        port: u16,
-        group: &TargetGroup,
-        raw: &[RawTargetGroup],
-    ) {
-        let Some(gi) = raw.iter().position(|g| g.name == group.name) else {
+    /// A target answers from the VIP, and in dsr and ipip its host turns the target port of
+    /// each reply back into the listener's port, knowing only (VIP, target port, protocol). So
+    /// on one host, two listeners of a VIP may not share a target port: the host could not
+    /// tell which listener port to answer from.
+    fn reply_ports_unambiguous(&mut self, listeners: &[Listener], groups: &[TargetGroup]) {
+        // Positions follow the file's indices, which the validated lists keep only when nothing
+        // was dropped from them for an error.
+        if !self.errors.is_empty() {
             return;
-        };
-        for (j, t) in raw[gi].targets.iter().enumerate() {
-            if t.port != port as i64 && (1..=65535).contains(&t.port) {
-                self.error(
-                    &format!("target_groups[{gi}].targets[{j}].port"),
-                    format!(
-                        "target {}:{} must use port {port} like listener `{}`: in {} forwarding the target receives the packet with its original destination port",
-                        t.address, t.port, l.name, group.forwarding
-                    ),
-                );
+        }
+        let mut answered: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), &Listener> = HashMap::new();
+        for l in listeners {
+            let Some(gi) = groups.iter().position(|g| g.name == l.target_group) else {
+                continue;
+            };
+            for (j, t) in groups[gi].targets.iter().enumerate() {
+                for &proto in l.protocol.ip_protocols() {
+                    let key = (l.address, t.address, t.port, proto);
+                    match answered.get(&key) {
+                        Some(other) if other.port != l.port => {
+                            let message = format!(
+                                "target {}:{}/{} serves listeners `{}` ({}:{}) and `{}` ({}:{}): its host could not tell which port to answer from; give it another port in one of the groups",
+                                t.address,
+                                t.port,
+                                protocol_name(proto),
+                                other.name,
+                                other.address,
+                                other.port,
+                                l.name,
+                                l.address,
+                                l.port,
+                            );
+                            self.error(&format!("target_groups[{gi}].targets[{j}].port"), message);
+                        }
+                        _ => {
+                            answered.insert(key, l);
+                        }
+                    }
+                }
             }
         }
     }

@@ -115,6 +115,8 @@ impl MapState {
                         group: gid,
                         mac: next_hop_mac(key, group.forwarding)?,
                         state: state_flag,
+                        port: key.addr.port().to_be(),
+                        pad: 0,
                     },
                 );
             }
@@ -532,6 +534,8 @@ impl Dataplane {
                 group: 0,
                 mac: [0; 6],
                 state: TARGET_FREE,
+                port: 0,
+                pad: 0,
             };
             targets.set(*id, free, 0)?;
         }

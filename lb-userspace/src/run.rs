@@ -51,6 +51,7 @@ pub fn run(
     metrics_listen: SocketAddr,
 ) -> Result<()> {
     let config = config::load(config_path)?;
+    config.log_warnings();
     xdp::check_kernel()?;
     let iface = Interface::lookup(interface)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -337,11 +338,14 @@ impl Controller {
         let outcome = if result.is_ok() { "success" } else { "failure" };
         self.telemetry.reloads.with_label_values(&[outcome]).inc();
         match result {
-            Ok(()) => info!(
-                "reloaded {}: {}",
-                self.config_path.display(),
-                self.config.summary()
-            ),
+            Ok(()) => {
+                self.config.log_warnings();
+                info!(
+                    "reloaded {}: {}",
+                    self.config_path.display(),
+                    self.config.summary()
+                )
+            }
             Err(e) => error!("reload refused, the running configuration stays in force: {e:#}"),
         }
     }

@@ -83,7 +83,7 @@ pub fn run_xdp(
     Ok((result.return_value, out, result.duration))
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Packet {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
@@ -97,6 +97,8 @@ pub struct Packet {
     pub frag_field: Option<u16>,
     pub ip_options: Vec<u8>,
     pub payload: Vec<u8>,
+    /// Whether a UDP packet carries a checksum (0, "none", otherwise). TCP always does.
+    pub udp_checksum: bool,
 }
 
 impl Packet {
@@ -113,6 +115,7 @@ impl Packet {
             frag_field: None,
             ip_options: Vec::new(),
             payload: b"hello".to_vec(),
+            udp_checksum: true,
         }
     }
 
@@ -176,6 +179,22 @@ impl Packet {
         ip.extend(&self.ip_options);
         let check = checksum(&ip);
         ip[10..12].copy_from_slice(&check.to_be_bytes());
+        let mut l4 = l4;
+        if self.proto == PROTO_TCP || self.udp_checksum {
+            let check = match checksum(
+                &[
+                    pseudo_header(self.src, self.dst, self.proto, l4.len()),
+                    l4.clone(),
+                ]
+                .concat(),
+            ) {
+                // In UDP a computed 0 is sent as 0xffff: 0 means "no checksum".
+                0 if self.proto == PROTO_UDP => 0xffff,
+                c => c,
+            };
+            let at = if self.proto == PROTO_TCP { 16 } else { 6 };
+            l4[at..at + 2].copy_from_slice(&check.to_be_bytes());
+        }
         ip.extend(l4);
         ip
     }
@@ -192,6 +211,30 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> 
     f.extend(ether_type.to_be_bytes());
     f.extend(payload);
     f
+}
+
+/// The IPv4 pseudo-header that TCP and UDP checksums cover.
+pub fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend(src.octets());
+    h.extend(dst.octets());
+    h.extend([0, proto]);
+    h.extend((l4_len as u16).to_be_bytes());
+    h
+}
+
+/// Whether the TCP or UDP checksum of the IPv4 packet `ip` (without options) verifies; a UDP
+/// checksum of 0 (none) counts as verifying.
+pub fn l4_checksum_ok(ip: &[u8]) -> bool {
+    let proto = ip[9];
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    let l4 = &ip[ihl..];
+    if proto == PROTO_UDP && l4[6..8] == [0, 0] {
+        return true;
+    }
+    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    let pseudo = pseudo_header(addr(12), addr(16), proto, l4.len());
+    checksum(&[pseudo, l4.to_vec()].concat()) == 0
 }
 
 /// The Internet checksum (RFC 1071), computed independently of the data plane's.

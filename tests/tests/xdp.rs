@@ -15,8 +15,8 @@ use lb::{
 };
 use lb_common::DropReason;
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, mac_of, registered,
-    run_xdp, test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, l4_checksum_ok, mac_of,
+    registered, run_xdp, test_interface,
 };
 
 const XDP_DROP: u32 = 1;
@@ -142,6 +142,76 @@ fn ipip_prepends_a_correct_outer_header() -> Result<()> {
                 .any(|t| t.addr == target.addr && t.group == 1),
             "picked a target outside the group"
         );
+    }
+    Ok(())
+}
+
+/// The L4 switch's example: :80 to port 30080 in dsr, :6800 (tcp and udp) to 18600 in ipip.
+const TRANSLATED: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: g1}
+  - {name: game, address: 203.0.113.10, port: 6800, protocol: tcp_udp, target_group: g2}
+target_groups:
+  - name: g1
+    port: 30080
+    targets: [{address: 198.51.100.11}, {address: 198.51.100.12}]
+  - name: g2
+    forwarding: ipip
+    port: 18600
+    targets: [{address: 198.51.100.12}, {address: 198.51.100.13}]
+";
+
+/// The packet as the target must receive it: the same, to the target's port, with the checksum
+/// a sender would have computed for that (built independently of the data plane).
+fn to_port(packet: &Packet, port: u16) -> Packet {
+    Packet {
+        dport: port,
+        ..packet.clone()
+    }
+}
+
+#[test]
+fn translated_ports_are_rewritten_with_valid_checksums_in_dsr_and_ipip() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(TRANSLATED)?;
+    let mut no_checksum = Packet::udp(6800, 3001);
+    no_checksum.udp_checksum = false;
+    let cases = [
+        (Packet::tcp(80, 1024, 0x02), 30080, 0),
+        (Packet::tcp(80, 40000, 0x10), 30080, 0),
+        (Packet::tcp(6800, 2000, 0x02), 18600, 1),
+        (Packet::udp(6800, 3000), 18600, 1),
+        (no_checksum, 18600, 1),
+    ];
+    for (packet, port, group) in cases {
+        ensure!(l4_checksum_ok(&packet.ip_packet()), "the test's own input");
+        let (verdict, out) = run(&mut dp, &packet.frame())?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let (_, target) = expected_target(&state, group, &packet);
+        ensure!(u16::from_be(target.port) == port);
+        let want = to_port(&packet, port);
+        let inner = if group == 0 {
+            ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC);
+            &out[14..]
+        } else {
+            ensure!(out[23] == 4 && out[30..34] == target.addr.to_ne_bytes());
+            &out[34..]
+        };
+        ensure!(
+            inner == want.ip_packet(),
+            "{packet:?}\ngot  {inner:02x?}\nwant {:02x?}",
+            want.ip_packet()
+        );
+        ensure!(
+            l4_checksum_ok(inner),
+            "the translated checksum does not verify"
+        );
+        if !packet.udp_checksum {
+            ensure!(
+                inner[26..28] == [0, 0],
+                "a UDP packet without checksum got one"
+            );
+        }
     }
     Ok(())
 }

@@ -152,21 +152,81 @@ fn port_out_of_range() {
     );
 }
 
+/// The L4 switch's example: two VIPs' ports translated to high target ports, real server 2 in
+/// both groups, group 2 taking its port from the group.
+const L4_SWITCH: &str = "\
+listeners:
+  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: g1}
+  - {name: game, address: 203.0.113.20, port: 6800, protocol: tcp_udp, target_group: g2}
+target_groups:
+  - name: g1
+    targets:
+      - {address: 198.51.100.11, port: 30080}
+      - {address: 198.51.100.12, port: 30080}
+  - name: g2
+    forwarding: ipip
+    port: 18600
+    targets:
+      - {address: 198.51.100.12}
+      - {address: 198.51.100.13, port: 18601}
+";
+
 #[test]
-fn target_port_must_match_listener_port_in_dsr_and_ipip() {
-    for mode in ["dsr", "ipip"] {
-        let text = VALID
-            .replace("forwarding: dsr", &format!("forwarding: {mode}"))
-            .replace(
-                "        port: 80\n        weight",
-                "        port: 8080\n        weight",
-            );
-        refused(
-            &text,
-            15,
-            15,
-            &format!("must use port 80 like listener `web`: in {mode} forwarding"),
-        );
+fn target_ports_may_differ_and_default_to_the_groups() {
+    let config = parse(Path::new("lb.yaml"), L4_SWITCH).unwrap();
+    let ports = |g: usize| -> Vec<u16> {
+        config.target_groups[g]
+            .targets
+            .iter()
+            .map(|t| t.port)
+            .collect()
+    };
+    assert_eq!(ports(0), [30080, 30080]);
+    assert_eq!(ports(1), [18600, 18601]);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn a_target_needs_a_port_of_its_own_or_its_groups() {
+    refused(
+        &L4_SWITCH.replace("    port: 18600\n", ""),
+        12,
+        19,
+        "target 198.51.100.12 has no port: give it one, or give target group `g2` a default `port`",
+    );
+    refused(
+        &L4_SWITCH.replace("port: 18600", "port: 0"),
+        11,
+        11,
+        "port 0 is out of range",
+    );
+}
+
+#[test]
+fn one_host_cannot_answer_two_listener_ports_of_a_vip_from_one_target_port() {
+    // A third listener on the first VIP whose group puts t2 on the port that already answers :80.
+    let text = L4_SWITCH.replace(
+        "target_groups:",
+        "  - {name: alt, address: 203.0.113.10, port: 8080, protocol: tcp, target_group: alt}\n\
+         target_groups:\n  - name: alt\n    targets:\n      - {address: 198.51.100.12, port: 30080}",
+    );
+    refused(
+        &text,
+        8,
+        40,
+        "target 198.51.100.12:30080/tcp serves listeners `web` (203.0.113.10:80) and `alt` (203.0.113.10:8080)",
+    );
+    // Another VIP, or another protocol, or another port on the same host is fine.
+    for (from, to) in [
+        (
+            "address: 203.0.113.10, port: 8080",
+            "address: 203.0.113.11, port: 8080",
+        ),
+        ("port: 8080, protocol: tcp", "port: 8080, protocol: udp"),
+        ("198.51.100.12, port: 30080}", "198.51.100.12, port: 30081}"),
+    ] {
+        let fine = text.replacen(from, to, 1);
+        assert_eq!(errors(&fine), Vec::<String>::new(), "{fine}");
     }
 }
 
@@ -208,9 +268,16 @@ fn unknown_target_group() {
 }
 
 #[test]
-fn empty_group() {
+fn an_empty_group_is_a_warning() {
     let text = format!("{VALID}  - name: spare\n    targets: []\n");
-    refused(&text, 17, 11, "target group `spare` has no targets");
+    let config = parse(Path::new("lb.yaml"), &text).unwrap();
+    let warnings: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        warnings,
+        [
+            "lb.yaml:17:11: target group `spare` has no targets: its listeners drop their traffic (counted as no_target)"
+        ]
+    );
 }
 
 #[test]

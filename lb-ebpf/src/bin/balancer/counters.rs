@@ -1,0 +1,42 @@
+//! Counters, per CPU: what was forwarded per listener and per target, and what was dropped.
+
+use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::map, maps::PerCpuArray};
+use lb_common::{Counters, DropReason, MAX_LISTENERS, MAX_TARGETS};
+
+#[map]
+static LISTENER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+static TARGET_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// Counts a forwarded packet of `bytes` for its listener and its target.
+#[inline(always)]
+pub fn forwarded(listener: u32, target: u32, bytes: usize, new_flow: bool) {
+    add(&LISTENER_STATS, listener, bytes, new_flow);
+    add(&TARGET_STATS, target, bytes, new_flow);
+}
+
+#[inline(always)]
+fn add(stats: &PerCpuArray<Counters>, index: u32, bytes: usize, new_flow: bool) {
+    if let Some(c) = stats.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+            (*c).new_flows += new_flow as u64;
+        }
+    }
+}
+
+/// Counts a dropped packet by reason; the verdict that drops it.
+#[inline(always)]
+pub fn drop(reason: DropReason) -> u32 {
+    if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe { *counter += 1 };
+    }
+    XDP_DROP
+}

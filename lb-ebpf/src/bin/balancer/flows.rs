@@ -1,0 +1,137 @@
+//! Stage 3: the connection table, which keeps every flow on the target it was given.
+
+use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
+use lb_common::{
+    FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowTable, Listener, TARGET_ACTIVE, TARGET_DRAINING,
+    flow_check,
+};
+
+use crate::TARGETS;
+
+/// Connection table: flow affinity. Sized by the controller at load time.
+///
+/// A set-associative array that the program indexes itself (`FLOW_TABLE` has its hash): a flow
+/// lives in one of its two buckets of `FLOW_WAYS` entries (see `find_entry` for which entry a
+/// new flow takes). The kernel's LRU hash cost a call, a jhash and a key comparison per lookup,
+/// and its inserts take locks and a free-list node: about half of an established packet's time
+/// and most of a new flow's. Mappable, so that the controller reads it as memory to count flows.
+#[map]
+static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+#[map]
+pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
+
+/// Refresh a flow's last-seen time at most this often, to spare a map write per packet. It is
+/// also how finely a full bucket tells its busy flows from quiet ones when it must forget one.
+const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
+
+/// The entry that holds `key` in either of its buckets, and `true`; or else the entry a new flow
+/// takes, and `false`: an empty one of the bucket with more empty entries (the buckets fill
+/// evenly, so that both of a flow's buckets are rarely full), or if neither has one, the least
+/// recently seen of both. The second bucket is read only when the first does not hold the flow.
+#[inline(always)]
+pub fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)> {
+    let (entry, found, empty) = find_way(FLOWS.get_ptr_mut(buckets[0])?, key);
+    if found {
+        return Some((entry, true));
+    }
+    let (other, found, other_empty) = find_way(FLOWS.get_ptr_mut(buckets[1])?, key);
+    let take_other = if empty + other_empty == 0 {
+        // SAFETY: both point into buckets, map values valid for the duration of the program run.
+        unsafe { (*other).last_seen_ns < (*entry).last_seen_ns }
+    } else {
+        other_empty > empty
+    };
+    if found || take_other {
+        Some((other, found))
+    } else {
+        Some((entry, false))
+    }
+}
+
+/// In `bucket`: the entry that holds `key`, and `true`; or else the entry a new flow would take,
+/// the least recently seen (an empty one, never seen, first), and `false`; and how many entries
+/// are empty.
+#[inline(always)]
+fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u32) {
+    let first = bucket as *mut FlowEntry;
+    let words = key.words();
+    let (mut victim, mut oldest, mut empty) = (first, u64::MAX, 0);
+    let mut way = 0;
+    while way < FLOW_WAYS {
+        // SAFETY: `way` < FLOW_WAYS, the number of entries in a bucket. Plain reads (volatile
+        // ones of the key cost an established packet about 10 ns): a key torn by another CPU's
+        // write matches no flow, or matches one whose `check` then fails.
+        let entry = unsafe { first.add(way) };
+        let (stored, seen) = unsafe {
+            (
+                (&raw const (*entry).key as *const [u32; 4]).read(),
+                (&raw const (*entry).last_seen_ns).read(),
+            )
+        };
+        if stored == words {
+            return (entry, true, 0);
+        }
+        if seen < oldest {
+            (victim, oldest) = (entry, seen);
+        }
+        empty += (seen == 0) as u32;
+        way += 1;
+    }
+    (victim, false, empty)
+}
+
+/// The target the connection table remembers for this flow, if it is still valid for it: the
+/// entry is whole, the flow was not idle too long, and its target is still in the listener's
+/// group and either takes flows or drains them.
+///
+/// Other CPUs may rewrite the entry meanwhile: each field is read once, so the target that is
+/// checked is the target returned.
+#[inline(always)]
+pub fn existing_target(
+    entry: *mut FlowEntry,
+    hash: u64,
+    listener: &Listener,
+    now: u64,
+) -> Option<u32> {
+    // SAFETY: `entry` points into a bucket, a map value valid for the duration of the program run.
+    let (id, check, last_seen) = unsafe {
+        (
+            (&raw const (*entry).target).read_volatile(),
+            (&raw const (*entry).check).read_volatile(),
+            (&raw const (*entry).last_seen_ns).read_volatile(),
+        )
+    };
+    if check != flow_check(hash, id) {
+        return None;
+    }
+    let idle = now.wrapping_sub(last_seen);
+    if idle > listener.idle_timeout_s as u64 * 1_000_000_000 {
+        return None;
+    }
+    let target = TARGETS.get(id)?;
+    if (target.state != TARGET_ACTIVE && target.state != TARGET_DRAINING)
+        || target.group != listener.group
+    {
+        return None;
+    }
+    if idle > LAST_SEEN_REFRESH_NS {
+        // SAFETY: as above.
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now) };
+    }
+    Some(id)
+}
+
+/// Writes a new flow into `entry`: its key, its target and their check, and the time.
+#[inline(always)]
+pub fn remember(entry: *mut FlowEntry, key: &FlowKey, hash: u64, target: u32, now: u64) {
+    // SAFETY: `entry` points into a bucket, a map value that stays valid for the duration of the
+    // program run. Word stores: a struct copy may become a call to LLVM's memcpy subprogram;
+    // `FlowKey` is four 32-bit words (asserted in lb-common).
+    unsafe {
+        (&raw mut (*entry).key as *mut [u32; 4]).write(key.words());
+        (&raw mut (*entry).target).write(target);
+        (&raw mut (*entry).check).write(flow_check(hash, target));
+        (&raw mut (*entry).last_seen_ns).write(now);
+    }
+}

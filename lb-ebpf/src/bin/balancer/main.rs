@@ -1,0 +1,143 @@
+//! The balancer: one pass over each frame, all state in maps. The stages, in the order a packet
+//! meets them, each a module:
+//!
+//! 1. `parse`: Ethernet → IPv4 → TCP/UDP.
+//! 2. `listener`: the listener for (VIP, port, protocol), from the listener table.
+//! 3. `flows`: the connection table, which remembers each flow's target...
+//! 4. `pick`: ...or a Maglev pick for a new flow.
+//! 5. `forward`: port translation, then direct server return (DSR: MAC rewrite; IPIP: outer
+//!    header), `XDP_TX`.
+//! 6. `counters`: per-CPU counters of what was forwarded and dropped.
+//!
+//! Anything not addressed to a VIP leaves untouched with `XDP_PASS`. Packets for a VIP that cannot
+//! be forwarded are dropped and counted by reason; nothing is logged per packet.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod flows;
+mod forward;
+mod listener;
+mod parse;
+mod pick;
+
+use aya_ebpf::{
+    bindings::xdp_action::XDP_PASS,
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::{map, xdp},
+    maps::Array,
+    programs::XdpContext,
+};
+use lb_common::{
+    DropReason, FORWARDING_IPIP, FlowKey, Group, ListenerKey, MAX_TARGETS, SETTINGS_KEY, Settings,
+    Target,
+};
+
+use crate::{
+    counters::drop,
+    parse::{TCP_ACK, TCP_RST, TCP_SYN},
+};
+
+#[map]
+static TARGETS: Array<Target> = Array::with_max_entries(MAX_TARGETS, 0);
+
+/// One entry per target group; index = group id.
+#[map]
+static GROUPS: Array<Group> = Array::with_max_entries(1, 0);
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[xdp]
+pub fn lb_balancer(ctx: XdpContext) -> u32 {
+    // One place asks whether an unforwardable packet was for a VIP: each inlined copy of the
+    // listener table's probe loop costs hundreds of instructions.
+    balance(&ctx).unwrap_or_else(|(dst, reason)| {
+        if listener::is_vip(dst) {
+            drop(reason)
+        } else {
+            XDP_PASS
+        }
+    })
+}
+
+/// The action for the frame, or the destination and reason of a packet that cannot be
+/// forwarded: dropped if it was for a VIP, passed otherwise.
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
+    let Some(packet) = parse::parse(ctx)? else {
+        return Ok(XDP_PASS);
+    };
+
+    let listener_key = ListenerKey {
+        addr: packet.dst,
+        port: packet.dport,
+        proto: packet.proto,
+        pad: 0,
+    };
+    let Some(slot) = listener::find_key(&listener_key) else {
+        return Err((packet.dst, DropReason::NoListener));
+    };
+    let listener = slot.listener;
+    let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
+        return Ok(XDP_PASS);
+    };
+    let Some(group) = GROUPS.get(listener.group) else {
+        return Ok(drop(DropReason::NoTarget));
+    };
+
+    let key = FlowKey::new(
+        packet.src,
+        packet.dst,
+        packet.sport,
+        packet.dport,
+        packet.proto,
+    );
+    let Some(table) = flows::FLOW_TABLE.get(0) else {
+        return Ok(XDP_PASS);
+    };
+    let hash = table.hasher.hash(&key);
+    let Some((entry, found)) = flows::find_entry(table.buckets_of(hash), &key) else {
+        return Ok(drop(DropReason::NoTarget));
+    };
+    // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
+    // cheaper than the precise one, notably in virtual machines.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A SYN starts a new connection, which always takes a fresh pick.
+    let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut new_flow = false;
+    let existing = if found && !is_syn {
+        flows::existing_target(entry, hash, &listener, now)
+    } else {
+        None
+    };
+    let target_id = match existing {
+        Some(id) => id,
+        None => {
+            let Some(id) = pick::maglev(&key, &listener, group, settings) else {
+                return Ok(drop(DropReason::NoTarget));
+            };
+            new_flow = true;
+            // A stray RST must not create state for a flow that does not exist.
+            if packet.tcp_flags & TCP_RST == 0 {
+                flows::remember(entry, &key, hash, id, now);
+            }
+            id
+        }
+    };
+    let Some(target) = TARGETS.get(target_id) else {
+        return Ok(drop(DropReason::NoTarget));
+    };
+
+    if target.port != packet.dport
+        && let Err(reason) = forward::translate_port(ctx, &packet, target.port)
+    {
+        return Ok(drop(reason));
+    }
+    counters::forwarded(listener.id, target_id, packet.frame_len, new_flow);
+    if group.forwarding == FORWARDING_IPIP {
+        Ok(forward::encapsulate(ctx, &packet, target, settings))
+    } else {
+        Ok(forward::dsr(&packet, target, settings))
+    }
+}
