@@ -83,17 +83,29 @@ enum Command {
         #[arg(short, long, value_name = "IFACE")]
         interface: String,
     },
-    /// Prepare this host as a target: VIPs on loopback, ARP sysctls, and for ipip the XDP decap.
+    /// Prepare this host as a target: VIPs on loopback, ARP sysctls, for ipip the XDP decap, and
+    /// for translated ports the reply-port program.
+    ///
+    /// With -c, from the balancer's own config: the targets whose address is on IFACE are this
+    /// host, and a run again after the file changed converges (adds what is missing, removes
+    /// what the file no longer asks for). Otherwise from --mode, --vip and --port.
     Target {
-        /// The interface that receives traffic from the balancer.
+        /// The interface that receives traffic from the balancer (and sends the replies).
         #[arg(short, long, value_name = "IFACE")]
         interface: String,
+        /// The balancer's config file.
+        #[arg(short, long, value_name = "FILE", conflicts_with_all = ["mode", "vips", "ports"])]
+        config: Option<PathBuf>,
         /// The forwarding mode of the target group this host is in.
-        #[arg(long, value_enum)]
-        mode: TargetMode,
+        #[arg(long, value_enum, required_unless_present = "config")]
+        mode: Option<TargetMode>,
         /// A VIP this host serves (repeat for several).
-        #[arg(long = "vip", value_name = "ADDR", required = true)]
+        #[arg(long = "vip", value_name = "ADDR", required_unless_present = "config")]
         vips: Vec<Ipv4Addr>,
+        /// A translated port, LISTENER:TARGET with /tcp or /udp (both if neither): replies from
+        /// each VIP's TARGET port leave from its LISTENER port (repeat for several).
+        #[arg(long = "port", value_name = "LISTENER:TARGET[/PROTO]", value_parser = parse_port_map)]
+        ports: Vec<Vec<(u16, u16, u8)>>,
         /// Report what is missing without changing anything (exit 1 if anything is).
         #[arg(long, conflicts_with = "undo")]
         check: bool,
@@ -136,15 +148,13 @@ pub fn main() -> ExitCode {
         Command::Reload { interface } => reload(&interface),
         Command::Target {
             interface,
+            config,
             mode,
             vips,
+            ports,
             check,
             undo,
         } => {
-            let mode = match mode {
-                TargetMode::Dsr => Forwarding::Dsr,
-                TargetMode::Ipip => Forwarding::Ipip,
-            };
             let action = if check {
                 target::Action::Check
             } else if undo {
@@ -152,7 +162,7 @@ pub fn main() -> ExitCode {
             } else {
                 target::Action::Apply
             };
-            target::run(&interface, mode, &vips, action)
+            prepare_target(&interface, config, mode, &vips, &ports.concat(), action)
         }
     };
     match result {
@@ -167,6 +177,59 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn prepare_target(
+    interface: &str,
+    config: Option<PathBuf>,
+    mode: Option<TargetMode>,
+    vips: &[Ipv4Addr],
+    ports: &[(u16, u16, u8)],
+    action: target::Action,
+) -> Result<bool> {
+    let Some(path) = config else {
+        let mode = match mode {
+            Some(TargetMode::Ipip) => Forwarding::Ipip,
+            _ => Forwarding::Dsr,
+        };
+        let plan = target::Plan::from_flags(mode, vips, ports);
+        return target::run(interface, &plan, action, false);
+    };
+    let config = config::load(&path)?;
+    let host = crate::net::Interface::lookup(interface)?.ipv4;
+    let plan = target::Plan::from_config(&config, &host);
+    if plan.vips.is_empty() && action != target::Action::Undo {
+        bail!(
+            "no target in {} is this host (addresses on {interface}: {}): nothing to prepare",
+            path.display(),
+            host.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    target::run(interface, &plan, action, true)
+}
+
+/// `80:30080/tcp`, `80:30080/udp` or `80:30080` (both): listener port, target port, protocols.
+fn parse_port_map(text: &str) -> Result<Vec<(u16, u16, u8)>, String> {
+    let (ports, protos) = match text.split_once('/') {
+        Some((ports, "tcp")) => (ports, &[lb_common::PROTO_TCP][..]),
+        Some((ports, "udp")) => (ports, &[lb_common::PROTO_UDP][..]),
+        Some((_, other)) => return Err(format!("`{other}` is not tcp or udp")),
+        None => (text, &[lb_common::PROTO_TCP, lb_common::PROTO_UDP][..]),
+    };
+    let port = |p: &str| -> Result<u16, String> {
+        p.parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
+    };
+    let (listener, target) = ports
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}` is not LISTENER:TARGET, like 80:30080/tcp"))?;
+    let (listener, target) = (port(listener)?, port(target)?);
+    Ok(protos.iter().map(|&p| (listener, target, p)).collect())
 }
 
 fn check(path: &std::path::Path) -> Result<bool> {

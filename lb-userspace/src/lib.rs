@@ -20,8 +20,9 @@ pub mod xdp;
 pub static BALANCER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
 
-/// The target-side object: the IPIP decap program `lb target --mode ipip` attaches.
-pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+/// The target host's object: the IPIP decap and the reply-port translation `lb target` attaches.
+pub static TARGET_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-target"));
 
 /// Programs for labs and benchmarks (pass, reflect, generate, sink); lb never loads them. They
 /// are built with the others and live here so that the tests and benchmarks find them.

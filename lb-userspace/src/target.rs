@@ -5,12 +5,17 @@
 //!   it), and `arp_ignore=1` / `arp_announce=2` so the target never answers ARP for a VIP (which
 //!   would steal the VIP from the balancer) nor announces it.
 //! - ipip: loose `rp_filter` where it is strict, and lb's XDP decap program on the interface.
+//! - a target port that differs from its listener's: lb's TC egress program `lb_reply_ports`,
+//!   which gives replies from (VIP, target port, protocol) the listener's port back.
 //!
-//! Every step can be checked without changing anything (`--check`) and reverted (`--undo`):
-//! sysctls go back to the values saved when lb first changed them.
+//! What a host needs comes from flags (`--mode`, `--vip`, `--port`) or from the balancer's own
+//! config (`-c`), from which it takes the targets that are this host. Every step can be checked
+//! without changing anything (`--check`) and reverted (`--undo`): sysctls go back to the values
+//! saved when lb first changed them. With `-c`, a run converges: what an earlier run set up
+//! and the file no longer asks for is removed.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
@@ -18,16 +23,23 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, maps::HashMap, programs::Xdp};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{SchedClassifier, TcAttachType, Xdp, tc},
+};
+use lb_common::ListenerKey;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Forwarding,
+    config::{Config, Forwarding, protocol_name},
     maps::be,
     net::Interface,
     xdp::{XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, netlink_set_xdp},
 };
 
 pub const DECAP_PROGRAM: &str = "lb_decap";
+pub const REPLY_PORTS_PROGRAM: &str = "lb_reply_ports";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -36,16 +48,136 @@ pub enum Action {
     Undo,
 }
 
+/// A reply port translation: replies from `vip`:`target_port` over `proto` leave with
+/// `listener_port` as their source port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplyPort {
+    pub vip: Ipv4Addr,
+    pub target_port: u16,
+    pub proto: u8,
+    pub listener_port: u16,
+}
+
+impl ReplyPort {
+    fn key(&self) -> ListenerKey {
+        ListenerKey {
+            addr: be(self.vip),
+            port: self.target_port.to_be(),
+            proto: self.proto,
+            pad: 0,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}:{}/{} answers as :{}",
+            self.vip,
+            self.target_port,
+            protocol_name(self.proto),
+            self.listener_port
+        )
+    }
+}
+
+/// What a target host needs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub vips: BTreeSet<Ipv4Addr>,
+    /// Some target of this host is in an ipip group: it needs the decap.
+    pub ipip: bool,
+    pub reply_ports: BTreeSet<ReplyPort>,
+}
+
+impl Plan {
+    /// The plan of the flag form: `mode` and `vips` as given, each of `ports` (listener port,
+    /// target port, protocol) for every VIP.
+    pub fn from_flags(mode: Forwarding, vips: &[Ipv4Addr], ports: &[(u16, u16, u8)]) -> Self {
+        Plan {
+            vips: vips.iter().copied().collect(),
+            ipip: mode == Forwarding::Ipip,
+            reply_ports: vips
+                .iter()
+                .flat_map(|&vip| {
+                    ports
+                        .iter()
+                        .map(move |&(listener_port, target_port, proto)| ReplyPort {
+                            vip,
+                            target_port,
+                            proto,
+                            listener_port,
+                        })
+                })
+                .filter(|r| r.target_port != r.listener_port)
+                .collect(),
+        }
+    }
+
+    /// What the targets of `config` whose address is one of `host` need: their listeners' VIPs,
+    /// the decap if any is in an ipip group, and the reply ports of translated listeners.
+    pub fn from_config(config: &Config, host: &[Ipv4Addr]) -> Self {
+        let mut plan = Plan::default();
+        for l in &config.listeners {
+            let Some(group) = config.target_group(&l.target_group) else {
+                continue;
+            };
+            for t in group.targets.iter().filter(|t| host.contains(&t.address)) {
+                plan.vips.insert(l.address);
+                plan.ipip |= group.forwarding == Forwarding::Ipip;
+                if t.port != l.port {
+                    for &proto in l.protocol.ip_protocols() {
+                        plan.reply_ports.insert(ReplyPort {
+                            vip: l.address,
+                            target_port: t.port,
+                            proto,
+                            listener_port: l.port,
+                        });
+                    }
+                }
+            }
+        }
+        plan
+    }
+
+    fn steps(&self, iface: &str) -> Vec<Step> {
+        let mut steps: Vec<Step> = self.vips.iter().map(|&v| Step::VipOnLoopback(v)).collect();
+        for scope in ["all", iface] {
+            for (name, want) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+                steps.push(Step::Sysctl {
+                    key: format!("net.ipv4.conf.{scope}.{name}"),
+                    want: want.into(),
+                });
+            }
+        }
+        if self.ipip {
+            steps.push(Step::RpFilterLoose(iface.to_owned()));
+            steps.push(Step::Decap(iface.to_owned()));
+        }
+        if !self.reply_ports.is_empty() {
+            steps.push(Step::ReplyPorts {
+                iface: iface.to_owned(),
+                ports: self.reply_ports.clone(),
+            });
+        }
+        steps
+    }
+}
+
 /// One thing a target host needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Step {
     VipOnLoopback(Ipv4Addr),
     Sysctl {
         key: String,
-        want: &'static str,
+        want: String,
     },
     /// Loose reverse-path filtering on the interface where the effective mode is strict.
     RpFilterLoose(String),
     Decap(String),
+    /// `lb_reply_ports` on the interface's egress, holding exactly these translations.
+    ReplyPorts {
+        iface: String,
+        ports: BTreeSet<ReplyPort>,
+    },
 }
 
 impl Step {
@@ -55,6 +187,24 @@ impl Step {
             Step::Sysctl { key, want } => format!("{key} = {want}"),
             Step::RpFilterLoose(iface) => format!("rp_filter on {iface} not strict"),
             Step::Decap(iface) => format!("XDP decap ({DECAP_PROGRAM}) on {iface}"),
+            Step::ReplyPorts { iface, ports } => format!(
+                "reply ports ({REPLY_PORTS_PROGRAM}) on {iface} egress: {}",
+                ports
+                    .iter()
+                    .map(ReplyPort::describe)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Whether `other` sets up the same thing (perhaps with other contents): a step recorded by
+    /// an earlier run is stale only if no step of this run is its own.
+    fn same_thing(&self, other: &Step) -> bool {
+        match (self, other) {
+            (Step::Sysctl { key: a, .. }, Step::Sysctl { key: b, .. }) => a == b,
+            (Step::ReplyPorts { iface: a, .. }, Step::ReplyPorts { iface: b, .. }) => a == b,
+            _ => self == other,
         }
     }
 
@@ -64,6 +214,10 @@ impl Step {
             Step::Sysctl { key, want } => read_sysctl(key)? == *want,
             Step::RpFilterLoose(iface) => effective_rp_filter(iface)? != "1",
             Step::Decap(iface) => attached_program(iface)?.as_deref() == Some(DECAP_PROGRAM),
+            Step::ReplyPorts { iface, ports } => match attached_reply_ports(iface)? {
+                Some(map) => read_reply_ports(map)? == *ports,
+                None => false,
+            },
         })
     }
 
@@ -80,7 +234,18 @@ impl Step {
                 write_sysctl(&key, "2")
             }
             Step::Decap(iface) => attach_decap(iface),
+            Step::ReplyPorts { iface, ports } => install_reply_ports(iface, ports),
         }
+    }
+
+    /// Whether undoing makes sense although the step is not (fully) done: sysctls go back to
+    /// their saved values whatever they are now, and a reply-port program that holds other
+    /// translations is still lb's to remove.
+    fn undo_when_not_done(&self) -> bool {
+        matches!(
+            self,
+            Step::Sysctl { .. } | Step::RpFilterLoose(_) | Step::ReplyPorts { .. }
+        )
     }
 
     fn undo(&self, saved: &SavedState) -> Result<()> {
@@ -91,42 +256,36 @@ impl Step {
                 saved.restore(&format!("net.ipv4.conf.{iface}.rp_filter"))
             }
             Step::Decap(iface) => detach_decap(iface),
+            Step::ReplyPorts { iface, .. } => detach_reply_ports(iface),
         }
     }
 }
 
-fn steps(iface: &str, mode: Forwarding, vips: &[Ipv4Addr]) -> Vec<Step> {
-    let mut steps: Vec<Step> = vips.iter().map(|&v| Step::VipOnLoopback(v)).collect();
-    for scope in ["all", iface] {
-        steps.push(Step::Sysctl {
-            key: format!("net.ipv4.conf.{scope}.arp_ignore"),
-            want: "1",
-        });
-        steps.push(Step::Sysctl {
-            key: format!("net.ipv4.conf.{scope}.arp_announce"),
-            want: "2",
-        });
-    }
-    if mode == Forwarding::Ipip {
-        steps.push(Step::RpFilterLoose(iface.to_owned()));
-        steps.push(Step::Decap(iface.to_owned()));
-    }
-    steps
-}
-
-/// Runs `lb target`; returns whether the host is (or, after --undo, was left) as asked.
-pub fn run(iface: &str, mode: Forwarding, vips: &[Ipv4Addr], action: Action) -> Result<bool> {
+/// Runs `lb target` for `plan`; returns whether the host is (or, after --undo, was left) as
+/// asked. `converge` (the `-c` form, where the plan is all the host should have): steps an
+/// earlier run set up that the plan no longer has are undone (or with --check, reported).
+pub fn run(iface: &str, plan: &Plan, action: Action, converge: bool) -> Result<bool> {
     Interface::lookup(iface)?;
-    if vips.is_empty() {
-        bail!("give at least one --vip");
+    if plan.vips.is_empty() && !(converge && action == Action::Undo) {
+        bail!("nothing to prepare: no VIP is served by this host");
     }
-    let steps = steps(iface, mode, vips);
+    let steps = plan.steps(iface);
     let mut saved = SavedState::load(iface)?;
+    let stale: Vec<Step> = if converge {
+        saved
+            .steps
+            .iter()
+            .filter(|old| !steps.iter().any(|new| new.same_thing(old)))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut all_ok = true;
-    for step in &steps {
-        let done = step.is_done()?;
-        match action {
-            Action::Check => {
+    match action {
+        Action::Check => {
+            for step in &steps {
+                let done = step.is_done()?;
                 println!(
                     "{} {}",
                     if done { "ok     " } else { "missing" },
@@ -134,25 +293,51 @@ pub fn run(iface: &str, mode: Forwarding, vips: &[Ipv4Addr], action: Action) -> 
                 );
                 all_ok &= done;
             }
-            Action::Apply if done => println!("ok      {}", step.describe()),
-            Action::Apply => {
-                step.apply(&mut saved)
-                    .with_context(|| format!("setting {}", step.describe()))?;
-                println!("set     {}", step.describe());
-            }
-            Action::Undo
-                if !done && !matches!(step, Step::Sysctl { .. } | Step::RpFilterLoose(_)) => {}
-            Action::Undo => {
-                step.undo(&saved)
-                    .with_context(|| format!("reverting {}", step.describe()))?;
-                println!("undone  {}", step.describe());
+            for step in &stale {
+                if step.is_done()? {
+                    println!("extra   {} (no longer asked for)", step.describe());
+                    all_ok = false;
+                }
             }
         }
-    }
-    match action {
-        Action::Apply => saved.store()?,
-        Action::Undo => saved.forget()?,
-        Action::Check => {}
+        Action::Apply => {
+            // Stale steps first: a sysctl or a program the new steps share is not stale.
+            for step in &stale {
+                if step.undo_when_not_done() || step.is_done()? {
+                    step.undo(&saved)
+                        .with_context(|| format!("removing {}", step.describe()))?;
+                    println!("removed {} (no longer asked for)", step.describe());
+                }
+                saved.steps.retain(|s| s != step);
+            }
+            for step in &steps {
+                if step.is_done()? {
+                    println!("ok      {}", step.describe());
+                } else {
+                    step.apply(&mut saved)
+                        .with_context(|| format!("setting {}", step.describe()))?;
+                    println!("set     {}", step.describe());
+                }
+                saved.steps.retain(|s| !s.same_thing(step));
+                saved.steps.push(step.clone());
+            }
+            saved.store()?;
+        }
+        Action::Undo => {
+            for step in steps.iter().chain(&stale) {
+                if step.undo_when_not_done() || step.is_done()? {
+                    step.undo(&saved)
+                        .with_context(|| format!("reverting {}", step.describe()))?;
+                    println!("undone  {}", step.describe());
+                }
+                saved.steps.retain(|s| !s.same_thing(step));
+            }
+            if converge || saved.steps.is_empty() {
+                saved.forget()?;
+            } else {
+                saved.store()?;
+            }
+        }
     }
     Ok(all_ok)
 }
@@ -219,7 +404,7 @@ fn attached_program(iface: &str) -> Result<Option<String>> {
 /// it stays after `lb target` exits.
 fn attach_decap(iface: &str) -> Result<()> {
     let iface = Interface::lookup(iface)?;
-    let mut ebpf = Ebpf::load(crate::DECAP_OBJECT).map_err(crate::xdp::explain_load_error)?;
+    let mut ebpf = Ebpf::load(crate::TARGET_OBJECT).map_err(crate::xdp::explain_load_error)?;
     let mut local: HashMap<_, u32, u8> = HashMap::try_from(
         ebpf.map_mut("LOCAL_ADDRS")
             .context("LOCAL_ADDRS missing from the decap object")?,
@@ -240,6 +425,127 @@ fn attach_decap(iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `REPLY_PORTS` map of the `lb_reply_ports` program on `iface`'s egress, if one is there.
+///
+/// tc lists the filter with its program's id; the kernel gives the program's maps by id. So
+/// `--check` and a converging run read what the host really does, not a record of it.
+fn attached_reply_ports(iface: &str) -> Result<Option<MapData>> {
+    let out = Command::new("tc")
+        .args(["-j", "filter", "show", "dev", iface, "egress"])
+        .output()
+        .context("running `tc` (is iproute2 installed?)")?;
+    let filters: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let Some(id) = filters.iter().find_map(|f| {
+        let options = &f["options"];
+        (options["bpf_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(REPLY_PORTS_PROGRAM)))
+        .then(|| options["prog"]["id"].as_u64())
+        .flatten()
+    }) else {
+        return Ok(None);
+    };
+    let program = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() as u64 == id)
+        .with_context(|| format!("the program (id {id}) tc lists on {iface} is gone"))?;
+    for map_id in program.map_ids()?.unwrap_or_default() {
+        let map = MapData::from_id(map_id)?;
+        if map.info()?.name_as_str() == Some("REPLY_PORTS") {
+            return Ok(Some(map));
+        }
+    }
+    bail!("the {REPLY_PORTS_PROGRAM} program on {iface} has no REPLY_PORTS map")
+}
+
+fn reply_ports_map(map: MapData) -> Result<HashMap<MapData, ListenerKey, u16>> {
+    Ok(HashMap::try_from(aya::maps::Map::HashMap(map))?)
+}
+
+fn read_reply_ports(map: MapData) -> Result<BTreeSet<ReplyPort>> {
+    let mut ports = BTreeSet::new();
+    for entry in reply_ports_map(map)?.iter() {
+        let (key, listener_port) = entry?;
+        ports.insert(ReplyPort {
+            vip: Ipv4Addr::from(key.addr.to_ne_bytes()),
+            target_port: u16::from_be(key.port),
+            proto: key.proto,
+            listener_port: u16::from_be(listener_port),
+        });
+    }
+    Ok(ports)
+}
+
+/// Makes `lb_reply_ports` on `iface`'s egress hold exactly `ports`: the attached program's map
+/// is updated in place (no reply goes untranslated meanwhile), or the program is loaded and
+/// attached through netlink, where the kernel keeps it after `lb target` exits.
+fn install_reply_ports(iface: &str, ports: &BTreeSet<ReplyPort>) -> Result<()> {
+    if let Some(map) = attached_reply_ports(iface)? {
+        let mut map = reply_ports_map(map)?;
+        let stale: Vec<ListenerKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ports.iter().any(|p| p.key() == *k))
+            .collect();
+        for r in ports {
+            map.insert(r.key(), r.listener_port.to_be(), 0)?;
+        }
+        for key in stale {
+            map.remove(&key)?;
+        }
+        return Ok(());
+    }
+    let mut ebpf = load_reply_ports(ports)?;
+    if let Err(e) = tc::qdisc_add_clsact(iface)
+        && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+    {
+        return Err(e).with_context(|| format!("adding the clsact qdisc to {iface}"));
+    }
+    let program = reply_ports_program(&mut ebpf)?;
+    let link = program
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+        )
+        .with_context(|| format!("attaching {REPLY_PORTS_PROGRAM} to {iface} egress"))?;
+    // The filter stays in the kernel: dropping the link would remove it.
+    std::mem::forget(program.take_link(link)?);
+    Ok(())
+}
+
+/// The target object with `lb_reply_ports` loaded (not attached anywhere) and its map holding
+/// `ports`.
+pub fn load_reply_ports(ports: &BTreeSet<ReplyPort>) -> Result<Ebpf> {
+    let mut ebpf = Ebpf::load(crate::TARGET_OBJECT).map_err(crate::xdp::explain_load_error)?;
+    let mut map: HashMap<_, ListenerKey, u16> = HashMap::try_from(
+        ebpf.map_mut("REPLY_PORTS")
+            .context("REPLY_PORTS missing from the target object")?,
+    )?;
+    for r in ports {
+        map.insert(r.key(), r.listener_port.to_be(), 0)?;
+    }
+    reply_ports_program(&mut ebpf)?
+        .load()
+        .map_err(crate::xdp::explain_program_error)?;
+    Ok(ebpf)
+}
+
+/// `lb_reply_ports` of an object from [`load_reply_ports`].
+pub fn reply_ports_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(REPLY_PORTS_PROGRAM)
+        .context("reply ports program missing from the target object")?
+        .try_into()?)
+}
+
+fn detach_reply_ports(iface: &str) -> Result<()> {
+    match tc::qdisc_detach_program(iface, TcAttachType::Egress, REPLY_PORTS_PROGRAM) {
+        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        result => result.with_context(|| format!("detaching {REPLY_PORTS_PROGRAM} from {iface}")),
+    }
+}
+
 fn detach_decap(iface: &str) -> Result<()> {
     let index = Interface::lookup(iface)?.index;
     for flags in [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE] {
@@ -258,6 +564,17 @@ fn detach_decap(iface: &str) -> Result<()> {
 struct SavedState {
     path: PathBuf,
     values: BTreeMap<String, String>,
+    /// What the runs so far set up (or found in place) and have not undone: what a converging
+    /// run compares its plan with.
+    steps: Vec<Step>,
+}
+
+#[derive(Default, Deserialize, Serialize)]
+struct SavedFile {
+    #[serde(default)]
+    sysctls: BTreeMap<String, String>,
+    #[serde(default)]
+    steps: Vec<Step>,
 }
 
 impl SavedState {
@@ -266,11 +583,15 @@ impl SavedState {
             .map(|m| m.ino())
             .unwrap_or(0);
         let path = PathBuf::from(format!("/run/lb/target-{netns}-{iface}.json"));
-        let values = match std::fs::read(&path) {
+        let file: SavedFile = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            Err(_) => BTreeMap::new(),
+            Err(_) => SavedFile::default(),
         };
-        Ok(SavedState { path, values })
+        Ok(SavedState {
+            path,
+            values: file.sysctls,
+            steps: file.steps,
+        })
     }
 
     /// Saves the current value of `key`, unless an earlier run saved the original already.
@@ -292,7 +613,11 @@ impl SavedState {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        std::fs::write(&self.path, serde_json::to_vec_pretty(&self.values)?)
+        let file = SavedFile {
+            sysctls: self.values.clone(),
+            steps: self.steps.clone(),
+        };
+        std::fs::write(&self.path, serde_json::to_vec_pretty(&file)?)
             .with_context(|| format!("writing {}", self.path.display()))
     }
 
