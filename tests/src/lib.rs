@@ -373,31 +373,52 @@ impl Lab {
     /// each reply is the target's name, padded to `reply_len` bytes.
     pub fn start_udp_servers(&mut self, vip: Ipv4Addr, port: u16, reply_len: usize) -> Result<()> {
         for i in 0..self.targets {
-            let name = format!("t{}", i + 1);
-            let socket = in_netns(&self.target_ns(i), move || {
-                UdpSocket::bind(SocketAddrV4::new(vip, port))
-            })??;
-            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let stopped = stop.clone();
-            let thread = std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                let reply = padded(&name, reply_len);
-                while !stopped.load(Ordering::Relaxed) {
-                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                        let _ = socket.send_to(&reply, peer);
-                    }
-                }
-            });
-            self.servers.push(Server {
-                target: i,
-                port,
-                udp: true,
-                stop,
-                thread,
-            });
+            self.start_udp_server(i, vip, port, reply_len)?;
         }
         Ok(())
+    }
+
+    /// The UDP server of target `i` (0-based) on `vip`:`port`.
+    pub fn start_udp_server(
+        &mut self,
+        i: usize,
+        vip: Ipv4Addr,
+        port: u16,
+        reply_len: usize,
+    ) -> Result<()> {
+        let name = format!("t{}", i + 1);
+        let socket = in_netns(&self.target_ns(i), move || {
+            UdpSocket::bind(SocketAddrV4::new(vip, port))
+        })??;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let reply = padded(&name, reply_len);
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&reply, peer);
+                }
+            }
+        });
+        self.servers.push(Server {
+            target: i,
+            port,
+            udp: true,
+            stop,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Turns `host`'s checksum, segmentation (TSO) and GSO offloads back on: the lab turns them
+    /// off everywhere, for frames that XDP forwards raw; a target's own replies need not.
+    pub fn enable_offloads(&self, host: &str) -> Result<()> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "ethtool", "-K", IFACE])
+            .args(["tx", "on", "tso", "on", "gso", "on"]))
+        .map(drop)
     }
 
     /// `ip -j -d -s link show` of `host`'s lab interface.

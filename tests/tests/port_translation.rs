@@ -1,0 +1,187 @@
+//! End to end: the L4 switch's example, with port translation, through lb in dsr and ipip.
+//! Real TCP and UDP clients and servers in network namespaces; needs root.
+//!
+//! Two VIPs: :80/tcp of the first goes to group 1 (t1, t2) on port 30080; :6800 tcp and udp
+//! of the second to group 2 (t2, t3) on port 18600. The servers listen only on the target
+//! ports, and the targets are prepared with `lb target -c` from the balancer's own file, their
+//! offloads left on. A TCP connection completes, and a UDP reply reaches the client's
+//! connected socket, only if the reply comes from VIP:listener-port.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
+
+use anyhow::{Result, ensure};
+use lb_tests::{Answers, Connection, IFACE, Lab, VIP, tcp_clients, udp_clients};
+
+const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// Per connection to :80: several megabytes, segmented by the target's TSO/GSO.
+const BIG_REPLY: usize = 4 << 20;
+const SMALL_REPLY: usize = 1200;
+
+fn config_text(mode: &str, g2_port: u16, extra_listener: bool) -> String {
+    let (extra, extra_group) = if extra_listener {
+        (
+            format!(
+                "  - {{name: alt, address: {VIP}, port: 8080, protocol: tcp, target_group: g3}}\n"
+            ),
+            "  - name: g3\n    targets: [{address: 198.51.100.13, port: 30080}]\n",
+        )
+    } else {
+        (String::new(), "")
+    };
+    format!(
+        "listeners:
+  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: g1}}
+  - {{name: game, address: {VIP2}, port: 6800, protocol: tcp_udp, target_group: g2}}
+{extra}target_groups:
+  - name: g1
+    forwarding: {mode}
+    port: 30080
+    targets: [{{address: 198.51.100.11}}, {{address: 198.51.100.12}}]
+  - name: g2
+    forwarding: {mode}
+    targets: [{{address: 198.51.100.12, port: {g2_port}}}, {{address: 198.51.100.13, port: {g2_port}}}]
+{extra_group}"
+    )
+}
+
+/// `lb target -c` on every target; returns what each printed.
+fn prepare(lab: &Lab, config: &Path) -> Result<Vec<String>> {
+    let config = config.to_string_lossy();
+    (1..=lab.targets)
+        .map(|i| lab.lb(&format!("t{i}"), &["target", "-i", IFACE, "-c", &config]))
+        .collect()
+}
+
+/// Who answered: every flow talked to one target, and all of them are in `group`.
+fn answered_within(kind: &str, answers: &[Answers], group: &[&str]) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for (i, a) in answers.iter().enumerate() {
+        ensure!(
+            a.iter().all(|n| n == &a[0] && group.contains(&n.as_str())),
+            "{kind} flow {i} was answered by {a:?}, not one of {group:?}"
+        );
+        seen.insert(a[0].clone());
+    }
+    Ok(seen)
+}
+
+fn serves_the_l4_switch_example(mode: &str) -> Result<()> {
+    let name = format!("lbp-{mode}-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, 3)?;
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(&config, config_text(mode, 18600, false))?;
+    prepare(&lab, &config)?;
+    for i in 1..=3 {
+        lab.enable_offloads(&format!("t{i}"))?;
+    }
+    for i in [0, 1] {
+        lab.start_tcp_server(i, 30080, BIG_REPLY)?;
+    }
+    for i in [1, 2] {
+        lab.start_tcp_server(i, 18600, SMALL_REPLY)?;
+        lab.start_udp_server(i, VIP2, 18600, SMALL_REPLY)?;
+    }
+    let mut balancer = lab.start_balancer(&config, &[])?;
+
+    let rx_before = lab.rx_bytes("lb")?;
+    let (web, web_bytes) = tcp_clients(&lab, VIP, 80, 16, 1)?;
+    let (tcp, tcp_bytes) = tcp_clients(&lab, VIP2, 6800, 60, 3)?;
+    let (udp, udp_bytes) = udp_clients(&lab, VIP2, 6800, 60, 3)?;
+    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+
+    ensure!(
+        web_bytes >= 16 * BIG_REPLY as u64,
+        "only {web_bytes} bytes from :80"
+    );
+    let g1 = answered_within("web", &web, &["t1", "t2"])?;
+    let g2: BTreeSet<String> = answered_within("game tcp", &tcp, &["t2", "t3"])?
+        .union(&answered_within("game udp", &udp, &["t2", "t3"])?)
+        .cloned()
+        .collect();
+    ensure!(g2.len() == 2, "group 2 was served by {g2:?} only");
+    ensure!(
+        g1.contains("t2") && g2.contains("t2"),
+        "t2 must serve both groups: {g1:?} {g2:?}"
+    );
+    // Only requests cross the balancer; the replies go straight to the client.
+    let replies = web_bytes + tcp_bytes + udp_bytes;
+    ensure!(
+        rx_delta * 2 < replies,
+        "the balancer received {rx_delta} bytes for {replies} reply bytes: replies pass through it"
+    );
+
+    if mode == "dsr" {
+        reload_adds_and_changes_a_mapping(&mut lab, &mut balancer, &config)?;
+    }
+    let (status, log) = balancer.terminate(&mut lab)?;
+    ensure!(status.success(), "lb exited with {status}: {log:?}");
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+/// Group 2 moves to port 18601 and a new listener :8080 goes to t3's 30080: `lb target -c`
+/// converges on each target, `lb reload` applies the file, and a connection to :80 that was
+/// open across both keeps its target.
+fn reload_adds_and_changes_a_mapping(
+    lab: &mut Lab,
+    balancer: &mut lb_tests::Balancer,
+    config: &Path,
+) -> Result<()> {
+    let mut open = Connection::open(lab, VIP, 80)?;
+    let first = open.request()?;
+    for i in [1, 2] {
+        lab.start_tcp_server(i, 18601, SMALL_REPLY)?;
+        lab.start_udp_server(i, VIP2, 18601, SMALL_REPLY)?;
+    }
+    lab.start_tcp_server(2, 30080, SMALL_REPLY)?;
+    std::fs::write(config, config_text("dsr", 18601, true))?;
+    let printed = prepare(lab, config)?;
+    ensure!(
+        printed[1].contains("set     reply ports") && printed[2].contains("set     reply ports"),
+        "t2 did not converge: {}",
+        printed[1]
+    );
+    // --check compares each host with the file, the reply-port map's contents included.
+    for i in 1..=3 {
+        let check = lab.lb(
+            &format!("t{i}"),
+            &[
+                "target",
+                "-i",
+                IFACE,
+                "-c",
+                &config.to_string_lossy(),
+                "--check",
+            ],
+        )?;
+        ensure!(
+            !check.contains("missing") && !check.contains("extra"),
+            "{check}"
+        );
+    }
+    balancer.mark();
+    lab.lb("lb", &["reload", "-i", IFACE])?;
+    balancer.wait_for_log(&["reloaded"], Duration::from_secs(10))?;
+    // New connections can only be served on the new port.
+    for i in [1, 2] {
+        lab.stop_tcp_server(i, 18600);
+    }
+    let (tcp, _) = tcp_clients(lab, VIP2, 6800, 20, 1)?;
+    answered_within("game tcp after the reload", &tcp, &["t2", "t3"])?;
+    let (udp, _) = udp_clients(lab, VIP2, 6800, 20, 1)?;
+    answered_within("game udp after the reload", &udp, &["t2", "t3"])?;
+    let (alt, _) = tcp_clients(lab, VIP, 8080, 5, 1)?;
+    answered_within("alt", &alt, &["t3"])?;
+    ensure!(open.request()? == first, "the open connection to :80 moved");
+    Ok(())
+}
+
+#[test]
+fn dsr_translates_ports_and_reloads_mappings() -> Result<()> {
+    serves_the_l4_switch_example("dsr")
+}
+
+#[test]
+fn ipip_translates_ports() -> Result<()> {
+    serves_the_l4_switch_example("ipip")
+}
