@@ -29,12 +29,30 @@ fn run(command: &mut Command) -> Result<String> {
 
 #[test]
 fn example_configs_pass_lb_check() -> Result<()> {
-    for name in ["lb.yaml", "game-udp.yaml", "web-tcp.yaml"] {
-        run(Command::new(lb_binary())
-            .arg("check")
-            .arg("-c")
-            .arg(deploy(&format!("examples/{name}"))))?;
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(deploy("examples"))? {
+        let path = entry?.path();
+        let said = run(Command::new(lb_binary()).arg("check").arg("-c").arg(&path))?;
+        ensure!(!said.contains("WARN"), "{}: {said}", path.display());
+        checked.push(
+            path.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        );
     }
+    checked.sort();
+    ensure!(
+        checked
+            == [
+                "game-udp.yaml",
+                "l4-switch.yaml",
+                "lb.yaml",
+                "nlb-https.yaml",
+                "web-tcp.yaml"
+            ],
+        "{checked:?}"
+    );
     Ok(())
 }
 
