@@ -308,6 +308,20 @@ pub struct Target {
 
 pub const FORWARDING_DSR: u32 = 0;
 pub const FORWARDING_IPIP: u32 = 1;
+pub const FORWARDING_NAT: u32 = 2;
+
+/// In a connection-table entry's `target`: the entry is a NAT flow's reverse entry. Its key is
+/// the 5-tuple of the target's replies (target → client), and the rest of `target` is the
+/// listener id, whose VIP and port the replies get as their source.
+pub const FLOW_REVERSE: u32 = 1 << 31;
+/// Low bits of `FlowEntry::last_seen_ns` that are flags, not time (the data plane's clock is
+/// masked to leave them free; a few nanoseconds are nothing to an idle timeout).
+pub const FLOW_FLAGS: u64 = 7;
+/// The flow ended (an RST, or a FIN each way): it is kept only for its linger, never refreshed.
+pub const FLOW_CLOSING: u64 = 1;
+/// On a reverse entry: a FIN was seen from the client, and from the target.
+pub const FLOW_FIN_CLIENT: u64 = 2;
+pub const FLOW_FIN_TARGET: u64 = 4;
 
 /// Per target group: which half of its double-buffered Maglev table is live.
 ///
@@ -319,7 +333,7 @@ pub struct Group {
     pub active_half: u32,
     /// Number of targets in the live table; 0 means the group has nothing to send to.
     pub targets: u32,
-    /// `FORWARDING_DSR` or `FORWARDING_IPIP`.
+    /// `FORWARDING_DSR`, `FORWARDING_IPIP` or `FORWARDING_NAT`.
     pub forwarding: u32,
     pub pad: u32,
 }
@@ -337,7 +351,9 @@ pub struct Settings {
     pub maglev_size: u32,
     /// Largest IP packet the interface sends; larger encapsulated packets are dropped and counted.
     pub mtu: u32,
-    pub pad2: u32,
+    /// Whether any group forwards with NAT: only then may a packet that is not for a VIP be a
+    /// reply to translate, worth a connection-table lookup.
+    pub nat: u32,
     /// The hash of the Maglev pick, from `hash_seed`: the same on every node that shares VIPs.
     pub pick: FlowHasher,
 }

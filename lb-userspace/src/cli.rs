@@ -119,6 +119,7 @@ enum Command {
 enum TargetMode {
     Dsr,
     Ipip,
+    Nat,
 }
 
 pub fn main() -> ExitCode {
@@ -190,6 +191,7 @@ fn prepare_target(
     let Some(path) = config else {
         let mode = match mode {
             Some(TargetMode::Ipip) => Forwarding::Ipip,
+            Some(TargetMode::Nat) => Forwarding::Nat,
             _ => Forwarding::Dsr,
         };
         let plan = target::Plan::from_flags(mode, vips, ports);
@@ -198,7 +200,7 @@ fn prepare_target(
     let config = config::load(&path)?;
     let host = crate::net::Interface::lookup(interface)?.ipv4;
     let plan = target::Plan::from_config(&config, &host);
-    if plan.vips.is_empty() && action != target::Action::Undo {
+    if plan.vips.is_empty() && !plan.nat && action != target::Action::Undo {
         bail!(
             "no target in {} is this host (addresses on {interface}: {}): nothing to prepare",
             path.display(),

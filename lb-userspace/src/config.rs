@@ -124,6 +124,9 @@ pub enum Forwarding {
     Dsr,
     /// IP-in-IP to targets anywhere routable; they decapsulate and answer directly.
     Ipip,
+    /// Destination NAT: targets see the client's address and answer through the balancer,
+    /// which restores VIP and listener port.
+    Nat,
 }
 
 impl fmt::Display for Forwarding {
@@ -131,6 +134,7 @@ impl fmt::Display for Forwarding {
         f.write_str(match self {
             Self::Dsr => "dsr",
             Self::Ipip => "ipip",
+            Self::Nat => "nat",
         })
     }
 }
@@ -806,7 +810,11 @@ impl Validator<'_> {
         }
         let mut answered: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), &Listener> = HashMap::new();
         for l in listeners {
-            let Some(gi) = groups.iter().position(|g| g.name == l.target_group) else {
+            // In nat, the balancer itself restores each reply's port, from the flow.
+            let Some(gi) = groups
+                .iter()
+                .position(|g| g.name == l.target_group && g.forwarding != Forwarding::Nat)
+            else {
                 continue;
             };
             for (j, t) in groups[gi].targets.iter().enumerate() {

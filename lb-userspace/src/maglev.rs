@@ -209,7 +209,7 @@ mod tests {
             iface_addr: 0,
             maglev_size: 65537,
             mtu: 1500,
-            pad2: 0,
+            nat: 0,
             pick: lb_common::FlowHasher::from_seed(0),
         };
         let mut counts = [0usize; 3];

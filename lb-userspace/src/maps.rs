@@ -17,10 +17,10 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Counters, DropReason, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FlowBucket, FlowEntry,
-    FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
-    ListenerSlot, ListenerTable, MAP_LAYOUT, SETTINGS_KEY, Settings, TARGET_ACTIVE,
-    TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
+    Counters, DropReason, FLOW_CLOSING, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT,
+    FlowBucket, FlowEntry, FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS,
+    Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, SETTINGS_KEY, Settings,
+    TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
 
 use crate::{
@@ -36,8 +36,9 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer and the size of its values: all are pinned, so that a successor
 /// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 11] = [
+const MAPS: [(&str, usize); 12] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
+    ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
     ("FLOWS", size_of::<FlowBucket>()),
     ("FLOW_TABLE", size_of::<FlowTable>()),
@@ -86,7 +87,10 @@ impl MapState {
             iface_addr: be(iface.primary_ipv4()?),
             maglev_size: config.settings.maglev_table_size,
             mtu: iface.mtu,
-            pad2: 0,
+            nat: config
+                .target_groups
+                .iter()
+                .any(|g| g.forwarding == Forwarding::Nat) as u32,
             pick: FlowHasher::from_seed(config.settings.hash_seed),
         };
         let mut state = MapState {
@@ -138,6 +142,7 @@ impl MapState {
                     forwarding: match group.forwarding {
                         Forwarding::Dsr => FORWARDING_DSR,
                         Forwarding::Ipip => FORWARDING_IPIP,
+                        Forwarding::Nat => FORWARDING_NAT,
                     },
                     table,
                     target_count: usable.len() as u32,
@@ -551,6 +556,12 @@ impl Dataplane {
         let half = (table.active_half & 1) ^ 1;
         // Only the slots that differ from what this half already holds.
         let written = self.listener_halves[half as usize].take();
+        // By id first: a NAT reply's reverse entry names its listener by id, and a new listener
+        // must be there before its first flow can have one.
+        let mut by_id: Array<_, ListenerSlot> = self.map("LISTENERS_BY_ID")?;
+        for (&key, &listener) in &state.listeners {
+            by_id.set(listener.id, ListenerSlot { key, listener }, 0)?;
+        }
         let mut map: Array<_, ListenerSlot> = self.map("LISTENER_SLOTS")?;
         for (i, slot) in slots.iter().enumerate() {
             if written.as_ref().is_none_or(|w| w.get(i) != Some(slot)) {
@@ -637,7 +648,8 @@ impl Dataplane {
                         && (t.state == TARGET_ACTIVE || t.state == TARGET_DRAINING)
                 });
                 let idle_ns = now.saturating_sub(flow.last_seen_ns);
-                if live && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000 {
+                let ended = flow.last_seen_ns & FLOW_CLOSING != 0;
+                if live && !ended && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000 {
                     *active.listeners.entry(listener.id).or_default() += 1;
                     *active.targets.entry(flow.target).or_default() += 1;
                 }

@@ -85,6 +85,9 @@ pub struct Plan {
     pub vips: BTreeSet<Ipv4Addr>,
     /// Some target of this host is in an ipip group: it needs the decap.
     pub ipip: bool,
+    /// Some target of this host is in a nat group: it needs nothing from lb (but a route back
+    /// to the clients through the balancer).
+    pub nat: bool,
     pub reply_ports: BTreeSet<ReplyPort>,
 }
 
@@ -93,8 +96,13 @@ impl Plan {
     /// target port, protocol) for every VIP.
     pub fn from_flags(mode: Forwarding, vips: &[Ipv4Addr], ports: &[(u16, u16, u8)]) -> Self {
         Plan {
-            vips: vips.iter().copied().collect(),
+            vips: if mode == Forwarding::Nat {
+                BTreeSet::new()
+            } else {
+                vips.iter().copied().collect()
+            },
             ipip: mode == Forwarding::Ipip,
+            nat: mode == Forwarding::Nat,
             reply_ports: vips
                 .iter()
                 .flat_map(|&vip| {
@@ -121,6 +129,10 @@ impl Plan {
                 continue;
             };
             for t in group.targets.iter().filter(|t| host.contains(&t.address)) {
+                if group.forwarding == Forwarding::Nat {
+                    plan.nat = true;
+                    continue;
+                }
                 plan.vips.insert(l.address);
                 plan.ipip |= group.forwarding == Forwarding::Ipip;
                 if t.port != l.port {
@@ -140,7 +152,7 @@ impl Plan {
 
     fn steps(&self, iface: &str) -> Vec<Step> {
         let mut steps: Vec<Step> = self.vips.iter().map(|&v| Step::VipOnLoopback(v)).collect();
-        for scope in ["all", iface] {
+        for scope in ["all", iface].into_iter().filter(|_| !self.vips.is_empty()) {
             for (name, want) in [("arp_ignore", "1"), ("arp_announce", "2")] {
                 steps.push(Step::Sysctl {
                     key: format!("net.ipv4.conf.{scope}.{name}"),
@@ -266,7 +278,12 @@ impl Step {
 /// earlier run set up that the plan no longer has are undone (or with --check, reported).
 pub fn run(iface: &str, plan: &Plan, action: Action, converge: bool) -> Result<bool> {
     Interface::lookup(iface)?;
-    if plan.vips.is_empty() && !(converge && action == Action::Undo) {
+    if plan.nat {
+        println!(
+            "nat: targets of nat groups need no VIP, agent or sysctl from lb; their route to the clients must go through the balancer (make it their default gateway)"
+        );
+    }
+    if plan.vips.is_empty() && !plan.nat && !(converge && action == Action::Undo) {
         bail!("nothing to prepare: no VIP is served by this host");
     }
     let steps = plan.steps(iface);

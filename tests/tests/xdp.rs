@@ -521,3 +521,156 @@ fn flows_leave_a_target_that_turns_unhealthy_and_no_other_flow_moves() -> Result
     }
     Ok(())
 }
+
+const NAT: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: app}
+  - {name: game, address: 203.0.113.10, port: 6800, protocol: udp, target_group: app}
+  - {name: plain, address: 203.0.113.10, port: 443, protocol: tcp, target_group: dsr}
+target_groups:
+  - name: app
+    forwarding: nat
+    port: 30080
+    targets: [{address: 198.51.100.21}, {address: 198.51.100.22}]
+  - name: dsr
+    targets: [{address: 198.51.100.31, port: 443}]
+";
+
+/// A reply of `target` (address, port) to the client of `request`.
+fn reply_to(request: &Packet, addr: Ipv4Addr, port: u16, flags: u8) -> Packet {
+    Packet {
+        src: addr,
+        dst: request.src,
+        sport: port,
+        dport: request.sport,
+        tcp_flags: flags,
+        ..request.clone()
+    }
+}
+
+#[test]
+fn nat_rewrites_requests_to_the_target_and_replies_back_to_the_vip() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(NAT)?;
+    let mut no_checksum = Packet::udp(6800, 5002);
+    no_checksum.udp_checksum = false;
+    for request in [
+        Packet::tcp(80, 5000, 0x02),
+        Packet::udp(6800, 5001),
+        no_checksum,
+    ] {
+        let (verdict, out) = run(&mut dp, &request.frame())?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let (_, target) = expected_target(&state, 0, &request);
+        let addr = Ipv4Addr::from(target.addr.to_ne_bytes());
+        // To the target's address and port; the client's address stays.
+        let want = Packet {
+            dst: addr,
+            dport: 30080,
+            ..request.clone()
+        };
+        ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC);
+        ensure!(
+            out[14..] == want.ip_packet()[..],
+            "request\ngot  {:02x?}\nwant {:02x?}",
+            &out[14..],
+            want.ip_packet()
+        );
+        ensure!(checksum(&out[14..34]) == 0 && l4_checksum_ok(&out[14..]));
+
+        // The reply comes back through the balancer and leaves from VIP:listener-port. With no
+        // route to the client in this namespace, the kernel's stack is left to send it on.
+        let reply = reply_to(&request, addr, 30080, 0x12);
+        let (verdict, out) = run(&mut dp, &reply.frame())?;
+        ensure!(verdict == XDP_PASS, "reply verdict {verdict}");
+        let want = Packet {
+            src: request.dst,
+            sport: request.dport,
+            ..reply.clone()
+        };
+        ensure!(
+            out[14..] == want.ip_packet()[..],
+            "reply\ngot  {:02x?}\nwant {:02x?}",
+            &out[14..],
+            want.ip_packet()
+        );
+        ensure!(checksum(&out[14..34]) == 0 && l4_checksum_ok(&out[14..]));
+        if !request.udp_checksum {
+            ensure!(
+                out[40..42] == [0, 0],
+                "a UDP reply without checksum got one"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn reply_shaped_packets_without_a_flow_pass_untouched() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(NAT)?;
+    let request = Packet::tcp(80, 6000, 0x02);
+    let target = Ipv4Addr::new(198, 51, 100, 21);
+    // No request went out for these: another client port, another target port, a target of
+    // the dsr group, and a reply before any request.
+    for reply in [
+        reply_to(&request, target, 30080, 0x12),
+        reply_to(&Packet::tcp(80, 6001, 0x02), target, 30081, 0x12),
+        reply_to(
+            &Packet::tcp(443, 6002, 0x02),
+            Ipv4Addr::new(198, 51, 100, 31),
+            443,
+            0x12,
+        ),
+    ] {
+        let frame = reply.frame();
+        let (verdict, out) = run(&mut dp, &frame)?;
+        ensure!(
+            verdict == XDP_PASS && out == frame,
+            "{reply:?} was not passed untouched"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn nat_flows_end_after_a_fin_each_way_or_an_rst() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(NAT)?;
+    let closing = |dp: &Dataplane, key: &lb_common::FlowKey| {
+        dp.flow(key)
+            .is_some_and(|e| e.last_seen_ns & lb_common::FLOW_CLOSING != 0)
+    };
+    // FIN from the client, then from the target: ended after the second.
+    let syn = Packet::tcp(80, 7000, 0x02);
+    run(&mut dp, &syn.frame())?;
+    let (_, target) = expected_target(&state, 0, &syn);
+    let addr = Ipv4Addr::from(target.addr.to_ne_bytes());
+    let reverse = reply_to(&syn, addr, 30080, 0x10).key();
+    ensure!(
+        dp.flow(&reverse).is_some(),
+        "no reverse entry for a new NAT flow"
+    );
+    run(&mut dp, &Packet::tcp(80, 7000, 0x11).frame())?;
+    ensure!(!closing(&dp, &syn.key()), "one FIN ended the flow");
+    run(&mut dp, &reply_to(&syn, addr, 30080, 0x11).frame())?;
+    ensure!(
+        closing(&dp, &syn.key()) && closing(&dp, &reverse),
+        "FIN each way did not end it"
+    );
+    // The last ACK still goes through during the linger.
+    let (verdict, _) = run(&mut dp, &Packet::tcp(80, 7000, 0x10).frame())?;
+    ensure!(verdict == XDP_TX && closing(&dp, &syn.key()));
+
+    // An RST from the target ends another flow at once.
+    let syn = Packet::tcp(80, 7001, 0x02);
+    run(&mut dp, &syn.frame())?;
+    let (_, target) = expected_target(&state, 0, &syn);
+    let addr = Ipv4Addr::from(target.addr.to_ne_bytes());
+    run(&mut dp, &reply_to(&syn, addr, 30080, 0x14).frame())?;
+    ensure!(closing(&dp, &syn.key()), "an RST did not end the flow");
+    // A flow that is not NAT never ends early: its entry lives until it is idle.
+    let dsr = Packet::tcp(443, 7002, 0x02);
+    run(&mut dp, &dsr.frame())?;
+    run(&mut dp, &Packet::tcp(443, 7002, 0x04).frame())?;
+    ensure!(!closing(&dp, &dsr.key()));
+    Ok(())
+}

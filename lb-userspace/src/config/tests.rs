@@ -99,10 +99,10 @@ fn unknown_protocol() {
 #[test]
 fn unknown_forwarding_mode() {
     refused(
-        &VALID.replace("forwarding: dsr", "forwarding: nat"),
+        &VALID.replace("forwarding: dsr", "forwarding: snat"),
         9,
         17,
-        "unknown variant `nat`",
+        "unknown variant `snat`, expected one of `dsr`, `ipip`, `nat`",
     );
 }
 

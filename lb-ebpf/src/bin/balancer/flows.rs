@@ -2,8 +2,8 @@
 
 use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use lb_common::{
-    FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowTable, Listener, TARGET_ACTIVE, TARGET_DRAINING,
-    flow_check,
+    FLOW_CLOSING, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowTable, Listener, TARGET_ACTIVE,
+    TARGET_DRAINING, flow_check,
 };
 
 use crate::TARGETS;
@@ -23,7 +23,7 @@ pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
 
 /// Refresh a flow's last-seen time at most this often, to spare a map write per packet. It is
 /// also how finely a full bucket tells its busy flows from quiet ones when it must forget one.
-const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
+pub const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
 
 /// The entry that holds `key` in either of its buckets, and `true`; or else the entry a new flow
 /// takes, and `false`: an empty one of the bucket with more empty entries (the buckets fill
@@ -115,7 +115,8 @@ pub fn existing_target(
     {
         return None;
     }
-    if idle > LAST_SEEN_REFRESH_NS {
+    // A NAT flow that ended keeps its entry only for its linger.
+    if idle > LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
         // SAFETY: as above.
         unsafe { (&raw mut (*entry).last_seen_ns).write(now) };
     }

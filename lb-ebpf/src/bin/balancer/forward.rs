@@ -13,38 +13,68 @@ use crate::{counters::drop, parse::Packet};
 
 const IP_DF: u8 = 0x40;
 
-/// Gives the packet the target's port as destination, and its TCP or UDP checksum the change
-/// (a UDP checksum of 0, "none", stays 0). Ports are not in the pseudo-header: the one word is
-/// all that changes.
+/// Offsets in the IPv4 header of its checksum and its two addresses.
+pub const IP_CHECK: usize = 10;
+pub const IP_SRC: usize = 12;
+pub const IP_DST: usize = 16;
+
+/// Replaces a port of the packet (`port`: 0 source, 1 destination) and, with `addr`, one of
+/// its addresses (`IP_SRC` or `IP_DST`, and the new address), and updates the checksums they
+/// are in: the TCP or UDP checksum (whose pseudo-header holds the addresses; a UDP checksum of
+/// 0, "none", stays 0, and a computed 0 goes out as 0xffff) and the IPv4 header's.
+/// Incrementally (RFC 1624): only the changed words are summed.
 #[inline(always)]
-pub fn translate_port(ctx: &XdpContext, packet: &Packet, port: u16) -> Result<(), DropReason> {
+pub fn rewrite(
+    ctx: &XdpContext,
+    packet: &Packet,
+    addr: Option<(usize, u32)>,
+    port: usize,
+    new_port: u16,
+) -> Result<(), DropReason> {
     let check_off = packet.l4_off
         + if packet.proto == PROTO_TCP {
             TCP_CHECK_OFFSET
         } else {
             UDP_CHECK_OFFSET
         };
-    let (Some(ports), Some(check)) = (
+    let (Some(ports), Some(l4_check)) = (
         ptr_at::<[u16; 2]>(ctx, packet.l4_off),
         ptr_at::<u16>(ctx, check_off),
     ) else {
         return Err(DropReason::Malformed);
     };
-    // SAFETY: both pointers were bounds-checked just above.
+    // SAFETY: the IPv4 header (20 bytes at `ip`) was bounds-checked by the parse, the ports and
+    // the checksum just above.
     unsafe {
-        (&raw mut (*ports)[1]).write_unaligned(port);
-        let old = check.read_unaligned();
-        if packet.proto == PROTO_TCP || old != 0 {
-            let new = checksum_replace(old, packet.dport, port);
-            // In UDP a computed 0 is sent as its other form, 0xffff: 0 means "no checksum".
-            check.write_unaligned(if new == 0 && packet.proto != PROTO_TCP {
+        let port_at = (ports as *mut u16).add(port & 1);
+        let old_port = port_at.read_unaligned();
+        port_at.write_unaligned(new_port);
+        let mut l4 = checksum_replace(l4_check.read_unaligned(), old_port, new_port);
+        if let Some((at, new_addr)) = addr {
+            let ip = packet.ip as *mut u8;
+            let field = ip.add(at) as *mut u32;
+            let ip_check = ip.add(IP_CHECK) as *mut u16;
+            let old_addr = field.read_unaligned();
+            field.write_unaligned(new_addr);
+            ip_check.write_unaligned(replace_word(ip_check.read_unaligned(), old_addr, new_addr));
+            l4 = replace_word(l4, old_addr, new_addr);
+        }
+        if packet.proto == PROTO_TCP || l4_check.read_unaligned() != 0 {
+            l4_check.write_unaligned(if l4 == 0 && packet.proto != PROTO_TCP {
                 0xffff
             } else {
-                new
+                l4
             });
         }
     }
     Ok(())
+}
+
+/// `check` after a 32-bit word it covers changed: its two halves, as read from the packet.
+#[inline(always)]
+fn replace_word(check: u16, old: u32, new: u32) -> u16 {
+    let check = checksum_replace(check, old as u16, new as u16);
+    checksum_replace(check, (old >> 16) as u16, (new >> 16) as u16)
 }
 
 /// Direct server return on layer 2: the frame goes to the target's MAC, unchanged above it.

@@ -6,8 +6,10 @@
 //! 3. `flows`: the connection table, which remembers each flow's target...
 //! 4. `pick`: ...or a Maglev pick for a new flow.
 //! 5. `forward`: port translation, then direct server return (DSR: MAC rewrite; IPIP: outer
-//!    header), `XDP_TX`.
+//!    header), `XDP_TX`; or `nat`: the destination rewritten to the target's.
 //! 6. `counters`: per-CPU counters of what was forwarded and dropped.
+//!
+//! A packet for no listener may be a NAT target's reply: `nat` looks for its flow.
 //!
 //! Anything not addressed to a VIP leaves untouched with `XDP_PASS`. Packets for a VIP that cannot
 //! be forwarded are dropped and counted by reason; nothing is logged per packet.
@@ -18,6 +20,7 @@ mod counters;
 mod flows;
 mod forward;
 mod listener;
+mod nat;
 mod parse;
 mod pick;
 
@@ -29,13 +32,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FORWARDING_IPIP, FlowKey, Group, ListenerKey, MAX_TARGETS, SETTINGS_KEY, Settings,
-    Target,
+    DropReason, FLOW_FLAGS, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, Group, ListenerKey,
+    MAX_TARGETS, SETTINGS_KEY, Settings, Target,
 };
 
 use crate::{
     counters::drop,
-    parse::{TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[map]
@@ -76,6 +79,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         pad: 0,
     };
     let Some(slot) = listener::find_key(&listener_key) else {
+        if SETTINGS.get(SETTINGS_KEY).is_some_and(|s| s.nat != 0)
+            && let Some(action) = nat::reply(ctx, &packet, clock())
+        {
+            return Ok(action);
+        }
         return Err((packet.dst, DropReason::NoListener));
     };
     let listener = slot.listener;
@@ -100,9 +108,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some((entry, found)) = flows::find_entry(table.buckets_of(hash), &key) else {
         return Ok(drop(DropReason::NoTarget));
     };
-    // Idle timeouts count in seconds: the coarse clock (a tick's resolution) is plenty and is
-    // cheaper than the precise one, notably in virtual machines.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock();
     // A SYN starts a new connection, which always takes a fresh pick.
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut new_flow = false;
@@ -129,15 +135,32 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         return Ok(drop(DropReason::NoTarget));
     };
 
+    counters::forwarded(listener.id, target_id, packet.frame_len, new_flow);
+    if group.forwarding == FORWARDING_NAT {
+        if new_flow && packet.tcp_flags & TCP_RST == 0 {
+            nat::remember_reverse(table, &packet, target, listener.id, now);
+        } else if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            nat::client_closing(table, &packet, entry, target, listener.idle_timeout_s, now);
+        }
+        return Ok(nat::request(ctx, &packet, target, settings));
+    }
     if target.port != packet.dport
-        && let Err(reason) = forward::translate_port(ctx, &packet, target.port)
+        && let Err(reason) = forward::rewrite(ctx, &packet, None, 1, target.port)
     {
         return Ok(drop(reason));
     }
-    counters::forwarded(listener.id, target_id, packet.frame_len, new_flow);
     if group.forwarding == FORWARDING_IPIP {
         Ok(forward::encapsulate(ctx, &packet, target, settings))
     } else {
         Ok(forward::dsr(&packet, target, settings))
     }
+}
+
+/// Now, for the connection table. Idle timeouts count in seconds: the coarse clock (a tick's
+/// resolution) is plenty and is cheaper than the precise one, notably in virtual machines. Its
+/// low bits are left for the entries' flags.
+#[inline(always)]
+fn clock() -> u64 {
+    // SAFETY: a plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() & !FLOW_FLAGS }
 }

@@ -8,6 +8,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
 const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;

@@ -1,0 +1,239 @@
+//! NAT forwarding: the balancer rewrites a request's destination to the target's address and
+//! port (the client's address stays), and the targets, whose way back to the clients goes
+//! through the balancer, have their replies rewritten to come from VIP:listener-port.
+//!
+//! Replies are recognised through the connection table only: each NAT flow has a reverse entry
+//! keyed by the reply's 5-tuple (`FLOW_REVERSE`). A NAT flow ends like a conntrack entry: an RST,
+//! or a FIN each way, leaves both entries only `LINGER_NS` more.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action::XDP_PASS, xdp_action::XDP_TX,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    macros::map,
+    maps::Array,
+    programs::XdpContext,
+};
+use lb_common::{
+    FLOW_CLOSING, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE, FlowEntry, FlowKey,
+    FlowTable, ListenerSlot, MAX_LISTENERS, Settings, Target, flow_check,
+};
+use lb_ebpf::write_mac;
+
+use crate::{
+    counters::drop,
+    flows,
+    forward::{self, IP_DST, IP_SRC},
+    parse::{Packet, TCP_FIN, TCP_RST},
+};
+
+/// Listeners by id: the VIP, port and idle timeout a reply's reverse entry points to.
+#[map]
+pub static LISTENERS_BY_ID: Array<ListenerSlot> = Array::with_max_entries(MAX_LISTENERS, 0);
+
+/// How long a NAT flow's entries stay after it ended, for the last ACK and retransmissions.
+const LINGER_NS: u64 = 5_000_000_000;
+const AF_INET: u8 = 2;
+
+/// A request of a NAT flow to `target`: to its address and port, with its MAC, back out.
+#[inline(always)]
+pub fn request(ctx: &XdpContext, packet: &Packet, target: &Target, settings: &Settings) -> u32 {
+    if let Err(reason) = forward::rewrite(ctx, packet, Some((IP_DST, target.addr)), 1, target.port)
+    {
+        return drop(reason);
+    }
+    forward::dsr(packet, target, settings)
+}
+
+/// Writes the reverse entry of a new NAT flow: replies from `target` to the packet's client.
+#[inline(always)]
+pub fn remember_reverse(
+    table: &FlowTable,
+    packet: &Packet,
+    target: &Target,
+    listener: u32,
+    now: u64,
+) {
+    let key = reply_key(packet, target);
+    let hash = table.hasher.hash(&key);
+    if let Some((entry, _)) = flows::find_entry(table.buckets_of(hash), &key) {
+        flows::remember(entry, &key, hash, FLOW_REVERSE | listener, now);
+    }
+}
+
+/// A FIN or an RST from the client of an established NAT flow: the flow ends on an RST, or on
+/// this FIN if the target sent one already.
+#[inline(always)]
+pub fn client_closing(
+    table: &FlowTable,
+    packet: &Packet,
+    forward: *mut FlowEntry,
+    target: &Target,
+    idle_timeout_s: u32,
+    now: u64,
+) {
+    let key = reply_key(packet, target);
+    let hash = table.hasher.hash(&key);
+    let reverse = match flows::find_entry(table.buckets_of(hash), &key) {
+        Some((entry, true)) => entry,
+        _ => return,
+    };
+    closing(
+        packet.tcp_flags,
+        FLOW_FIN_CLIENT,
+        FLOW_FIN_TARGET,
+        forward,
+        reverse,
+        idle_timeout_s,
+        now,
+    );
+}
+
+/// The reply of a NAT flow, translated and sent towards its client; `None` if the packet is no
+/// such reply (it then takes the path of any packet that is not for a VIP).
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
+    let table = flows::FLOW_TABLE.get(0)?;
+    let key = FlowKey::new(
+        packet.src,
+        packet.dst,
+        packet.sport,
+        packet.dport,
+        packet.proto,
+    );
+    let hash = table.hasher.hash(&key);
+    let (entry, found) = flows::find_entry(table.buckets_of(hash), &key)?;
+    if !found {
+        return None;
+    }
+    // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
+    let (value, check, last_seen) = unsafe {
+        (
+            (&raw const (*entry).target).read_volatile(),
+            (&raw const (*entry).check).read_volatile(),
+            (&raw const (*entry).last_seen_ns).read_volatile(),
+        )
+    };
+    if value & FLOW_REVERSE == 0 || check != flow_check(hash, value) {
+        return None;
+    }
+    let slot = LISTENERS_BY_ID.get(value & !FLOW_REVERSE)?;
+    let idle = now.wrapping_sub(last_seen & !FLOW_FLAGS);
+    if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
+        return None;
+    }
+    if idle > crate::flows::LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
+        // SAFETY: as above.
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
+    }
+    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        let forward_key = FlowKey::new(
+            packet.dst,
+            slot.key.addr,
+            packet.dport,
+            slot.key.port,
+            packet.proto,
+        );
+        let forward_hash = table.hasher.hash(&forward_key);
+        if let Some((forward, true)) =
+            flows::find_entry(table.buckets_of(forward_hash), &forward_key)
+        {
+            closing(
+                packet.tcp_flags,
+                FLOW_FIN_TARGET,
+                FLOW_FIN_CLIENT,
+                forward,
+                entry,
+                slot.listener.idle_timeout_s,
+                now,
+            );
+        }
+    }
+    if let Err(reason) =
+        forward::rewrite(ctx, packet, Some((IP_SRC, slot.key.addr)), 0, slot.key.port)
+    {
+        return Some(drop(reason));
+    }
+    Some(towards(ctx, packet))
+}
+
+/// Sends a translated reply on its way: the kernel's routing and neighbour tables give the
+/// interface and MACs; without a neighbour entry yet, the kernel's stack forwards it.
+#[inline(always)]
+fn towards(ctx: &XdpContext, packet: &Packet) -> u32 {
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = packet.proto;
+    // SAFETY: `ip` was bounds-checked by the parse and the frame has not been resized since.
+    unsafe {
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*packet.ip).tot_len);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*packet.ip).src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*packet.ip).dst_addr);
+    }
+    // SAFETY: the XDP context as the helper wants it.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.ifindex = ingress;
+    let found = unsafe {
+        fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return XDP_PASS;
+    }
+    // SAFETY: `eth` was bounds-checked by the parse and the frame has not been resized since.
+    unsafe {
+        write_mac(&raw mut (*packet.eth).dst_addr, &fib.dmac);
+        write_mac(&raw mut (*packet.eth).src_addr, &fib.smac);
+    }
+    if fib.ifindex == ingress {
+        XDP_TX
+    } else {
+        // SAFETY: a plain helper call.
+        unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+    }
+}
+
+/// The 5-tuple of the replies to `packet`'s flow once it goes to `target`.
+#[inline(always)]
+fn reply_key(packet: &Packet, target: &Target) -> FlowKey {
+    FlowKey::new(
+        target.addr,
+        packet.src,
+        target.port,
+        packet.sport,
+        packet.proto,
+    )
+}
+
+/// Records a FIN (`mine`) on the reverse entry, and ends the flow on an RST or once both sides
+/// sent one: both entries then stay only `LINGER_NS`.
+#[inline(always)]
+fn closing(
+    flags: u8,
+    mine: u64,
+    theirs: u64,
+    forward: *mut FlowEntry,
+    reverse: *mut FlowEntry,
+    idle_timeout_s: u32,
+    now: u64,
+) {
+    // SAFETY: both point into buckets, map values valid for the duration of the run.
+    unsafe {
+        let seen = (&raw const (*reverse).last_seen_ns).read_volatile();
+        if flags & TCP_RST == 0 && seen & theirs == 0 {
+            (&raw mut (*reverse).last_seen_ns).write(seen | mine);
+            return;
+        }
+        // Seen `idle_timeout - LINGER` ago: idle past the timeout `LINGER` from now.
+        let idle = idle_timeout_s as u64 * 1_000_000_000;
+        let aged = now.wrapping_sub(idle.saturating_sub(LINGER_NS)) & !FLOW_FLAGS;
+        (&raw mut (*forward).last_seen_ns).write(aged | FLOW_CLOSING);
+        (&raw mut (*reverse).last_seen_ns).write(aged | FLOW_CLOSING | (seen & FLOW_FLAGS) | mine);
+    }
+}
