@@ -134,6 +134,7 @@ impl Controller {
         let adopting = link_pin.exists();
         let mut macs = HashMap::new();
         resolve_macs(&config, &iface, &mut macs)?;
+        forward_for_nat(&config, &iface)?;
 
         let now = std::time::Instant::now();
         let limits = (
@@ -374,6 +375,7 @@ impl Controller {
         }
         // Everything that can fail comes before anything changes.
         resolve_macs(&new, &self.iface, &mut self.macs)?;
+        forward_for_nat(&new, &self.iface)?;
         let transitions = self
             .registry
             .sync(&new, std::time::Instant::now())
@@ -475,6 +477,27 @@ fn cached_mac<'a>(
 
 /// Resolves the next-hop MAC of every target of `config` not known yet: the target itself
 /// (dsr), or the next hop towards it (ipip). Each next hop is asked once.
+/// With a nat group, the balancer is a router: its FIB lookups (and the kernel, for a packet
+/// whose next hop is not known yet) forward only on an interface where IPv4 forwarding is on.
+fn forward_for_nat(config: &Config, iface: &Interface) -> Result<()> {
+    if !config
+        .target_groups
+        .iter()
+        .any(|g| g.forwarding == Forwarding::Nat)
+    {
+        return Ok(());
+    }
+    let key = format!("net.ipv4.conf.{}.forwarding", iface.name);
+    if crate::target::read_sysctl(&key)? != "1" {
+        crate::target::write_sysctl(&key, "1")?;
+        info!(
+            "nat: {key} = 1, so that {} routes what it translates",
+            iface.name
+        );
+    }
+    Ok(())
+}
+
 fn resolve_macs(
     config: &Config,
     iface: &Interface,

@@ -365,7 +365,7 @@ fn sysctl_path(key: &str) -> PathBuf {
     PathBuf::from("/proc/sys").join(key.replace('.', "/"))
 }
 
-fn read_sysctl(key: &str) -> Result<String> {
+pub fn read_sysctl(key: &str) -> Result<String> {
     let path = sysctl_path(key);
     Ok(std::fs::read_to_string(&path)
         .with_context(|| format!("reading {}", path.display()))?
@@ -373,7 +373,7 @@ fn read_sysctl(key: &str) -> Result<String> {
         .to_owned())
 }
 
-fn write_sysctl(key: &str, value: &str) -> Result<()> {
+pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
     let path = sysctl_path(key);
     std::fs::write(&path, value)
         .with_context(|| format!("writing {} (lb target needs root)", path.display()))

@@ -185,3 +185,69 @@ fn dsr_translates_ports_and_reloads_mappings() -> Result<()> {
 fn ipip_translates_ports() -> Result<()> {
     serves_the_l4_switch_example("ipip")
 }
+
+/// nat on one interface: the targets' way back to the client is the balancer (a route on each
+/// target), which translates the replies. The servers bind their own addresses: in nat no
+/// target has the VIP.
+#[test]
+fn nat_translates_addresses_and_ports_both_ways() -> Result<()> {
+    let name = format!("lbp-nat-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, 3)?;
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(&config, config_text("nat", 18600, false))?;
+    for (i, said) in prepare(&lab, &config)?.iter().enumerate() {
+        ensure!(
+            said.starts_with("nat: ") && !said.contains("set "),
+            "t{}: {said}",
+            i + 1
+        );
+    }
+    for i in 0..3 {
+        let ns = lab.target_ns(i);
+        let status = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "198.51.100.2/32",
+                "via",
+                "198.51.100.3",
+            ])
+            .status()?;
+        ensure!(status.success(), "route on t{}", i + 1);
+    }
+    // The targets' offloads stay off here: their replies cross the balancer's XDP program, and
+    // veth hands it a checksum that only a NIC would have completed.
+    for i in [0, 1] {
+        lab.start_tcp_server(i, 30080, 256 << 10)?;
+    }
+    for i in [1, 2] {
+        lab.start_tcp_server(i, 18600, SMALL_REPLY)?;
+        lab.start_udp_server(i, lb_tests::target_addr(i), 18600, SMALL_REPLY)?;
+    }
+    let mut balancer = lab.start_balancer(&config, &[])?;
+
+    let rx_before = lab.rx_bytes("lb")?;
+    let (web, web_bytes) = tcp_clients(&lab, VIP, 80, 8, 1)?;
+    let (tcp, tcp_bytes) = tcp_clients(&lab, VIP2, 6800, 40, 2)?;
+    let (udp, udp_bytes) = udp_clients(&lab, VIP2, 6800, 40, 2)?;
+    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+
+    answered_within("web", &web, &["t1", "t2"])?;
+    let g2: BTreeSet<String> = answered_within("game tcp", &tcp, &["t2", "t3"])?
+        .union(&answered_within("game udp", &udp, &["t2", "t3"])?)
+        .cloned()
+        .collect();
+    ensure!(g2.len() == 2, "group 2 was served by {g2:?} only");
+    // In nat the replies pass through the balancer.
+    let replies = web_bytes + tcp_bytes + udp_bytes;
+    ensure!(
+        rx_delta >= replies,
+        "the balancer received {rx_delta} bytes for {replies} reply bytes: replies bypass it"
+    );
+    let (status, log) = balancer.terminate(&mut lab)?;
+    ensure!(status.success(), "lb exited with {status}: {log:?}");
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}

@@ -5,7 +5,7 @@
 //! Maps are filled by the controller's own code (`config::parse` → `MapState::build` →
 //! `Dataplane::write`), with made-up MACs instead of ARP.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Result, ensure};
 use lb::{
@@ -549,8 +549,73 @@ fn reply_to(request: &Packet, addr: Ipv4Addr, port: u16, flags: u8) -> Packet {
     }
 }
 
+/// A namespace where the kernel's FIB knows the way, as a NAT balancer's does: the targets on
+/// a veth interface with their made-up MACs as neighbours, the client behind a router there.
+struct Routed(String);
+
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+impl Routed {
+    fn new() -> Result<Self> {
+        let name = format!("lbx-fib-{}", std::process::id() % 10000);
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let routed = Routed(name.clone());
+        let ip = |args: &str| -> Result<()> {
+            let status = Command::new("ip")
+                .args(["-n", &name])
+                .args(args.split_whitespace())
+                .status()?;
+            ensure!(status.success(), "ip {args}");
+            Ok(())
+        };
+        ensure!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()?
+                .success()
+        );
+        ip("link add d0 type veth peer name d1")?;
+        ip("link set d1 up")?;
+        ip("addr add 198.51.100.3/24 dev d0")?;
+        ip("link set d0 up")?;
+        for host in [21u8, 22, 1] {
+            let addr = Ipv4Addr::new(198, 51, 100, host);
+            let mac = if host == 1 { ROUTER_MAC } else { mac_of(addr) };
+            let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+            ip(&format!("neigh add {addr} lladdr {} dev d0", mac.join(":")))?;
+        }
+        ip("route add 192.0.2.0/24 via 198.51.100.1")?;
+        // A FIB lookup for a packet that is passing through answers only where forwarding is on.
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .status()?;
+        ensure!(status.success(), "sysctl net.ipv4.ip_forward=1");
+        Ok(routed)
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+const XDP_REDIRECT: u32 = 4;
+
 #[test]
 fn nat_rewrites_requests_to_the_target_and_replies_back_to_the_vip() -> Result<()> {
+    let routed = Routed::new()?;
+    lb_tests::in_netns(&routed.0, nat_both_ways)?
+}
+
+fn nat_both_ways() -> Result<()> {
     let (mut dp, state, _) = dataplane_for(NAT)?;
     let mut no_checksum = Packet::udp(6800, 5002);
     no_checksum.udp_checksum = false;
@@ -559,8 +624,10 @@ fn nat_rewrites_requests_to_the_target_and_replies_back_to_the_vip() -> Result<(
         Packet::udp(6800, 5001),
         no_checksum,
     ] {
+        // Routed by the FIB: to the veth interface (not the one it came in on, so a redirect),
+        // with the target's MAC from the neighbour table.
         let (verdict, out) = run(&mut dp, &request.frame())?;
-        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        ensure!(verdict == XDP_REDIRECT, "verdict {verdict}");
         let (_, target) = expected_target(&state, 0, &request);
         let addr = Ipv4Addr::from(target.addr.to_ne_bytes());
         // To the target's address and port; the client's address stays.
@@ -569,7 +636,7 @@ fn nat_rewrites_requests_to_the_target_and_replies_back_to_the_vip() -> Result<(
             dport: 30080,
             ..request.clone()
         };
-        ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC);
+        ensure!(out[0..6] == target.mac, "{:02x?}", &out[0..12]);
         ensure!(
             out[14..] == want.ip_packet()[..],
             "request\ngot  {:02x?}\nwant {:02x?}",
@@ -578,11 +645,12 @@ fn nat_rewrites_requests_to_the_target_and_replies_back_to_the_vip() -> Result<(
         );
         ensure!(checksum(&out[14..34]) == 0 && l4_checksum_ok(&out[14..]));
 
-        // The reply comes back through the balancer and leaves from VIP:listener-port. With no
-        // route to the client in this namespace, the kernel's stack is left to send it on.
+        // The reply comes back through the balancer and leaves from VIP:listener-port, towards
+        // the client's router.
         let reply = reply_to(&request, addr, 30080, 0x12);
         let (verdict, out) = run(&mut dp, &reply.frame())?;
-        ensure!(verdict == XDP_PASS, "reply verdict {verdict}");
+        ensure!(verdict == XDP_REDIRECT, "reply verdict {verdict}");
+        ensure!(out[0..6] == ROUTER_MAC, "{:02x?}", &out[0..12]);
         let want = Packet {
             src: request.dst,
             sport: request.dport,
@@ -656,9 +724,10 @@ fn nat_flows_end_after_a_fin_each_way_or_an_rst() -> Result<()> {
         closing(&dp, &syn.key()) && closing(&dp, &reverse),
         "FIN each way did not end it"
     );
-    // The last ACK still goes through during the linger.
-    let (verdict, _) = run(&mut dp, &Packet::tcp(80, 7000, 0x10).frame())?;
-    ensure!(verdict == XDP_TX && closing(&dp, &syn.key()));
+    // The last ACK still goes through during the linger (to the stack: no route here).
+    let (verdict, out) = run(&mut dp, &Packet::tcp(80, 7000, 0x10).frame())?;
+    ensure!(verdict == XDP_PASS && out[14 + 16..14 + 20] == addr.octets());
+    ensure!(closing(&dp, &syn.key()));
 
     // An RST from the target ends another flow at once.
     let syn = Packet::tcp(80, 7001, 0x02);

@@ -142,7 +142,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         } else if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             nat::client_closing(table, &packet, entry, target, listener.idle_timeout_s, now);
         }
-        return Ok(nat::request(ctx, &packet, target, settings));
+        return Ok(nat::request(ctx, &packet, target));
     }
     if target.port != packet.dport
         && let Err(reason) = forward::rewrite(ctx, &packet, None, 1, target.port)

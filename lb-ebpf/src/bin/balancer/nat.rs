@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     FLOW_CLOSING, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE, FlowEntry, FlowKey,
-    FlowTable, ListenerSlot, MAX_LISTENERS, Settings, Target, flow_check,
+    FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
 };
 use lb_ebpf::write_mac;
 
@@ -36,14 +36,16 @@ pub static LISTENERS_BY_ID: Array<ListenerSlot> = Array::with_max_entries(MAX_LI
 const LINGER_NS: u64 = 5_000_000_000;
 const AF_INET: u8 = 2;
 
-/// A request of a NAT flow to `target`: to its address and port, with its MAC, back out.
+/// A request of a NAT flow to `target`: to its address and port, then routed like a reply, so
+/// that a target on another of the balancer's interfaces (the internal network of a two-armed
+/// balancer) is reached as well as one on this.
 #[inline(always)]
-pub fn request(ctx: &XdpContext, packet: &Packet, target: &Target, settings: &Settings) -> u32 {
+pub fn request(ctx: &XdpContext, packet: &Packet, target: &Target) -> u32 {
     if let Err(reason) = forward::rewrite(ctx, packet, Some((IP_DST, target.addr)), 1, target.port)
     {
         return drop(reason);
     }
-    forward::dsr(packet, target, settings)
+    towards(ctx, packet)
 }
 
 /// Writes the reverse entry of a new NAT flow: replies from `target` to the packet's client.
@@ -158,8 +160,9 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
     Some(towards(ctx, packet))
 }
 
-/// Sends a translated reply on its way: the kernel's routing and neighbour tables give the
-/// interface and MACs; without a neighbour entry yet, the kernel's stack forwards it.
+/// Sends a translated packet on its way: the kernel's routing and neighbour tables give the
+/// interface and MACs (the controller resolves every target's, so requests find theirs);
+/// without a neighbour entry yet, the kernel's stack forwards it.
 #[inline(always)]
 fn towards(ctx: &XdpContext, packet: &Packet) -> u32 {
     // SAFETY: all-zero is a valid value of this plain C struct.
