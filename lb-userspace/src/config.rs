@@ -1040,4 +1040,4 @@ impl MarkedEventReceiver for Indexer {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -647,3 +647,31 @@ impl SavedState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn a_plan_takes_only_this_hosts_targets_and_their_translations() {
+        let config = crate::config::parse(
+            Path::new("t.yaml"),
+            crate::config::tests::ONE_HOST_TWO_PORTS,
+        )
+        .unwrap();
+        let vip = Ipv4Addr::new(203, 0, 113, 30);
+        let plan = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 11)]);
+        let answers: Vec<(u16, u16)> = plan
+            .reply_ports
+            .iter()
+            .map(|r| (r.target_port, r.listener_port))
+            .collect();
+        assert_eq!(plan.vips, BTreeSet::from([vip]));
+        assert_eq!(answers, [(7001, 7000), (7002, 7000)]);
+        assert!(!plan.ipip && !plan.nat);
+        let elsewhere = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 12)]);
+        assert_eq!(elsewhere, Plan::default());
+    }
+}

@@ -202,6 +202,22 @@ fn a_target_needs_a_port_of_its_own_or_its_groups() {
     );
 }
 
+/// Two game-server processes on one host, at 7001 and 7002, in one group behind :7000.
+pub(crate) const ONE_HOST_TWO_PORTS: &str = "\
+listeners:
+  - {name: game, address: 203.0.113.30, port: 7000, protocol: udp, target_group: game}
+target_groups:
+  - name: game
+    targets:
+      - {address: 198.51.100.11, port: 7001}
+      - {address: 198.51.100.11, port: 7002}
+";
+
+#[test]
+fn one_host_may_serve_a_listener_on_several_ports() {
+    assert_eq!(errors(ONE_HOST_TWO_PORTS), Vec::<String>::new());
+}
+
 #[test]
 fn one_host_cannot_answer_two_listener_ports_of_a_vip_from_one_target_port() {
     // A third listener on the first VIP whose group puts t2 on the port that already answers :80.
