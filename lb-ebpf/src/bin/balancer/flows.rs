@@ -94,14 +94,7 @@ pub fn existing_target(
     listener: &Listener,
     now: u64,
 ) -> Option<u32> {
-    // SAFETY: `entry` points into a bucket, a map value valid for the duration of the program run.
-    let (id, check, last_seen) = unsafe {
-        (
-            (&raw const (*entry).target).read_volatile(),
-            (&raw const (*entry).check).read_volatile(),
-            (&raw const (*entry).last_seen_ns).read_volatile(),
-        )
-    };
+    let (id, check, last_seen) = read(entry);
     if check != flow_check(hash, id) {
         return None;
     }
@@ -121,6 +114,20 @@ pub fn existing_target(
         unsafe { (&raw mut (*entry).last_seen_ns).write(now) };
     }
     Some(id)
+}
+
+/// An entry's target, check and last-seen time, each read once: other CPUs may rewrite the
+/// entry meanwhile, and what is checked must be what is used.
+#[inline(always)]
+pub fn read(entry: *mut FlowEntry) -> (u32, u32, u64) {
+    // SAFETY: `entry` points into a bucket, a map value valid for the duration of the program run.
+    unsafe {
+        (
+            (&raw const (*entry).target).read_volatile(),
+            (&raw const (*entry).check).read_volatile(),
+            (&raw const (*entry).last_seen_ns).read_volatile(),
+        )
+    }
 }
 
 /// Writes a new flow into `entry`: its key, its target and their check, and the time.

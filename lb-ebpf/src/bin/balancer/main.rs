@@ -32,8 +32,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FLOW_FLAGS, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, Group, ListenerKey,
-    MAX_TARGETS, SETTINGS_KEY, Settings, Target,
+    DropReason, FLOW_FLAGS, FORWARDING_IPIP, FORWARDING_NAT, Group, ListenerKey, MAX_TARGETS,
+    SETTINGS_KEY, Settings, Target,
 };
 
 use crate::{
@@ -94,13 +94,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         return Ok(drop(DropReason::NoTarget));
     };
 
-    let key = FlowKey::new(
-        packet.src,
-        packet.dst,
-        packet.sport,
-        packet.dport,
-        packet.proto,
-    );
+    let key = packet.key();
     let Some(table) = flows::FLOW_TABLE.get(0) else {
         return Ok(XDP_PASS);
     };

@@ -97,26 +97,13 @@ pub fn client_closing(
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
     let table = flows::FLOW_TABLE.get(0)?;
-    let key = FlowKey::new(
-        packet.src,
-        packet.dst,
-        packet.sport,
-        packet.dport,
-        packet.proto,
-    );
+    let key = packet.key();
     let hash = table.hasher.hash(&key);
     let (entry, found) = flows::find_entry(table.buckets_of(hash), &key)?;
     if !found {
         return None;
     }
-    // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
-    let (value, check, last_seen) = unsafe {
-        (
-            (&raw const (*entry).target).read_volatile(),
-            (&raw const (*entry).check).read_volatile(),
-            (&raw const (*entry).last_seen_ns).read_volatile(),
-        )
-    };
+    let (value, check, last_seen) = flows::read(entry);
     if value & FLOW_REVERSE == 0 || check != flow_check(hash, value) {
         return None;
     }

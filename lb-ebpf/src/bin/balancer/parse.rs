@@ -1,7 +1,7 @@
 //! Stage 1: the frame's headers, as far as balancing needs them.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{DropReason, PROTO_TCP, PROTO_UDP};
+use lb_common::{DropReason, FlowKey, PROTO_TCP, PROTO_UDP};
 use lb_ebpf::{ETH_LEN, ETH_P_IP_BE, IPV4_LEN, ptr_at};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -30,6 +30,14 @@ pub struct Packet {
     /// 0 for UDP.
     pub tcp_flags: u8,
     pub frame_len: usize,
+}
+
+impl Packet {
+    /// The packet's 5-tuple as a connection-table key.
+    #[inline(always)]
+    pub fn key(&self) -> FlowKey {
+        FlowKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
 }
 
 /// The packet in the frame: `Ok(None)` for anything that is not TCP or UDP over IPv4 (it is not
