@@ -475,6 +475,17 @@ fn attached_reply_ports(iface: &str) -> Result<Option<MapData>> {
     bail!("the {REPLY_PORTS_PROGRAM} program on {iface} has no REPLY_PORTS map")
 }
 
+/// Puts every one of `ports` into a `REPLY_PORTS` map, as the program reads them.
+fn write_reply_ports<T: std::borrow::BorrowMut<MapData>>(
+    map: &mut HashMap<T, ListenerKey, u16>,
+    ports: &BTreeSet<ReplyPort>,
+) -> Result<()> {
+    for r in ports {
+        map.insert(r.key(), r.listener_port.to_be(), 0)?;
+    }
+    Ok(())
+}
+
 fn reply_ports_map(map: MapData) -> Result<HashMap<MapData, ListenerKey, u16>> {
     Ok(HashMap::try_from(aya::maps::Map::HashMap(map))?)
 }
@@ -504,9 +515,7 @@ fn install_reply_ports(iface: &str, ports: &BTreeSet<ReplyPort>) -> Result<()> {
             .filter_map(Result::ok)
             .filter(|k| !ports.iter().any(|p| p.key() == *k))
             .collect();
-        for r in ports {
-            map.insert(r.key(), r.listener_port.to_be(), 0)?;
-        }
+        write_reply_ports(&mut map, ports)?;
         for key in stale {
             map.remove(&key)?;
         }
@@ -539,9 +548,7 @@ pub fn load_reply_ports(ports: &BTreeSet<ReplyPort>) -> Result<Ebpf> {
         ebpf.map_mut("REPLY_PORTS")
             .context("REPLY_PORTS missing from the target object")?,
     )?;
-    for r in ports {
-        map.insert(r.key(), r.listener_port.to_be(), 0)?;
-    }
+    write_reply_ports(&mut map, ports)?;
     reply_ports_program(&mut ebpf)?
         .load()
         .map_err(crate::xdp::explain_program_error)?;

@@ -25,12 +25,21 @@ pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
 /// also how finely a full bucket tells its busy flows from quiet ones when it must forget one.
 pub const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
 
+/// The entry of `key` in the table (see `find_entry`), whether it holds the flow, and the
+/// flow's hash, which its `check` and a new entry need.
+#[inline(always)]
+pub fn lookup(table: &FlowTable, key: &FlowKey) -> Option<(*mut FlowEntry, bool, u64)> {
+    let hash = table.hasher.hash(key);
+    let (entry, found) = find_entry(table.buckets_of(hash), key)?;
+    Some((entry, found, hash))
+}
+
 /// The entry that holds `key` in either of its buckets, and `true`; or else the entry a new flow
 /// takes, and `false`: an empty one of the bucket with more empty entries (the buckets fill
 /// evenly, so that both of a flow's buckets are rarely full), or if neither has one, the least
 /// recently seen of both. The second bucket is read only when the first does not hold the flow.
 #[inline(always)]
-pub fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)> {
+fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)> {
     let (entry, found, empty) = find_way(FLOWS.get_ptr_mut(buckets[0])?, key);
     if found {
         return Some((entry, true));

@@ -98,8 +98,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(table) = flows::FLOW_TABLE.get(0) else {
         return Ok(XDP_PASS);
     };
-    let hash = table.hasher.hash(&key);
-    let Some((entry, found)) = flows::find_entry(table.buckets_of(hash), &key) else {
+    let Some((entry, found, hash)) = flows::lookup(table, &key) else {
         return Ok(drop(DropReason::NoTarget));
     };
     let now = clock();

@@ -58,8 +58,7 @@ pub fn remember_reverse(
     now: u64,
 ) {
     let key = reply_key(packet, target);
-    let hash = table.hasher.hash(&key);
-    if let Some((entry, _)) = flows::find_entry(table.buckets_of(hash), &key) {
+    if let Some((entry, _, hash)) = flows::lookup(table, &key) {
         flows::remember(entry, &key, hash, FLOW_REVERSE | listener, now);
     }
 }
@@ -75,10 +74,8 @@ pub fn client_closing(
     idle_timeout_s: u32,
     now: u64,
 ) {
-    let key = reply_key(packet, target);
-    let hash = table.hasher.hash(&key);
-    let reverse = match flows::find_entry(table.buckets_of(hash), &key) {
-        Some((entry, true)) => entry,
+    let reverse = match flows::lookup(table, &reply_key(packet, target)) {
+        Some((entry, true, _)) => entry,
         _ => return,
     };
     closing(
@@ -97,9 +94,7 @@ pub fn client_closing(
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
     let table = flows::FLOW_TABLE.get(0)?;
-    let key = packet.key();
-    let hash = table.hasher.hash(&key);
-    let (entry, found) = flows::find_entry(table.buckets_of(hash), &key)?;
+    let (entry, found, hash) = flows::lookup(table, &packet.key())?;
     if !found {
         return None;
     }
@@ -112,8 +107,8 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
     if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    if idle > crate::flows::LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
-        // SAFETY: as above.
+    if idle > flows::LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
+        // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
         unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
     }
     if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -124,10 +119,7 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
             slot.key.port,
             packet.proto,
         );
-        let forward_hash = table.hasher.hash(&forward_key);
-        if let Some((forward, true)) =
-            flows::find_entry(table.buckets_of(forward_hash), &forward_key)
-        {
+        if let Some((forward, true, _)) = flows::lookup(table, &forward_key) {
             closing(
                 packet.tcp_flags,
                 FLOW_FIN_TARGET,
