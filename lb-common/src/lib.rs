@@ -251,7 +251,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 3;
+pub const MAP_LAYOUT: u32 = 4;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -303,7 +303,8 @@ pub struct Target {
     /// The port the target serves on, network byte order. Where it differs from the
     /// listener's, the data plane rewrites the destination port (port translation).
     pub port: u16,
-    pub pad: u16,
+    /// Which of `Settings::interfaces` reaches the target (dsr and ipip; nat routes).
+    pub egress: u16,
 }
 
 pub const FORWARDING_DSR: u32 = 0;
@@ -342,18 +343,14 @@ pub struct Group {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// MAC of the interface the program is attached to: the source of every frame it sends.
-    pub iface_mac: [u8; 6],
-    pub pad: u16,
-    /// IPv4 address of that interface, network byte order: outer source in IPIP mode.
-    pub iface_addr: u32,
     /// Slots per Maglev table (a prime).
     pub maglev_size: u32,
-    /// Largest IP packet the interface sends; larger encapsulated packets are dropped and counted.
-    pub mtu: u32,
     /// Whether any group forwards with NAT: only then may a packet that is not for a VIP be a
     /// reply to translate, worth a connection-table lookup.
     pub nat: u32,
+    /// The interfaces the program is attached to, first the one named first; a target's
+    /// `egress` is an index into them.
+    pub interfaces: [Egress; MAX_INTERFACES],
     /// The hash of the Maglev pick, from `hash_seed`: the same on every node that shares VIPs.
     pub pick: FlowHasher,
 }
@@ -367,6 +364,23 @@ impl Settings {
     pub fn maglev_slot(&self, key: &FlowKey) -> u32 {
         scale(self.pick.hash(key) >> 32, self.maglev_size)
     }
+}
+
+/// How many interfaces one balancer may be attached to.
+pub const MAX_INTERFACES: usize = 8;
+
+/// One of the balancer's interfaces, as a frame sent from it needs it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    pub ifindex: u32,
+    /// Its IPv4 address, network byte order: the outer source in IPIP mode.
+    pub addr: u32,
+    /// Largest IP packet it sends; larger encapsulated packets are dropped and counted.
+    pub mtu: u32,
+    /// The source of every frame sent from it.
+    pub mac: [u8; 6],
+    pub pad: u16,
 }
 
 /// Packet, byte and new-flow counters, kept per CPU.
@@ -435,7 +449,8 @@ const _: () = {
     assert!(size_of::<FlowTable>() == 48);
     assert!(size_of::<Target>() == 20);
     assert!(size_of::<Group>() == 16);
-    assert!(size_of::<Settings>() == 64);
+    assert!(size_of::<Egress>() == 20);
+    assert!(size_of::<Settings>() == 8 + 20 * MAX_INTERFACES + 40);
     assert!(size_of::<Counters>() == 24);
 };
 

@@ -76,6 +76,14 @@ pub fn checksum_replace(check: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
+/// The Internet checksum `check` after a 32-bit word it covers (an IPv4 address) changed: its
+/// two halves, as read from the packet.
+#[inline(always)]
+pub fn checksum_replace32(check: u16, old: u32, new: u32) -> u16 {
+    let check = checksum_replace(check, old as u16, new as u16);
+    checksum_replace(check, (old >> 16) as u16, (new >> 16) as u16)
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

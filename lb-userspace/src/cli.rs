@@ -51,15 +51,18 @@ enum Command {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
-        /// The interface that receives VIP traffic (and sends it on to the targets).
-        #[arg(short, long, value_name = "IFACE")]
-        interface: String,
+        /// An interface that receives VIP traffic or reaches targets. Name several for a
+        /// balancer with several networks (`-i ext0 -i int0`: clients on one, targets on the
+        /// other); the program runs on each and sends a frame out of whichever reaches its
+        /// target or client.
+        #[arg(short, long = "interface", value_name = "IFACE", required = true)]
+        interface: Vec<String>,
         /// XDP mode: native (in the driver, fastest), generic (any interface, slower), or auto:
         /// native when the driver supports it, else generic with a warning that says why.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: ModeChoice,
-        /// Where to pin the maps and the XDP link (a BPF filesystem; /sys/fs/bpf is mounted if
-        /// needed) [default: /sys/fs/bpf/lb/IFACE]
+        /// Where to pin the maps and the XDP links (a BPF filesystem; /sys/fs/bpf is mounted if
+        /// needed) [default: /sys/fs/bpf/lb/IFACE, after the first interface]
         #[arg(long, value_name = "DIR")]
         pin_dir: Option<PathBuf>,
         /// Where to serve Prometheus metrics (/metrics) and the status lb status reads (/status).
@@ -142,7 +145,7 @@ pub fn main() -> ExitCode {
             pin_dir,
             metrics_listen,
         } => {
-            let pin_dir = pin_dir.unwrap_or_else(|| run::default_pin_dir(&interface));
+            let pin_dir = pin_dir.unwrap_or_else(|| run::default_pin_dir(&interface[0]));
             run::run(&config, &interface, xdp_mode, &pin_dir, metrics_listen).map(|()| true)
         }
         Command::Status { interface, json } => status(interface.as_deref(), json),
@@ -291,8 +294,13 @@ fn status(interface: Option<&str>, json: bool) -> Result<bool> {
             serde_json::to_string_pretty(&serde_json::json!({ "status": now, "rates": rates }))?
         );
     } else {
+        let on = if info.interfaces.is_empty() {
+            iface
+        } else {
+            info.interfaces.join(", ")
+        };
         println!(
-            "lb on {iface} (pid {}, config {})\n",
+            "lb on {on} (pid {}, config {})\n",
             info.pid,
             info.config.display()
         );

@@ -17,6 +17,9 @@ pub struct InstanceInfo {
     pub config: PathBuf,
     /// Where it serves `/metrics` and `/status`.
     pub admin: std::net::SocketAddr,
+    /// Every interface it runs on; the file is named after the first.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
 }
 
 /// The instance file of the running process; removed on drop.
@@ -66,19 +69,27 @@ fn alive(pid: u32) -> bool {
 }
 
 impl Instance {
-    /// Records this process as the one running on `iface`; fails if another live one is.
-    pub fn claim(iface: &str, config: &Path, admin: std::net::SocketAddr) -> Result<Self> {
-        let path = path_for(iface);
-        if let Some(other) = find(iface)? {
-            bail!(
-                "lb is already running on {iface} (pid {}): stop it first",
-                other.pid
-            );
+    /// Records this process as the one running on `interfaces`; fails if another live one
+    /// runs on any of them.
+    pub fn claim(
+        interfaces: &[String],
+        config: &Path,
+        admin: std::net::SocketAddr,
+    ) -> Result<Self> {
+        for iface in interfaces {
+            if let Some(other) = find(iface)? {
+                bail!(
+                    "lb is already running on {iface} (pid {}): stop it first",
+                    other.pid
+                );
+            }
         }
+        let path = path_for(&interfaces[0]);
         let info = InstanceInfo {
             pid: std::process::id(),
             config: std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned()),
             admin,
+            interfaces: interfaces.to_vec(),
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -95,7 +106,7 @@ impl Drop for Instance {
     }
 }
 
-/// Every live instance in this network namespace, with its interface.
+/// Every live instance in this network namespace, with the first of its interfaces.
 pub fn all() -> Vec<(String, InstanceInfo)> {
     let netns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
@@ -112,22 +123,28 @@ pub fn all() -> Vec<(String, InstanceInfo)> {
                 .strip_prefix(&prefix)?
                 .strip_suffix(".json")?
                 .to_owned();
-            Some((iface.clone(), find(&iface).ok()??))
+            Some((iface.clone(), read(&iface)?))
         })
         .collect();
     found.sort_by(|a, b| a.0.cmp(&b.0));
     found
 }
 
-/// The live instance running on `iface` in this network namespace, if any.
+/// The live instance running on `iface` in this network namespace, if any: the one named
+/// after it, or one that runs on it among other interfaces.
 pub fn find(iface: &str) -> Result<Option<InstanceInfo>> {
-    let path = path_for(iface);
-    let info: InstanceInfo = match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(info) => info,
-            Err(_) => return Ok(None),
-        },
-        Err(_) => return Ok(None),
-    };
-    Ok(alive(info.pid).then_some(info))
+    if let Some(info) = read(iface) {
+        return Ok(Some(info));
+    }
+    Ok(all()
+        .into_iter()
+        .map(|(_, info)| info)
+        .find(|info| info.interfaces.iter().any(|i| i == iface)))
+}
+
+/// The live instance whose file is named after `iface`.
+fn read(iface: &str) -> Option<InstanceInfo> {
+    let bytes = std::fs::read(path_for(iface)).ok()?;
+    let info: InstanceInfo = serde_json::from_slice(&bytes).ok()?;
+    alive(info.pid).then_some(info)
 }

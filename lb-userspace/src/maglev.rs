@@ -204,12 +204,9 @@ mod tests {
         let t = targets(3);
         let table = build(&t, 65537, 0);
         let settings = lb_common::Settings {
-            iface_mac: [0; 6],
-            pad: 0,
-            iface_addr: 0,
             maglev_size: 65537,
-            mtu: 1500,
             nat: 0,
+            interfaces: Default::default(),
             pick: lb_common::FlowHasher::from_seed(0),
         };
         let mut counts = [0usize; 3];

@@ -1,6 +1,6 @@
 //! The data plane's maps: what goes in them for a config, and writing it there.
 //!
-//! [`MapState::build`] turns a validated config (plus the interface and the targets' MACs) into
+//! [`MapState::build`] turns a validated config (plus the interfaces and the targets' MACs) into
 //! exactly the entries the XDP program reads; it does no I/O, so tests can build states with
 //! made-up MACs. [`Dataplane`] owns the loaded program and writes a state into its maps.
 
@@ -17,10 +17,11 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Counters, DropReason, FLOW_CLOSING, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT,
-    FlowBucket, FlowEntry, FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS,
-    Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, SETTINGS_KEY, Settings,
-    TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
+    Counters, DropReason, Egress, FLOW_CLOSING, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP,
+    FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES,
+    LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
+    SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target,
+    listener_home,
 };
 
 use crate::{
@@ -51,6 +52,14 @@ const MAPS: [(&str, usize); 12] = [
     ("DROPS", size_of::<u64>()),
 ];
 
+/// Where the frames for a target go: out of which of the balancer's interfaces (an index into
+/// the list `lb run` was given), to which MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub interface: usize,
+    pub mac: [u8; 6],
+}
+
 /// Everything the data plane needs, keyed as the maps are.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MapState {
@@ -74,23 +83,36 @@ pub struct GroupState {
 
 impl MapState {
     /// The maps for `config`, with the ids and states of `registry` (which must be in sync with
-    /// it). `next_hop_mac` gives the MAC a target's frames are sent to.
+    /// it), for a balancer on `interfaces`. `next_hop` says where a target's frames are sent.
     pub fn build(
         config: &Config,
         registry: &Registry,
-        iface: &Interface,
-        mut next_hop_mac: impl FnMut(&TargetKey, Forwarding) -> Result<[u8; 6]>,
+        interfaces: &[Interface],
+        mut next_hop: impl FnMut(&TargetKey, Forwarding) -> Result<NextHop>,
     ) -> Result<Self> {
+        if interfaces.len() > MAX_INTERFACES {
+            return Err(anyhow!(
+                "lb runs on at most {MAX_INTERFACES} interfaces, not {}",
+                interfaces.len()
+            ));
+        }
+        let mut egress = [Egress::default(); MAX_INTERFACES];
+        for (out, iface) in egress.iter_mut().zip(interfaces) {
+            *out = Egress {
+                ifindex: iface.index,
+                addr: be(iface.primary_ipv4()?),
+                mtu: iface.mtu,
+                mac: iface.mac,
+                pad: 0,
+            };
+        }
         let settings = Settings {
-            iface_mac: iface.mac,
-            pad: 0,
-            iface_addr: be(iface.primary_ipv4()?),
             maglev_size: config.settings.maglev_table_size,
-            mtu: iface.mtu,
             nat: config
                 .target_groups
                 .iter()
                 .any(|g| g.forwarding == Forwarding::Nat) as u32,
+            interfaces: egress,
             pick: FlowHasher::from_seed(config.settings.hash_seed),
         };
         let mut state = MapState {
@@ -112,15 +134,23 @@ impl MapState {
                     _ if usable_ids.contains(&entry.id) => TARGET_ACTIVE,
                     _ => TARGET_UNHEALTHY,
                 };
+                let hop = next_hop(key, group.forwarding)?;
+                if hop.interface >= interfaces.len() {
+                    return Err(anyhow!(
+                        "{key} is sent out of interface {} of {}",
+                        hop.interface,
+                        interfaces.len()
+                    ));
+                }
                 state.targets.insert(
                     entry.id,
                     Target {
                         addr: be(*key.addr.ip()),
                         group: gid,
-                        mac: next_hop_mac(key, group.forwarding)?,
+                        mac: hop.mac,
                         state: state_flag,
                         port: key.addr.port().to_be(),
-                        pad: 0,
+                        egress: hop.interface as u16,
                     },
                 );
             }
@@ -540,7 +570,7 @@ impl Dataplane {
                 mac: [0; 6],
                 state: TARGET_FREE,
                 port: 0,
-                pad: 0,
+                egress: 0,
             };
             targets.set(*id, free, 0)?;
         }

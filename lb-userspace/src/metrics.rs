@@ -24,7 +24,7 @@ use crate::{
 /// Everything `lb status` shows and `/metrics` exports.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    pub interface: String,
+    pub interfaces: Vec<String>,
     pub listeners: Vec<ListenerStatus>,
     pub target_groups: Vec<GroupStatus>,
     /// Drops by reason.
@@ -68,7 +68,7 @@ pub struct Traffic {
 
 impl Status {
     pub fn collect(
-        interface: &str,
+        interfaces: &[String],
         config: &Config,
         registry: &lifecycle::Registry,
         state: &MapState,
@@ -126,7 +126,7 @@ impl Status {
             .map(|(reason, n)| (reason.name().to_owned(), n))
             .collect();
         Ok(Status {
-            interface: interface.to_owned(),
+            interfaces: interfaces.to_vec(),
             listeners,
             target_groups,
             drops,
@@ -467,7 +467,7 @@ mod tests {
 
     fn status(packets: u64) -> Status {
         Status {
-            interface: "eth0".into(),
+            interfaces: vec!["eth0".into()],
             listeners: vec![ListenerStatus {
                 name: "web".into(),
                 address: "203.0.113.10:80".into(),

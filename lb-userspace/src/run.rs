@@ -23,14 +23,26 @@ use crate::{
     health::{self, HealthCheck, ProbeResult, TargetState},
     instance::{self, Instance},
     lifecycle::{Registry, TargetKey, Transition},
-    maps::{Dataplane, MapState},
+    maps::{Dataplane, MapState, NextHop},
     metrics::{self, Status, Telemetry},
     net::{self, Interface},
     xdp::{self, Attachment, ModeChoice},
 };
 
-/// Name of the pinned XDP link in the pin directory.
-const LINK_PIN: &str = "link";
+/// The pinned XDP link of interface `iface` in the pin directory.
+fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(format!("link-{iface}"))
+}
+
+/// The interfaces whose links are pinned in `pin_dir`.
+fn pinned_links(pin_dir: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| Some(e.file_name().to_str()?.strip_prefix("link-")?.to_owned()))
+        .collect()
+}
 
 /// How long to wait for a target's (or gateway's) ARP reply.
 const ARP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,14 +50,14 @@ const ARP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a predecessor may take to hand over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where lb pins an interface's maps and XDP link unless told otherwise.
+/// Where lb pins its maps and XDP links unless told otherwise: named after its first interface.
 pub fn default_pin_dir(interface: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/lb").join(interface)
 }
 
 pub fn run(
     config_path: &Path,
-    interface: &str,
+    interfaces: &[String],
     mode: ModeChoice,
     pin_dir: &Path,
     metrics_listen: SocketAddr,
@@ -53,14 +65,14 @@ pub fn run(
     let config = config::load(config_path)?;
     config.log_warnings();
     xdp::check_kernel()?;
-    let iface = Interface::lookup(interface)?;
+    let ifaces = lookup_interfaces(interfaces)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
         let mut controller =
-            Controller::start(config_path, config, iface, mode, pin_dir, metrics_listen).await?;
+            Controller::start(config_path, config, ifaces, mode, pin_dir, metrics_listen).await?;
         match controller.serve().await {
             Ok(Exit::Shutdown) => controller.shut_down(),
             Ok(Exit::Handover) => {
@@ -87,8 +99,9 @@ enum Exit {
 struct Controller {
     config_path: PathBuf,
     config: Config,
-    iface: Interface,
-    /// Where the maps and the XDP link are pinned.
+    /// The interfaces it runs on, in the order given: a target's next hop names one by index.
+    ifaces: Vec<Interface>,
+    /// Where the maps and the XDP links are pinned.
     pin_dir: PathBuf,
     /// Where ids and target states are recorded for a successor.
     snapshot_path: PathBuf,
@@ -96,8 +109,8 @@ struct Controller {
     registry: Registry,
     /// What the maps hold now.
     state: MapState,
-    /// Next-hop MAC of each target address, resolved once.
-    macs: HashMap<Ipv4Addr, [u8; 6]>,
+    /// Next hop of each target address, resolved once.
+    hops: HashMap<Ipv4Addr, NextHop>,
     probes: HashMap<TargetKey, Probe>,
     results_tx: mpsc::Sender<ProbeResult<TargetKey>>,
     results_rx: mpsc::Receiver<ProbeResult<TargetKey>>,
@@ -123,18 +136,22 @@ impl Controller {
     async fn start(
         config_path: &Path,
         config: Config,
-        iface: Interface,
+        ifaces: Vec<Interface>,
         mode: ModeChoice,
         pin_dir: &Path,
         metrics_listen: SocketAddr,
     ) -> Result<Self> {
-        let predecessor = instance::find(&iface.name)?;
+        let names: Vec<String> = ifaces.iter().map(|i| i.name.clone()).collect();
+        let predecessor = predecessor(&names)?;
         xdp::prepare_pin_dir(pin_dir)?;
-        let link_pin = pin_dir.join(LINK_PIN);
-        let adopting = link_pin.exists();
-        let mut macs = HashMap::new();
-        resolve_macs(&config, &iface, &mut macs)?;
-        forward_for_nat(&config, &iface)?;
+        let stale_links: Vec<String> = pinned_links(pin_dir)
+            .into_iter()
+            .filter(|i| !names.contains(i))
+            .collect();
+        let adopting = !pinned_links(pin_dir).is_empty();
+        let mut hops = HashMap::new();
+        resolve_next_hops(&config, &ifaces, &mut hops)?;
+        forward_for_nat(&config, &ifaces)?;
 
         let now = std::time::Instant::now();
         let limits = (
@@ -142,7 +159,7 @@ impl Controller {
             config.settings.max_target_groups,
             lb_common::MAX_TARGETS,
         );
-        let snapshot_path = instance::state_file(&iface.name, "registry");
+        let snapshot_path = instance::state_file(&names[0], "registry");
         let mut registry = match std::fs::read(&snapshot_path) {
             Ok(bytes) if adopting => {
                 let snapshot = serde_json::from_slice(&bytes)
@@ -167,18 +184,43 @@ impl Controller {
         } else {
             MapState::default()
         };
-        let state = MapState::build(&config, &registry, &iface, cached_mac(&macs, &iface))?;
+        let state = MapState::build(&config, &registry, &ifaces, cached_hop(&hops))?;
         dataplane.apply(&current, &state)?;
         if let Some(old) = &predecessor {
             instance::signal_and_wait(old.pid, libc::SIGUSR2, HANDOVER_TIMEOUT)
                 .context("taking over from the running lb")?;
         }
-        let attachment = xdp::attach_pinned(dataplane.program_mut(), &iface, mode, &link_pin)?;
+        let mut how = Vec::new();
+        for iface in &ifaces {
+            let attachment = xdp::attach_pinned(
+                dataplane.program_mut(),
+                iface,
+                mode,
+                &link_pin(pin_dir, &iface.name),
+            )?;
+            how.push(match (attachment, &predecessor) {
+                (Attachment::New(mode), _) => format!("{} ({mode} XDP)", iface.name),
+                (Attachment::Replaced, Some(old)) => {
+                    format!("{} (took over from pid {})", iface.name, old.pid)
+                }
+                (Attachment::Replaced, None) => format!(
+                    "{} (adopted the data plane a previous lb left running)",
+                    iface.name
+                ),
+            });
+        }
+        // Interfaces the previous lb ran on and this one does not: the data plane leaves them.
+        for stale in &stale_links {
+            match xdp::detach_pinned(&link_pin(pin_dir, stale)) {
+                Ok(()) => info!("detached from {stale}, which is no longer one of lb's interfaces"),
+                Err(e) => warn!("cannot detach from {stale}: {e:#}"),
+            }
+        }
         // Bound only now: a predecessor held the port until it exited.
         let admin_listener = admin::bind(metrics_listen).await?;
         let (admin_tx, admin_rx) = mpsc::channel(16);
         tokio::spawn(admin::serve(admin_listener, admin_tx));
-        let instance = Instance::claim(&iface.name, config_path, metrics_listen)?;
+        let instance = Instance::claim(&names, config_path, metrics_listen)?;
         let (results_tx, results_rx) = mpsc::channel(1024);
         let (prober, connecting) = health::Prober::new();
         if let Some(why) = connecting {
@@ -189,13 +231,13 @@ impl Controller {
         let mut controller = Controller {
             config_path: config_path.to_owned(),
             config,
-            iface,
+            ifaces,
             pin_dir: pin_dir.to_owned(),
             snapshot_path,
             dataplane,
             registry,
             state,
-            macs,
+            hops,
             probes: HashMap::new(),
             results_tx,
             results_rx,
@@ -204,16 +246,9 @@ impl Controller {
             telemetry: Telemetry::default(),
             _instance: instance,
         };
-        let how = match (attachment, &predecessor) {
-            (Attachment::New(mode), _) => format!("{mode} XDP"),
-            (Attachment::Replaced, Some(old)) => format!("took over from pid {}", old.pid),
-            (Attachment::Replaced, None) => {
-                "adopted the data plane a previous lb left running".into()
-            }
-        };
         info!(
-            "forwarding on {} ({how}): {}",
-            controller.iface.name,
+            "forwarding on {}: {}",
+            how.join(", "),
             controller.config.summary()
         );
         log_transitions(&transitions);
@@ -252,12 +287,14 @@ impl Controller {
     /// Detaches the program and removes the pins and records: the interface is left as it was.
     fn shut_down(&mut self) -> Result<()> {
         self.probes.clear();
-        xdp::detach_pinned(&self.pin_dir.join(LINK_PIN))
-            .with_context(|| format!("detaching from {}", self.iface.name))?;
+        for iface in &self.ifaces {
+            xdp::detach_pinned(&link_pin(&self.pin_dir, &iface.name))
+                .with_context(|| format!("detaching from {}", iface.name))?;
+        }
         Dataplane::unpin(&self.pin_dir)?;
         let _ = std::fs::remove_dir(&self.pin_dir);
         let _ = std::fs::remove_file(&self.snapshot_path);
-        info!("detached from {}", self.iface.name);
+        info!("detached from {}", self.names().join(", "));
         Ok(())
     }
 
@@ -315,7 +352,7 @@ impl Controller {
     /// Answers the admin endpoint from the maps and the registry as they are now.
     fn answer(&self, request: admin::Request) {
         let status = Status::collect(
-            &self.iface.name,
+            &self.names(),
             &self.config,
             &self.registry,
             &self.state,
@@ -374,8 +411,8 @@ impl Controller {
             }
         }
         // Everything that can fail comes before anything changes.
-        resolve_macs(&new, &self.iface, &mut self.macs)?;
-        forward_for_nat(&new, &self.iface)?;
+        resolve_next_hops(&new, &self.ifaces, &mut self.hops)?;
+        forward_for_nat(&new, &self.ifaces)?;
         let transitions = self
             .registry
             .sync(&new, std::time::Instant::now())
@@ -392,8 +429,8 @@ impl Controller {
         let new = MapState::build(
             &self.config,
             &self.registry,
-            &self.iface,
-            cached_mac(&self.macs, &self.iface),
+            &self.ifaces,
+            cached_hop(&self.hops),
         )?;
         self.dataplane.apply(&self.state, &new)?;
         self.state = new;
@@ -437,6 +474,10 @@ impl Controller {
         }
     }
 
+    fn names(&self) -> Vec<String> {
+        self.ifaces.iter().map(|i| i.name.clone()).collect()
+    }
+
     fn log_listeners(&self) {
         for l in &self.config.listeners {
             if let Some(group) = self.config.target_group(&l.target_group) {
@@ -463,23 +504,56 @@ fn log_transitions(transitions: &[Transition]) {
     }
 }
 
-/// A MAC lookup for [`MapState::build`] from MACs resolved beforehand.
-fn cached_mac<'a>(
-    macs: &'a HashMap<Ipv4Addr, [u8; 6]>,
-    iface: &'a Interface,
-) -> impl FnMut(&TargetKey, Forwarding) -> Result<[u8; 6]> + 'a {
+/// The interfaces named on the command line, each once.
+fn lookup_interfaces(names: &[String]) -> Result<Vec<Interface>> {
+    if names.len() > lb_common::MAX_INTERFACES {
+        bail!(
+            "lb runs on at most {} interfaces, not {}",
+            lb_common::MAX_INTERFACES,
+            names.len()
+        );
+    }
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            bail!("interface {name} is named twice");
+        }
+    }
+    names.iter().map(|n| Interface::lookup(n)).collect()
+}
+
+/// The running lb this one takes over from: the one on any of `names`, if there is one.
+fn predecessor(names: &[String]) -> Result<Option<instance::InstanceInfo>> {
+    let mut found: Option<(String, instance::InstanceInfo)> = None;
+    for name in names {
+        if let Some(info) = instance::find(name)? {
+            match &found {
+                Some((other, first)) if first.pid != info.pid => bail!(
+                    "two lbs run on these interfaces: pid {} on {other}, pid {} on {name}; stop one of them first",
+                    first.pid,
+                    info.pid
+                ),
+                Some(_) => {}
+                None => found = Some((name.clone(), info)),
+            }
+        }
+    }
+    Ok(found.map(|(_, info)| info))
+}
+
+/// A next-hop lookup for [`MapState::build`] from next hops resolved beforehand.
+fn cached_hop(
+    hops: &HashMap<Ipv4Addr, NextHop>,
+) -> impl FnMut(&TargetKey, Forwarding) -> Result<NextHop> + '_ {
     move |key, _| {
-        macs.get(key.addr.ip())
+        hops.get(key.addr.ip())
             .copied()
-            .ok_or_else(|| anyhow!("no MAC known for the next hop of {key} on {}", iface.name))
+            .ok_or_else(|| anyhow!("no next hop known for {key}"))
     }
 }
 
-/// Resolves the next-hop MAC of every target of `config` not known yet: the target itself
-/// (dsr), or the next hop towards it (ipip). Each next hop is asked once.
 /// With a nat group, the balancer is a router: its FIB lookups (and the kernel, for a packet
-/// whose next hop is not known yet) forward only on an interface where IPv4 forwarding is on.
-fn forward_for_nat(config: &Config, iface: &Interface) -> Result<()> {
+/// whose next hop is not known yet) forward only on interfaces where IPv4 forwarding is on.
+fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
     if !config
         .target_groups
         .iter()
@@ -487,38 +561,46 @@ fn forward_for_nat(config: &Config, iface: &Interface) -> Result<()> {
     {
         return Ok(());
     }
-    let key = format!("net.ipv4.conf.{}.forwarding", iface.name);
-    if crate::target::read_sysctl(&key)? != "1" {
-        crate::target::write_sysctl(&key, "1")?;
-        info!(
-            "nat: {key} = 1, so that {} routes what it translates",
-            iface.name
-        );
+    for iface in ifaces {
+        let key = format!("net.ipv4.conf.{}.forwarding", iface.name);
+        if crate::target::read_sysctl(&key)? != "1" {
+            crate::target::write_sysctl(&key, "1")?;
+            info!(
+                "nat: {key} = 1, so that {} routes what it translates",
+                iface.name
+            );
+        }
     }
     Ok(())
 }
 
-fn resolve_macs(
+/// Resolves the next hop of every target of `config` not known yet: which of lb's interfaces
+/// reaches it, and the MAC of the target itself (dsr) or of the gateway towards it (ipip,
+/// nat). Each next hop is asked once.
+fn resolve_next_hops(
     config: &Config,
-    iface: &Interface,
-    macs: &mut HashMap<Ipv4Addr, [u8; 6]>,
+    ifaces: &[Interface],
+    hops: &mut HashMap<Ipv4Addr, NextHop>,
 ) -> Result<()> {
-    let mut hops: HashMap<Ipv4Addr, [u8; 6]> = HashMap::new();
+    let mut asked: HashMap<(usize, Ipv4Addr), [u8; 6]> = HashMap::new();
     for group in &config.target_groups {
         for target in &group.targets {
-            if macs.contains_key(&target.address) {
+            if hops.contains_key(&target.address) {
                 continue;
             }
             let route = net::route_to(target.address)?;
-            if route.dev != iface.name {
+            let Some(interface) = ifaces.iter().position(|i| i.name == route.dev) else {
+                let names: Vec<&str> = ifaces.iter().map(|i| i.name.as_str()).collect();
                 bail!(
-                    "target {} of group {} is reached through {}, not {}: lb sends only from the interface it runs on",
+                    "target {} of group {} is reached through {}, which is not one of lb's interfaces ({}): run lb on it too (-i {}), or route the target through one of them",
                     target.address,
                     group.name,
                     route.dev,
-                    iface.name
+                    names.join(", "),
+                    route.dev
                 );
-            }
+            };
+            let iface = &ifaces[interface];
             if group.forwarding == Forwarding::Dsr
                 && let Some(gw) = route.gateway
             {
@@ -530,7 +612,7 @@ fn resolve_macs(
                 );
             }
             let hop = route.next_hop(target.address);
-            let mac = match hops.get(&hop) {
+            let mac = match asked.get(&(interface, hop)) {
                 Some(mac) => *mac,
                 None => net::resolve_mac(hop, &iface.name, ARP_TIMEOUT).with_context(|| {
                     format!(
@@ -539,8 +621,8 @@ fn resolve_macs(
                     )
                 })?,
             };
-            hops.insert(hop, mac);
-            macs.insert(target.address, mac);
+            asked.insert((interface, hop), mac);
+            hops.insert(target.address, NextHop { interface, mac });
         }
     }
     Ok(())

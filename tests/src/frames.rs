@@ -7,8 +7,8 @@ use anyhow::Result;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb::{
     config,
-    lifecycle::Registry,
-    maps::{Dataplane, MapState, be},
+    lifecycle::{Registry, TargetKey},
+    maps::{Dataplane, MapState, NextHop, be},
     net::Interface,
 };
 use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP};
@@ -37,6 +37,14 @@ pub fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x00, o[0], o[1], o[2], o[3]]
 }
 
+/// The next hop of a target in crafted frames: its made-up MAC, on the only interface.
+pub fn next_hop_of(key: &TargetKey, _: config::Forwarding) -> Result<NextHop> {
+    Ok(NextHop {
+        interface: 0,
+        mac: mac_of(*key.addr.ip()),
+    })
+}
+
 /// A validated config and a registry in sync with it, as `lb run` starts: every target
 /// `initial`.
 pub fn registered(config_text: &str) -> Result<(config::Config, Registry)> {
@@ -57,9 +65,7 @@ pub fn registered(config_text: &str) -> Result<(config::Config, Registry)> {
 /// controller's own code with made-up MACs; every target starts `initial`.
 pub fn dataplane_for(config_text: &str) -> Result<(Dataplane, MapState, Registry)> {
     let (config, registry) = registered(config_text)?;
-    let state = MapState::build(&config, &registry, &test_interface(), |key, _| {
-        Ok(mac_of(*key.addr.ip()))
-    })?;
+    let state = MapState::build(&config, &registry, &[test_interface()], next_hop_of)?;
     let mut dataplane = Dataplane::load(&config.settings, None)?;
     dataplane.apply(&MapState::default(), &state)?;
     Ok((dataplane, state, registry))

@@ -6,6 +6,13 @@
 //!   t1..tN 198.51.100.1x ─┘
 //! ```
 //! The client routes the VIP range 203.0.113.0/24 via the balancer; there is no route out.
+//! A two-armed lab ([`Lab::two_armed`]) puts the targets on a private network instead, behind
+//! the balancer's second interface:
+//!
+//! ```text
+//!   client 198.51.100.2 ── br0 ── 198.51.100.3 eth0  lb  eth1 192.0.2.3 ── br1 ── t1..tN 192.0.2.1x
+//! ```
+//! The targets' default route is the balancer; the client has no route to them.
 //! Servers and clients run in this process, in threads that entered a namespace (`setns`), so
 //! their sockets live there. Everything is removed when the [`Lab`] drops, on failure too.
 
@@ -34,8 +41,17 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// Name of every namespace's lab interface.
 pub const IFACE: &str = "eth0";
 
+/// The balancer's interface on the private network of a two-armed lab.
+pub const INTERNAL_IFACE: &str = "eth1";
+pub const LB_INTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+
 pub fn target_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 11 + i as u8)
+}
+
+/// Target `i`'s address in a two-armed lab.
+pub fn private_target_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 11 + i as u8)
 }
 
 /// The lab's usual config: listener `web` (TCP :80) and listener `game` (UDP :7777) on the VIP,
@@ -150,6 +166,16 @@ impl Server {
 impl Lab {
     /// Builds the topology with `targets` target hosts.
     pub fn new(prefix: &str, targets: usize) -> Result<Self> {
+        Self::build(prefix, targets, false)
+    }
+
+    /// Builds the two-armed topology: the targets on a private network that only the balancer
+    /// reaches, their default route through it.
+    pub fn two_armed(prefix: &str, targets: usize) -> Result<Self> {
+        Self::build(prefix, targets, true)
+    }
+
+    fn build(prefix: &str, targets: usize, two_armed: bool) -> Result<Self> {
         let mut lab = Lab {
             prefix: prefix.to_owned(),
             targets,
@@ -162,12 +188,34 @@ impl Lab {
         };
         remove_namespaces(prefix);
         let sw = lab.add_netns("sw")?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for bridge in ["br0", "br1"] {
+            ip(&["-n", &sw, "link", "add", bridge, "type", "bridge"])?;
+            ip(&["-n", &sw, "link", "set", bridge, "up"])?;
+        }
         lab.add_host("client", CLIENT_ADDR)?;
         lab.add_host("lb", LB_ADDR)?;
         for i in 0..targets {
-            lab.add_host(&format!("t{}", i + 1), target_addr(i))?;
+            let host = format!("t{}", i + 1);
+            if two_armed {
+                lab.add_netns(&host)?;
+                lab.connect(&host, &host, IFACE, "br1", private_target_addr(i))?;
+                let gateway = LB_INTERNAL_ADDR.to_string();
+                ip(&[
+                    "-n",
+                    &lab.ns(&host),
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gateway,
+                ])?;
+            } else {
+                lab.add_host(&host, target_addr(i))?;
+            }
+        }
+        if two_armed {
+            lab.connect("lb", "lb-int", INTERNAL_IFACE, "br1", LB_INTERNAL_ADDR)?;
+            attach_pass_program(&sw, "lb-int")?;
         }
         ip(&[
             "-n",
@@ -201,25 +249,31 @@ impl Lab {
     }
 
     fn add_host(&mut self, host: &str, addr: Ipv4Addr) -> Result<()> {
-        let ns = self.add_netns(host)?;
+        self.add_netns(host)?;
+        self.connect(host, host, IFACE, "br0", addr)
+    }
+
+    /// Connects `host` to `bridge`: interface `dev` with address `addr` in the host, `port` on
+    /// the switch.
+    fn connect(
+        &self,
+        host: &str,
+        port: &str,
+        dev: &str,
+        bridge: &str,
+        addr: Ipv4Addr,
+    ) -> Result<()> {
+        let ns = self.ns(host);
         let sw = self.ns("sw");
         ip(&[
-            "-n", &sw, "link", "add", host, "type", "veth", "peer", "name", IFACE, "netns", &ns,
+            "-n", &sw, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", &ns,
         ])?;
-        ip(&["-n", &sw, "link", "set", host, "master", "br0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            IFACE,
-        ])?;
-        ip(&["-n", &ns, "link", "set", IFACE, "up"])?;
+        ip(&["-n", &sw, "link", "set", port, "master", bridge, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+        ip(&["-n", &ns, "link", "set", dev, "up"])?;
         // veth leaves TCP/UDP checksums to "hardware" that never computes them; XDP forwards the
         // raw bytes, so frames it sends on would carry a partial checksum. A real NIC fills it in.
-        run(Command::new("ip").args(["netns", "exec", &ns, "ethtool", "-K", IFACE, "tx", "off"]))?;
+        run(Command::new("ip").args(["netns", "exec", &ns, "ethtool", "-K", dev, "tx", "off"]))?;
         Ok(())
     }
 
@@ -354,10 +408,19 @@ impl Lab {
     /// Stops the TCP server of target `i` on `port`: new connections are refused (established
     /// ones end when their client closes them).
     pub fn stop_tcp_server(&mut self, i: usize, port: u16) {
+        self.stop_server(i, port, false);
+    }
+
+    /// Stops the UDP server of target `i` on `port`: its host answers with port unreachable.
+    pub fn stop_udp_server(&mut self, i: usize, port: u16) {
+        self.stop_server(i, port, true);
+    }
+
+    fn stop_server(&mut self, i: usize, port: u16, udp: bool) {
         let (stop, keep) = self
             .servers
             .drain(..)
-            .partition(|s| s.target == i && s.port == port && !s.udp);
+            .partition(|s| s.target == i && s.port == port && s.udp == udp);
         self.servers = keep;
         for server in stop {
             server.stop();
@@ -421,8 +484,8 @@ impl Lab {
         .map(drop)
     }
 
-    /// `ip -j -d -s link show` of `host`'s lab interface.
-    fn link(&self, host: &str) -> Result<serde_json::Value> {
+    /// `ip -j -d -s link show` of `host`'s interface `dev`.
+    fn link(&self, host: &str, dev: &str) -> Result<serde_json::Value> {
         let out = ip(&[
             "-n",
             &self.ns(host),
@@ -432,7 +495,7 @@ impl Lab {
             "link",
             "show",
             "dev",
-            IFACE,
+            dev,
         ])?;
         let mut links: serde_json::Value = serde_json::from_str(&out)?;
         Ok(links[0].take())
@@ -440,14 +503,19 @@ impl Lab {
 
     /// Whether an XDP program is attached to `host`'s lab interface.
     pub fn xdp_attached(&self, host: &str) -> Result<bool> {
-        Ok(!self.link(host)?["xdp"].is_null())
+        Ok(!self.link(host, IFACE)?["xdp"].is_null())
     }
 
     /// Bytes received so far by `host`'s lab interface.
     pub fn rx_bytes(&self, host: &str) -> Result<u64> {
-        self.link(host)?["stats64"]["rx"]["bytes"]
+        self.rx_bytes_on(host, IFACE)
+    }
+
+    /// Bytes received so far by `host`'s interface `dev`.
+    pub fn rx_bytes_on(&self, host: &str, dev: &str) -> Result<u64> {
+        self.link(host, dev)?["stats64"]["rx"]["bytes"]
             .as_u64()
-            .ok_or_else(|| anyhow!("no rx byte counter for {host}"))
+            .ok_or_else(|| anyhow!("no rx byte counter for {dev} of {host}"))
     }
 }
 

@@ -77,7 +77,7 @@ fn exported_names() -> Result<BTreeSet<String>> {
         active_flows: 1,
     };
     let status = Status {
-        interface: "eth0".into(),
+        interfaces: vec!["eth0".into()],
         listeners: vec![ListenerStatus {
             name: "web".into(),
             address: "203.0.113.10:80".into(),

@@ -1,4 +1,4 @@
-//! End to end: the L4 switch's example, with port translation, through lb in dsr and ipip.
+//! End to end: the L4 switch's example, with port translation, through lb in dsr, ipip and nat.
 //! Real TCP and UDP clients and servers in network namespaces; needs root.
 //!
 //! Two VIPs: :80/tcp of the first goes to group 1 (t1, t2) on port 30080; :6800 tcp and udp
@@ -10,7 +10,10 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
-use lb_tests::{Answers, Connection, IFACE, Lab, VIP, tcp_clients, udp_clients};
+use lb_tests::{
+    Answers, Connection, IFACE, INTERNAL_IFACE, Lab, VIP, private_target_addr, target_addr,
+    tcp_clients, udp_clients,
+};
 
 const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 /// Per connection to :80: several megabytes, segmented by the target's TSO/GSO.
@@ -18,15 +21,26 @@ const BIG_REPLY: usize = 4 << 20;
 const SMALL_REPLY: usize = 1200;
 
 fn config_text(mode: &str, g2_port: u16, extra_listener: bool) -> String {
+    config_for(mode, g2_port, extra_listener, target_addr)
+}
+
+/// The example's config with target `i` at `addr(i)`.
+fn config_for(
+    mode: &str,
+    g2_port: u16,
+    extra_listener: bool,
+    addr: fn(usize) -> Ipv4Addr,
+) -> String {
+    let (t1, t2, t3) = (addr(0), addr(1), addr(2));
     let (extra, extra_group) = if extra_listener {
         (
             format!(
                 "  - {{name: alt, address: {VIP}, port: 8080, protocol: tcp, target_group: g3}}\n"
             ),
-            "  - name: g3\n    targets: [{address: 198.51.100.13, port: 30080}]\n",
+            format!("  - name: g3\n    targets: [{{address: {t3}, port: 30080}}]\n"),
         )
     } else {
-        (String::new(), "")
+        (String::new(), String::new())
     };
     format!(
         "listeners:
@@ -36,10 +50,10 @@ fn config_text(mode: &str, g2_port: u16, extra_listener: bool) -> String {
   - name: g1
     forwarding: {mode}
     port: 30080
-    targets: [{{address: 198.51.100.11}}, {{address: 198.51.100.12}}]
+    targets: [{{address: {t1}}}, {{address: {t2}}}]
   - name: g2
     forwarding: {mode}
-    targets: [{{address: 198.51.100.12, port: {g2_port}}}, {{address: 198.51.100.13, port: {g2_port}}}]
+    targets: [{{address: {t2}, port: {g2_port}}}, {{address: {t3}, port: {g2_port}}}]
 {extra_group}"
     )
 }
@@ -186,15 +200,37 @@ fn ipip_translates_ports() -> Result<()> {
     serves_the_l4_switch_example("ipip")
 }
 
-/// nat on one interface: the targets' way back to the client is the balancer (a route on each
-/// target), which translates the replies. The servers bind their own addresses: in nat no
-/// target has the VIP.
+/// nat, one-armed: the targets share the client's network, and their way back to the client
+/// is the balancer (a route on each target), which translates the replies.
 #[test]
-fn nat_translates_addresses_and_ports_both_ways() -> Result<()> {
-    let name = format!("lbp-nat-{}", std::process::id() % 10000);
-    let mut lab = Lab::new(&name, 3)?;
+fn nat_translates_addresses_and_ports_both_ways_on_one_interface() -> Result<()> {
+    nat_serves_the_l4_switch_example(false)
+}
+
+/// nat, two-armed (`lb run -i eth0 -i eth1`): the targets are on a private network that only
+/// the balancer reaches, their default route through it; requests and replies cross from one
+/// interface to the other by XDP redirect.
+#[test]
+fn nat_translates_between_two_interfaces() -> Result<()> {
+    nat_serves_the_l4_switch_example(true)
+}
+
+/// The example in nat. The servers bind their own addresses: in nat no target has the VIP.
+fn nat_serves_the_l4_switch_example(two_armed: bool) -> Result<()> {
+    let name = format!("lbp-nat{}-{}", two_armed as u8, std::process::id() % 10000);
+    let (mut lab, addr, lb_args, target_side): (_, fn(usize) -> Ipv4Addr, &[&str], &str) =
+        if two_armed {
+            (
+                Lab::two_armed(&name, 3)?,
+                private_target_addr,
+                &["-i", INTERNAL_IFACE],
+                INTERNAL_IFACE,
+            )
+        } else {
+            (Lab::new(&name, 3)?, target_addr, &[], IFACE)
+        };
     let config = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(&config, config_text("nat", 18600, false))?;
+    std::fs::write(&config, config_for("nat", 18600, false, addr))?;
     for (i, said) in prepare(&lab, &config)?.iter().enumerate() {
         ensure!(
             said.starts_with("nat: ") && !said.contains("set "),
@@ -202,20 +238,22 @@ fn nat_translates_addresses_and_ports_both_ways() -> Result<()> {
             i + 1
         );
     }
-    for i in 0..3 {
-        let ns = lab.target_ns(i);
-        let status = std::process::Command::new("ip")
-            .args([
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "198.51.100.2/32",
-                "via",
-                "198.51.100.3",
-            ])
-            .status()?;
-        ensure!(status.success(), "route on t{}", i + 1);
+    if !two_armed {
+        for i in 0..3 {
+            let ns = lab.target_ns(i);
+            let status = std::process::Command::new("ip")
+                .args([
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    "198.51.100.2/32",
+                    "via",
+                    "198.51.100.3",
+                ])
+                .status()?;
+            ensure!(status.success(), "route on t{}", i + 1);
+        }
     }
     // The targets' offloads stay off here: their replies cross the balancer's XDP program, and
     // veth hands it a checksum that only a NIC would have completed.
@@ -224,28 +262,67 @@ fn nat_translates_addresses_and_ports_both_ways() -> Result<()> {
     }
     for i in [1, 2] {
         lab.start_tcp_server(i, 18600, SMALL_REPLY)?;
-        lab.start_udp_server(i, lb_tests::target_addr(i), 18600, SMALL_REPLY)?;
+        lab.start_udp_server(i, addr(i), 18600, SMALL_REPLY)?;
     }
-    let mut balancer = lab.start_balancer(&config, &[])?;
+    if two_armed {
+        // Without the internal interface, lb cannot reach the targets: it says so and stops.
+        let refused = lab
+            .start_balancer(&config, &[])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        ensure!(
+            refused.contains(
+                "target 192.0.2.11 of group g1 is reached through eth1, which is not one of lb's interfaces (eth0)"
+            ),
+            "lb run -i eth0 with targets behind eth1: {refused}"
+        );
+    }
+    let mut balancer = lab.start_balancer(&config, lb_args)?;
 
-    let rx_before = lab.rx_bytes("lb")?;
+    let rx_before = lab.rx_bytes_on("lb", target_side)?;
     let (web, web_bytes) = tcp_clients(&lab, VIP, 80, 8, 1)?;
     let (tcp, tcp_bytes) = tcp_clients(&lab, VIP2, 6800, 40, 2)?;
     let (udp, udp_bytes) = udp_clients(&lab, VIP2, 6800, 40, 2)?;
-    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+    let rx_delta = lab.rx_bytes_on("lb", target_side)? - rx_before;
 
-    answered_within("web", &web, &["t1", "t2"])?;
+    let g1 = answered_within("web", &web, &["t1", "t2"])?;
     let g2: BTreeSet<String> = answered_within("game tcp", &tcp, &["t2", "t3"])?
         .union(&answered_within("game udp", &udp, &["t2", "t3"])?)
         .cloned()
         .collect();
     ensure!(g2.len() == 2, "group 2 was served by {g2:?} only");
+    ensure!(
+        g1.contains("t2") && g2.contains("t2"),
+        "t2 must serve both groups: {g1:?} {g2:?}"
+    );
     // In nat the replies pass through the balancer.
     let replies = web_bytes + tcp_bytes + udp_bytes;
     ensure!(
         rx_delta >= replies,
-        "the balancer received {rx_delta} bytes for {replies} reply bytes: replies bypass it"
+        "the balancer received {rx_delta} bytes on {target_side} for {replies} reply bytes: replies bypass it"
     );
+
+    // With nothing listening, the target's port unreachable comes back through the balancer,
+    // translated: the client's connected socket learns that its VIP:port refuses.
+    for i in [1, 2] {
+        lab.stop_udp_server(i, 18600);
+    }
+    let refused = lb_tests::in_netns(&lab.ns("client"), || -> Result<std::io::ErrorKind> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect((VIP2, 6800))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send(b"anyone?")?;
+        Ok(match socket.recv(&mut [0u8; 64]) {
+            Ok(_) => std::io::ErrorKind::Other,
+            Err(e) => e.kind(),
+        })
+    })??;
+    ensure!(
+        refused == std::io::ErrorKind::ConnectionRefused,
+        "the client saw {refused:?}, not a refusal"
+    );
+
     let (status, log) = balancer.terminate(&mut lab)?;
     ensure!(status.success(), "lb exited with {status}: {log:?}");
     let _ = std::fs::remove_file(config);

@@ -20,7 +20,7 @@ use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp};
 use lb::{health, lifecycle::TargetKey, maglev, maps::MapState, net::Interface};
 use lb_tests::{
     IFACE, Lab, VIP, attach_xdp, detach_xdp,
-    frames::{Packet, dataplane_for, mac_of, registered, run_xdp, test_interface},
+    frames::{Packet, dataplane_for, next_hop_of, registered, run_xdp, test_interface},
     in_netns, target_addr,
 };
 
@@ -976,10 +976,18 @@ fn balanced_lab(
         config_text += &format!("      - {{address: {}, port: {port}}}\n", target_addr(i));
     }
     let (config, registry) = registered(&config_text)?;
-    let state = MapState::build(&config, &registry, &lb_iface, |k, _| {
-        let i = (k.addr.ip().octets()[3] - 11) as usize;
-        Ok(target_macs[i])
-    })?;
+    let state = MapState::build(
+        &config,
+        &registry,
+        std::slice::from_ref(&lb_iface),
+        |k, _| {
+            let i = (k.addr.ip().octets()[3] - 11) as usize;
+            Ok(lb::maps::NextHop {
+                interface: 0,
+                mac: target_macs[i],
+            })
+        },
+    )?;
     let mut balancer = lb::maps::Dataplane::load(&config.settings, None)?;
     balancer.apply(&MapState::default(), &state)?;
     Ok((lab, lb_iface, balancer))
@@ -1573,9 +1581,8 @@ fn health_change_ms(n: usize, rounds: usize) -> Result<f64> {
     for key in &keys {
         registry.record(key, true, 1, 1);
     }
-    let iface = test_interface();
-    let mac = |k: &TargetKey, _| Ok(mac_of(*k.addr.ip()));
-    let healthy = MapState::build(&config, &registry, &iface, mac)?;
+    let iface = [test_interface()];
+    let healthy = MapState::build(&config, &registry, &iface, next_hop_of)?;
     dataplane.apply(&state, &healthy)?;
     state = healthy;
     let mut times = Vec::new();
@@ -1584,7 +1591,7 @@ fn health_change_ms(n: usize, rounds: usize) -> Result<f64> {
         for ok in [false, true] {
             let start = Instant::now();
             registry.record(key, ok, 1, 1);
-            let new = MapState::build(&config, &registry, &iface, mac)?;
+            let new = MapState::build(&config, &registry, &iface, next_hop_of)?;
             dataplane.apply(&state, &new)?;
             times.push(start.elapsed().as_secs_f64() * 1000.0);
             state = new;

@@ -1,11 +1,15 @@
 //! Stage 5: the packet rewritten for its target and sent: port translation, then either a new
-//! MAC (dsr) or an outer IPv4 header (ipip).
+//! MAC (dsr) or an outer IPv4 header (ipip), out of the interface that reaches the target.
 
-use aya_ebpf::{bindings::xdp_action::XDP_TX, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{DropReason, PROTO_TCP, Settings, Target};
+use aya_ebpf::{
+    bindings::xdp_action::XDP_TX,
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{DropReason, Egress, MAX_INTERFACES, PROTO_TCP, Settings, Target};
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-    checksum_replace, ptr_at, set_ipv4_checksum, write_mac,
+    checksum_replace, checksum_replace32, ptr_at, set_ipv4_checksum, write_mac,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -51,13 +55,8 @@ pub fn rewrite(
         port_at.write_unaligned(new_port);
         let mut l4 = checksum_replace(l4_check.read_unaligned(), old_port, new_port);
         if let Some((at, new_addr)) = addr {
-            let ip = packet.ip as *mut u8;
-            let field = ip.add(at) as *mut u32;
-            let ip_check = ip.add(IP_CHECK) as *mut u16;
-            let old_addr = field.read_unaligned();
-            field.write_unaligned(new_addr);
-            ip_check.write_unaligned(replace_word(ip_check.read_unaligned(), old_addr, new_addr));
-            l4 = replace_word(l4, old_addr, new_addr);
+            let (old_addr, _) = set_address(packet.ip as *mut u8, at, new_addr);
+            l4 = checksum_replace32(l4, old_addr, new_addr);
         }
         if packet.proto == PROTO_TCP || l4_check.read_unaligned() != 0 {
             l4_check.write_unaligned(if l4 == 0 && packet.proto != PROTO_TCP {
@@ -70,22 +69,62 @@ pub fn rewrite(
     Ok(())
 }
 
-/// `check` after a 32-bit word it covers changed: its two halves, as read from the packet.
+/// Replaces the address at `at` (`IP_SRC` or `IP_DST`) of the IPv4 header `ip` and updates its
+/// checksum; returns the old address, and the header checksum before and after.
 #[inline(always)]
-fn replace_word(check: u16, old: u32, new: u32) -> u16 {
-    let check = checksum_replace(check, old as u16, new as u16);
-    checksum_replace(check, (old >> 16) as u16, (new >> 16) as u16)
+pub fn set_address(ip: *mut u8, at: usize, addr: u32) -> (u32, [u16; 2]) {
+    // SAFETY: the caller passes a header bounds-checked for its 20 bytes.
+    unsafe {
+        let field = ip.add(at) as *mut u32;
+        let check = ip.add(IP_CHECK) as *mut u16;
+        let (old, old_check) = (field.read_unaligned(), check.read_unaligned());
+        let new_check = checksum_replace32(old_check, old, addr);
+        field.write_unaligned(addr);
+        check.write_unaligned(new_check);
+        (old, [old_check, new_check])
+    }
+}
+
+/// The interface that reaches `target`.
+#[inline(always)]
+fn egress<'a>(target: &Target, settings: &'a Settings) -> &'a Egress {
+    &settings.interfaces[target.egress as usize & (MAX_INTERFACES - 1)]
+}
+
+/// Sends a frame for a target out of `out`. A balancer on one interface sends everything back
+/// out of it, without asking where the frame came in.
+#[inline(always)]
+fn send_out(ctx: &XdpContext, out: &Egress, settings: &Settings) -> u32 {
+    if settings.interfaces[1].ifindex == 0 {
+        XDP_TX
+    } else {
+        send(ctx, out.ifindex)
+    }
+}
+
+/// Sends the frame out of interface `ifindex`: back where it came from (`XDP_TX`), or to
+/// another of the balancer's interfaces.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
+    // SAFETY: the XDP context as the kernel passed it.
+    if ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        XDP_TX
+    } else {
+        // SAFETY: a plain helper call.
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
 }
 
 /// Direct server return on layer 2: the frame goes to the target's MAC, unchanged above it.
 #[inline(always)]
-pub fn dsr(packet: &Packet, target: &Target, settings: &Settings) -> u32 {
+pub fn dsr(ctx: &XdpContext, packet: &Packet, target: &Target, settings: &Settings) -> u32 {
+    let out = egress(target, settings);
     // SAFETY: `eth` was bounds-checked by the parse and the frame has not been resized since.
     unsafe {
         write_mac(&raw mut (*packet.eth).dst_addr, &target.mac);
-        write_mac(&raw mut (*packet.eth).src_addr, &settings.iface_mac);
+        write_mac(&raw mut (*packet.eth).src_addr, &out.mac);
     }
-    XDP_TX
+    send_out(ctx, out, settings)
 }
 
 /// Prepends an outer IPv4 header (LB → target, protocol 4) and a fresh Ethernet header.
@@ -94,7 +133,8 @@ pub fn encapsulate(ctx: &XdpContext, packet: &Packet, target: &Target, settings:
     // SAFETY: `ip` was bounds-checked by the parse and the frame has not been resized since.
     let inner = unsafe { *packet.ip };
     let inner_len = u16::from_be_bytes(inner.tot_len) as u32;
-    if inner_len + IPV4_LEN as u32 > settings.mtu {
+    let out = egress(target, settings);
+    if inner_len + IPV4_LEN as u32 > out.mtu {
         return drop(DropReason::TooBig);
     }
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
@@ -107,7 +147,7 @@ pub fn encapsulate(ctx: &XdpContext, packet: &Packet, target: &Target, settings:
     // SAFETY: both pointers were bounds-checked just above, after the head moved.
     unsafe {
         write_mac(&raw mut (*eth).dst_addr, &target.mac);
-        write_mac(&raw mut (*eth).src_addr, &settings.iface_mac);
+        write_mac(&raw mut (*eth).src_addr, &out.mac);
         (*eth).ether_type = ETH_P_IP_BE;
         *outer = Ipv4Hdr {
             vihl: 0x45,
@@ -118,10 +158,10 @@ pub fn encapsulate(ctx: &XdpContext, packet: &Packet, target: &Target, settings:
             ttl: inner.ttl,
             proto: IPPROTO_IPIP,
             check: [0, 0],
-            src_addr: settings.iface_addr.to_ne_bytes(),
+            src_addr: out.addr.to_ne_bytes(),
             dst_addr: target.addr.to_ne_bytes(),
         };
     }
     set_ipv4_checksum(outer);
-    XDP_TX
+    send_out(ctx, out, settings)
 }

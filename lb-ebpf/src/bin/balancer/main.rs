@@ -9,7 +9,8 @@
 //!    header), `XDP_TX`; or `nat`: the destination rewritten to the target's.
 //! 6. `counters`: per-CPU counters of what was forwarded and dropped.
 //!
-//! A packet for no listener may be a NAT target's reply: `nat` looks for its flow.
+//! A packet for no listener may be a NAT target's reply: `nat` looks for its flow. An ICMP error
+//! may be about a NAT flow: `icmp` translates it as the flow is translated.
 //!
 //! Anything not addressed to a VIP leaves untouched with `XDP_PASS`. Packets for a VIP that cannot
 //! be forwarded are dropped and counted by reason; nothing is logged per packet.
@@ -19,6 +20,7 @@
 mod counters;
 mod flows;
 mod forward;
+mod icmp;
 mod listener;
 mod nat;
 mod parse;
@@ -69,6 +71,11 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(packet) = parse::parse(ctx)? else {
+        if SETTINGS.get(SETTINGS_KEY).is_some_and(|s| s.nat != 0)
+            && let Some(action) = icmp::nat_error(ctx, clock())
+        {
+            return Ok(action);
+        }
         return Ok(XDP_PASS);
     };
 
@@ -145,7 +152,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     if group.forwarding == FORWARDING_IPIP {
         Ok(forward::encapsulate(ctx, &packet, target, settings))
     } else {
-        Ok(forward::dsr(&packet, target, settings))
+        Ok(forward::dsr(ctx, &packet, target, settings))
     }
 }
 

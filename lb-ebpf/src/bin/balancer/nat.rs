@@ -7,10 +7,8 @@
 //! or a FIN each way, leaves both entries only `LINGER_NS` more.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action::XDP_PASS, xdp_action::XDP_TX,
-    },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action::XDP_PASS},
+    helpers::bpf_fib_lookup as fib_lookup,
     macros::map,
     maps::Array,
     programs::XdpContext,
@@ -20,6 +18,7 @@ use lb_common::{
     FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
 };
 use lb_ebpf::write_mac;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     counters::drop,
@@ -45,7 +44,7 @@ pub fn request(ctx: &XdpContext, packet: &Packet, target: &Target) -> u32 {
     {
         return drop(reason);
     }
-    towards(ctx, packet)
+    towards(ctx, packet.eth, packet.ip)
 }
 
 /// Writes the reverse entry of a new NAT flow: replies from `target` to the packet's client.
@@ -94,23 +93,7 @@ pub fn client_closing(
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
     let table = flows::FLOW_TABLE.get(0)?;
-    let (entry, found, hash) = flows::lookup(table, &packet.key())?;
-    if !found {
-        return None;
-    }
-    let (value, check, last_seen) = flows::read(entry);
-    if value & FLOW_REVERSE == 0 || check != flow_check(hash, value) {
-        return None;
-    }
-    let slot = LISTENERS_BY_ID.get(value & !FLOW_REVERSE)?;
-    let idle = now.wrapping_sub(last_seen & !FLOW_FLAGS);
-    if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
-        return None;
-    }
-    if idle > flows::LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
-        // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
-        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
-    }
+    let (entry, slot) = reverse_flow(table, &packet.key(), now)?;
     if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         let forward_key = FlowKey::new(
             packet.dst,
@@ -136,27 +119,55 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
     {
         return Some(drop(reason));
     }
-    Some(towards(ctx, packet))
+    Some(towards(ctx, packet.eth, packet.ip))
 }
 
-/// Sends a translated packet on its way: the kernel's routing and neighbour tables give the
-/// interface and MACs (the controller resolves every target's, so requests find theirs);
-/// without a neighbour entry yet, the kernel's stack forwards it.
+/// The live reverse entry of the replies with 5-tuple `key`, and the listener they answer for,
+/// whose VIP and port they are to come from. A reply keeps its flow from going idle.
 #[inline(always)]
-fn towards(ctx: &XdpContext, packet: &Packet) -> u32 {
+pub fn reverse_flow(
+    table: &FlowTable,
+    key: &FlowKey,
+    now: u64,
+) -> Option<(*mut FlowEntry, &'static ListenerSlot)> {
+    let (entry, found, hash) = flows::lookup(table, key)?;
+    if !found {
+        return None;
+    }
+    let (value, check, last_seen) = flows::read(entry);
+    if value & FLOW_REVERSE == 0 || check != flow_check(hash, value) {
+        return None;
+    }
+    let slot = LISTENERS_BY_ID.get(value & !FLOW_REVERSE)?;
+    let idle = now.wrapping_sub(last_seen & !FLOW_FLAGS);
+    if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
+        return None;
+    }
+    if idle > flows::LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
+        // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
+    }
+    Some((entry, slot))
+}
+
+/// Sends a translated packet (Ethernet header `eth`, IPv4 header `ip`) on its way: the kernel's
+/// routing and neighbour tables give the interface and MACs (the controller resolves every
+/// target's, so requests find theirs); without a neighbour entry yet, the kernel's stack
+/// forwards it.
+#[inline(always)]
+pub fn towards(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> u32 {
     // SAFETY: all-zero is a valid value of this plain C struct.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = packet.proto;
-    // SAFETY: `ip` was bounds-checked by the parse and the frame has not been resized since.
+    // SAFETY: the caller bounds-checked both headers, and the frame has not been resized since.
     unsafe {
-        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*packet.ip).tot_len);
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*packet.ip).src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*packet.ip).dst_addr);
+        fib.l4_protocol = (*ip).proto;
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
     }
-    // SAFETY: the XDP context as the helper wants it.
-    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    fib.ifindex = ingress;
+    // SAFETY: the XDP context as the kernel passed it.
+    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let found = unsafe {
         fib_lookup(
             ctx.ctx as *mut _,
@@ -168,17 +179,12 @@ fn towards(ctx: &XdpContext, packet: &Packet) -> u32 {
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return XDP_PASS;
     }
-    // SAFETY: `eth` was bounds-checked by the parse and the frame has not been resized since.
+    // SAFETY: as above.
     unsafe {
-        write_mac(&raw mut (*packet.eth).dst_addr, &fib.dmac);
-        write_mac(&raw mut (*packet.eth).src_addr, &fib.smac);
+        write_mac(&raw mut (*eth).dst_addr, &fib.dmac);
+        write_mac(&raw mut (*eth).src_addr, &fib.smac);
     }
-    if fib.ifindex == ingress {
-        XDP_TX
-    } else {
-        // SAFETY: a plain helper call.
-        unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
-    }
+    forward::send(ctx, fib.ifindex)
 }
 
 /// The 5-tuple of the replies to `packet`'s flow once it goes to `target`.
