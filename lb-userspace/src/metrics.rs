@@ -156,21 +156,79 @@ impl Default for Telemetry {
                 &["target_group", "target"],
             )
             .expect("valid metric"),
-            reloads: IntCounterVec::new(
-                Opts::new(
-                    "lb_config_reloads_total",
-                    "Configuration reloads, by result.",
-                ),
-                &["result"],
-            )
-            .expect("valid metric"),
+            reloads: {
+                let reloads = IntCounterVec::new(
+                    Opts::new(
+                        "lb_config_reloads_total",
+                        "Configuration reloads, by result.",
+                    ),
+                    &["result"],
+                )
+                .expect("valid metric");
+                // Every result exists from the start, at 0: an alert on the increase of a
+                // series that appears only with its first failure never fires.
+                for result in RELOAD_RESULTS {
+                    reloads.with_label_values(&[result]);
+                }
+                reloads
+            },
         }
     }
 }
 
-/// Label names of the traffic families: listener rows leave `target` empty, target rows leave
-/// `listener` empty (Prometheus treats an empty label as absent).
-const TRAFFIC_LABELS: [&str; 3] = ["listener", "target_group", "target"];
+/// The results of a reload, as `lb_config_reloads_total` labels them.
+pub const RELOAD_SUCCESS: &str = "success";
+pub const RELOAD_FAILURE: &str = "failure";
+const RELOAD_RESULTS: [&str; 2] = [RELOAD_SUCCESS, RELOAD_FAILURE];
+
+/// The traffic counters of one level (listeners or targets): a family of each, so that every
+/// family sums to a total that means something.
+struct TrafficFamilies {
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    new_flows: IntCounterVec,
+    active: IntGaugeVec,
+}
+
+impl TrafficFamilies {
+    /// `lb_<level>_packets_total` and the rest, labelled `labels`, registered in `registry`.
+    fn new(registry: &Registry, level: &str, labels: &[&str]) -> Result<Self> {
+        let counter = |what: &str, help: &str| -> Result<IntCounterVec> {
+            let c = IntCounterVec::new(
+                Opts::new(
+                    format!("lb_{level}_{what}_total"),
+                    format!("{help}, per {level}."),
+                ),
+                labels,
+            )?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let active = IntGaugeVec::new(
+            Opts::new(
+                format!("lb_{level}_active_flows"),
+                format!("Flows seen within their listener's idle timeout, per {level}."),
+            ),
+            labels,
+        )?;
+        registry.register(Box::new(active.clone()))?;
+        Ok(TrafficFamilies {
+            packets: counter("packets", "Packets forwarded")?,
+            bytes: counter("bytes", "Bytes forwarded (as received)")?,
+            new_flows: counter("new_flows", "Flows that took a fresh target pick")?,
+            active,
+        })
+    }
+
+    fn record(&self, labels: &[&str], t: &Traffic) {
+        self.packets.with_label_values(labels).inc_by(t.packets);
+        self.bytes.with_label_values(labels).inc_by(t.bytes);
+        self.new_flows.with_label_values(labels).inc_by(t.new_flows);
+        self.active
+            .with_label_values(labels)
+            .set(t.active_flows as i64);
+    }
+}
 
 /// The Prometheus text exposition of `status` and `telemetry`.
 pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
@@ -185,25 +243,12 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         registry.register(Box::new(g.clone()))?;
         Ok(g)
     };
-    let packets = counter(
-        "lb_packets_total",
-        "Packets forwarded, per listener and per target.",
-        &TRAFFIC_LABELS,
-    )?;
-    let bytes = counter(
-        "lb_bytes_total",
-        "Bytes forwarded (as received), per listener and per target.",
-        &TRAFFIC_LABELS,
-    )?;
-    let new_flows = counter(
-        "lb_new_flows_total",
-        "Flows that took a fresh target pick, per listener and per target.",
-        &TRAFFIC_LABELS,
-    )?;
-    let active = gauge(
-        "lb_active_flows",
-        "Flows seen within their listener's idle timeout.",
-        &TRAFFIC_LABELS,
+    let listeners = TrafficFamilies::new(&registry, "listener", &["listener", "target_group"])?;
+    let targets = TrafficFamilies::new(&registry, "target", &["target_group", "target"])?;
+    let listener_info = gauge(
+        "lb_listener_info",
+        "Always 1; the labels say where the listener listens.",
+        &["listener", "address", "protocol", "target_group"],
     )?;
     let drops = counter(
         "lb_dropped_packets_total",
@@ -243,14 +288,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
     registry.register(Box::new(telemetry.probe_duration.clone()))?;
     registry.register(Box::new(telemetry.reloads.clone()))?;
 
-    let traffic = |labels: &[&str], t: &Traffic| {
-        packets.with_label_values(labels).inc_by(t.packets);
-        bytes.with_label_values(labels).inc_by(t.bytes);
-        new_flows.with_label_values(labels).inc_by(t.new_flows);
-        active.with_label_values(labels).set(t.active_flows as i64);
-    };
     for l in &status.listeners {
-        traffic(&[&l.name, &l.target_group, ""], &l.traffic);
+        listeners.record(&[&l.name, &l.target_group], &l.traffic);
+        listener_info
+            .with_label_values(&[&l.name, &l.address, &l.protocol, &l.target_group])
+            .set(1);
     }
     for g in &status.target_groups {
         let count =
@@ -266,7 +308,7 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
             .set(g.fail_open as i64);
         for t in &g.targets {
             let target = t.target.to_string();
-            traffic(&["", &g.name, &target], &t.traffic);
+            targets.record(&[&g.name, &target], &t.traffic);
             healthy
                 .with_label_values(&[&g.name, &target])
                 .set((t.state == TargetState::Healthy.name()) as i64);
@@ -544,9 +586,13 @@ DROPPED PACKETS: no_listener 4
     fn metrics_use_prometheus_names() {
         let text = render(&status(5), &Telemetry::default()).unwrap();
         for line in [
-            "lb_packets_total{listener=\"web\",target=\"\",target_group=\"web\"} 5",
-            "lb_packets_total{listener=\"\",target=\"198.51.100.11:80\",target_group=\"web\"} 5",
-            "lb_active_flows{listener=\"web\",target=\"\",target_group=\"web\"} 2",
+            "lb_listener_packets_total{listener=\"web\",target_group=\"web\"} 5",
+            "lb_target_packets_total{target=\"198.51.100.11:80\",target_group=\"web\"} 5",
+            "lb_listener_active_flows{listener=\"web\",target_group=\"web\"} 2",
+            "lb_target_active_flows{target=\"198.51.100.11:80\",target_group=\"web\"} 2",
+            "lb_listener_info{address=\"203.0.113.10:80\",listener=\"web\",protocol=\"tcp\",target_group=\"web\"} 1",
+            "lb_config_reloads_total{result=\"failure\"} 0",
+            "lb_config_reloads_total{result=\"success\"} 0",
             "lb_target_healthy{target=\"198.51.100.12:80\",target_group=\"web\"} 0",
             "lb_target_state{state=\"unhealthy\",target=\"198.51.100.12:80\",target_group=\"web\"} 1",
             "lb_healthy_targets{target_group=\"web\"} 1",

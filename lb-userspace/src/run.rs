@@ -373,7 +373,11 @@ impl Controller {
         let result = config::load(&self.config_path)
             .map_err(|e| anyhow!("{e}"))
             .and_then(|new| self.apply_config(new));
-        let outcome = if result.is_ok() { "success" } else { "failure" };
+        let outcome = if result.is_ok() {
+            metrics::RELOAD_SUCCESS
+        } else {
+            metrics::RELOAD_FAILURE
+        };
         self.telemetry.reloads.with_label_values(&[outcome]).inc();
         match result {
             Ok(()) => {

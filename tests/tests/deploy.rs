@@ -65,6 +65,10 @@ fn prometheus_config_and_alert_rules_pass_promtool() -> Result<()> {
     run(Command::new("promtool")
         .args(["check", "config"])
         .arg(deploy("prometheus/prometheus.yml")))?;
+    // The rules' own unit tests: each alert fires on the series lb exports, as lb exports them.
+    run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(deploy("prometheus/lb-alerts.test.yml")))?;
     Ok(())
 }
 
@@ -125,7 +129,8 @@ fn lb_names(expr: &str) -> Vec<String> {
 fn every_dashboard_expression_names_an_exported_metric() -> Result<()> {
     let exported = exported_names()?;
     ensure!(
-        exported.contains("lb_packets_total")
+        exported.contains("lb_listener_packets_total")
+            && exported.contains("lb_target_packets_total")
             && exported.contains("lb_health_check_duration_seconds_bucket")
     );
     let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(deploy(

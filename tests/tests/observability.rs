@@ -143,7 +143,7 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
     for group in &status.target_groups {
         for t in &group.targets {
             let query = format!(
-                "lb_new_flows_total{{target_group=\"{}\",target=\"{}\"}}",
+                "lb_target_new_flows_total{{target_group=\"{}\",target=\"{}\"}}",
                 group.name, t.target
             );
             loop {
@@ -162,6 +162,17 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
     }
     let healthy = prometheus.value(&lab, "lb_healthy_targets{target_group=\"web\"}")?;
     ensure!(healthy == Some(3.0), "lb_healthy_targets: {healthy:?}");
+    // Each level is a family of its own, so a sum over one counts every flow once.
+    for query in [
+        "sum(lb_listener_new_flows_total)",
+        "sum(lb_target_new_flows_total)",
+    ] {
+        let seen = prometheus.value(&lab, query)?;
+        ensure!(seen == Some(120.0), "{query}: {seen:?}");
+    }
+    // Known label sets exist from the start: no reload happened, and the failures are at 0.
+    let failures = prometheus.value(&lab, "lb_config_reloads_total{result=\"failure\"}")?;
+    ensure!(failures == Some(0.0), "reload failures: {failures:?}");
 
     // The exposition passes promtool's lint.
     let text = get(&lab, ADMIN, "/metrics")?;
