@@ -251,7 +251,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 4;
+pub const MAP_LAYOUT: u32 = 5;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -336,8 +336,20 @@ pub struct Group {
     pub targets: u32,
     /// `FORWARDING_DSR`, `FORWARDING_IPIP` or `FORWARDING_NAT`.
     pub forwarding: u32,
+    /// How a new flow picks its target: `ALGORITHM_MAGLEV`, `ALGORITHM_SOURCE_IP` or
+    /// `ALGORITHM_ROUND_ROBIN`.
+    pub algorithm: u32,
+    /// Round robin: how many slots of the live table hold the sequence new flows take in turn.
+    pub sequence: u32,
     pub pad: u32,
 }
+
+/// Maglev over the 5-tuple: the table slot from the flow's hash.
+pub const ALGORITHM_MAGLEV: u32 = 0;
+/// Maglev over the client's address alone: all of a client's flows go to one target.
+pub const ALGORITHM_SOURCE_IP: u32 = 1;
+/// The table holds a weighted sequence of targets, which new flows take in turn.
+pub const ALGORITHM_ROUND_ROBIN: u32 = 2;
 
 /// Global values the data plane reads on every packet.
 #[repr(C)]
@@ -448,7 +460,7 @@ const _: () = {
     assert!(size_of::<FlowHasher>() == 40);
     assert!(size_of::<FlowTable>() == 48);
     assert!(size_of::<Target>() == 20);
-    assert!(size_of::<Group>() == 16);
+    assert!(size_of::<Group>() == 24);
     assert!(size_of::<Egress>() == 20);
     assert!(size_of::<Settings>() == 8 + 20 * MAX_INTERFACES + 40);
     assert!(size_of::<Counters>() == 24);

@@ -145,6 +145,10 @@ pub enum Algorithm {
     /// Consistent hashing of the 5-tuple.
     #[default]
     Maglev,
+    /// Consistent hashing of the client's address alone (the L4 switch's IP hash, IPVS sh).
+    SourceIp,
+    /// New flows take the targets in turn, smoothly weighted.
+    RoundRobin,
 }
 
 impl Config {

@@ -17,11 +17,11 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Counters, DropReason, Egress, FLOW_CLOSING, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP,
-    FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES,
-    LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
-    SETTINGS_KEY, Settings, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target,
-    listener_home,
+    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, Counters, DropReason, Egress,
+    FLOW_CLOSING, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket,
+    FlowEntry, FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener,
+    ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES, SETTINGS_KEY, Settings,
+    TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
 
 use crate::{
@@ -30,6 +30,7 @@ use crate::{
     lifecycle::{Registry, TargetKey},
     maglev,
     net::Interface,
+    round_robin,
 };
 
 /// Name of the balancer program in the embedded object.
@@ -37,7 +38,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer and the size of its values: all are pinned, so that a successor
 /// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 12] = [
+const MAPS: [(&str, usize); 13] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
@@ -46,6 +47,7 @@ const MAPS: [(&str, usize); 12] = [
     ("TARGETS", size_of::<Target>()),
     ("GROUPS", size_of::<Group>()),
     ("MAGLEV", size_of::<u32>()),
+    ("ROUND_ROBIN", size_of::<u64>()),
     ("SETTINGS", size_of::<Settings>()),
     ("LISTENER_STATS", size_of::<Counters>()),
     ("TARGET_STATS", size_of::<Counters>()),
@@ -75,7 +77,9 @@ pub struct MapState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupState {
     pub forwarding: u32,
-    /// Maglev table of target ids; empty when no target takes new flows.
+    pub algorithm: u32,
+    /// Target ids: a Maglev table, or a round-robin sequence; empty when no target takes new
+    /// flows.
     pub table: Vec<u32>,
     /// How many targets the table holds.
     pub target_count: u32,
@@ -162,10 +166,26 @@ impl MapState {
                     weight: *weight,
                 })
                 .collect();
-            let table = maglev::build(&entries, settings.maglev_size, config.settings.hash_seed)
-                .into_iter()
-                .map(|i| usable[i as usize].1)
-                .collect();
+            let algorithm = match group.algorithm {
+                config::Algorithm::Maglev => ALGORITHM_MAGLEV,
+                config::Algorithm::SourceIp => ALGORITHM_SOURCE_IP,
+                config::Algorithm::RoundRobin => ALGORITHM_ROUND_ROBIN,
+            };
+            let table = if algorithm == ALGORITHM_ROUND_ROBIN {
+                // In the order Maglev fills in, so the sequence depends only on the targets.
+                let mut order: Vec<usize> = (0..entries.len()).collect();
+                order.sort_by_key(|&i| entries[i]);
+                let weights: Vec<u32> = order.iter().map(|&i| entries[i].weight).collect();
+                round_robin::sequence(&weights, settings.maglev_size as usize)
+                    .into_iter()
+                    .map(|turn| usable[order[turn as usize]].1)
+                    .collect()
+            } else {
+                maglev::build(&entries, settings.maglev_size, config.settings.hash_seed)
+                    .into_iter()
+                    .map(|i| usable[i as usize].1)
+                    .collect()
+            };
             state.groups.insert(
                 gid,
                 GroupState {
@@ -174,6 +194,7 @@ impl MapState {
                         Forwarding::Ipip => FORWARDING_IPIP,
                         Forwarding::Nat => FORWARDING_NAT,
                     },
+                    algorithm,
                     table,
                     target_count: usable.len() as u32,
                 },
@@ -383,6 +404,11 @@ impl Dataplane {
             ("FLOWS", flow_buckets, "connection_table_size"),
             ("GROUPS", settings.max_target_groups, "max_target_groups"),
             (
+                "ROUND_ROBIN",
+                settings.max_target_groups,
+                "max_target_groups",
+            ),
+            (
                 "MAGLEV",
                 maglev_slots,
                 "maglev_table_size or max_target_groups",
@@ -552,6 +578,7 @@ impl Dataplane {
         }
         let empty = GroupState {
             forwarding: FORWARDING_DSR,
+            algorithm: ALGORITHM_MAGLEV,
             table: Vec::new(),
             target_count: 0,
         };
@@ -633,6 +660,8 @@ impl Dataplane {
             active_half: half,
             targets: group.target_count,
             forwarding: group.forwarding,
+            algorithm: group.algorithm,
+            sequence: group.table.len() as u32,
             pad: 0,
         };
         self.map::<Array<_, Group>>("GROUPS")?.set(gid, live, 0)?;

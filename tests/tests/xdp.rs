@@ -7,7 +7,7 @@
 
 use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use lb::{
     config,
     lifecycle::Registry,
@@ -454,11 +454,112 @@ fn counters_follow_listener_and_target() -> Result<()> {
     let listener = dp.listener_counters(0)?;
     ensure!(listener.packets == 3 && listener.bytes == 3 * frame.len() as u64);
     ensure!(
-        listener.new_flows == 3,
-        "every SYN is a new flow: {listener:?}"
+        listener.new_flows == 1,
+        "a retransmitted SYN is the same flow: {listener:?}"
     );
     let (id, _) = expected_target(&state, 0, &packet);
     ensure!(dp.target_counters(id)?.packets == 3);
+    Ok(())
+}
+
+const ALGORITHMS: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: rr, address: 203.0.113.10, port: 80, protocol: tcp, target_group: rr}
+  - {name: sip, address: 203.0.113.10, port: 53, protocol: udp, target_group: sip}
+target_groups:
+  - name: rr
+    algorithm: round_robin
+    port: 80
+    targets:
+      - {address: 198.51.100.11, weight: 2}
+      - {address: 198.51.100.12}
+      - {address: 198.51.100.13}
+  - name: sip
+    algorithm: source_ip
+    forwarding: ipip
+    port: 53
+    targets: [{address: 198.51.100.21}, {address: 198.51.100.22}, {address: 198.51.100.23}]
+";
+
+/// The target a frame was sent to, by its destination MAC.
+fn sent_to(state: &MapState, out: &[u8]) -> Option<u32> {
+    state
+        .targets
+        .iter()
+        .find(|(_, t)| out[0..6] == t.mac)
+        .map(|(&id, _)| id)
+}
+
+/// Round robin: new flows take the targets in the smooth weighted sequence (2:1:1 is a b c a),
+/// one after another; a retransmitted SYN keeps its target and takes no turn.
+#[test]
+fn round_robin_takes_the_sequence_and_a_retransmitted_syn_keeps_its_target() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(ALGORITHMS)?;
+    let sequence = &state.groups[&0].table;
+    ensure!(sequence.len() == 4, "sequence {sequence:?}");
+    let mut taken = Vec::new();
+    for sport in 4000..4012u16 {
+        let syn = Packet::tcp(80, sport, 0x02);
+        let (verdict, out) = run(&mut dp, &syn.frame())?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let id = sent_to(&state, &out).context("sent to no target")?;
+        taken.push(id);
+        // The same SYN again (its SYN-ACK was lost): the same target, and no turn taken.
+        let (_, again) = run(&mut dp, &syn.frame())?;
+        ensure!(
+            sent_to(&state, &again) == Some(id),
+            "flow {sport}: the retransmitted SYN moved"
+        );
+    }
+    let want: Vec<u32> = sequence.iter().cycle().take(12).copied().collect();
+    ensure!(
+        taken == want,
+        "took {taken:?}, the sequence is {sequence:?}"
+    );
+    let mut turns: Vec<usize> = state
+        .targets
+        .keys()
+        .map(|id| sequence.iter().filter(|&s| s == id).count())
+        .filter(|&n| n > 0)
+        .collect();
+    turns.sort();
+    ensure!(
+        turns == [1, 1, 2],
+        "2:1:1 takes {turns:?} turns: {sequence:?}"
+    );
+    Ok(())
+}
+
+/// source_ip: every flow of a client goes to one target, the one its address alone hashes to.
+#[test]
+fn source_ip_sends_every_flow_of_a_client_to_one_target() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(ALGORITHMS)?;
+    let settings = state.settings.context("settings")?;
+    let mut seen = std::collections::BTreeSet::new();
+    for host in 1..=30u8 {
+        let client = Ipv4Addr::new(192, 0, 2, host);
+        let slot = settings.maglev_slot(&lb_common::FlowKey::new(
+            u32::from_ne_bytes(client.octets()),
+            0,
+            0,
+            0,
+            0,
+        ));
+        let want = state.groups[&1].table[slot as usize];
+        for sport in [1000u16, 2000, 3000] {
+            let mut packet = Packet::udp(53, sport);
+            packet.src = client;
+            let (verdict, out) = run(&mut dp, &packet.frame())?;
+            ensure!(verdict == XDP_TX, "verdict {verdict}");
+            ensure!(
+                sent_to(&state, &out) == Some(want),
+                "{client}:{sport} went elsewhere"
+            );
+        }
+        seen.insert(want);
+    }
+    ensure!(seen.len() == 3, "30 clients met only {seen:?}");
     Ok(())
 }
 

@@ -107,6 +107,16 @@ fn unknown_forwarding_mode() {
 }
 
 #[test]
+fn unknown_algorithm() {
+    refused(
+        &VALID.replace("algorithm: maglev", "algorithm: fastest"),
+        10,
+        16,
+        "unknown variant `fastest`, expected one of `maglev`, `source_ip`, `round_robin`",
+    );
+}
+
+#[test]
 fn yaml_syntax_error() {
     let errors = errors("listeners:\n  - name: [web\n");
     assert_eq!(errors.len(), 1);

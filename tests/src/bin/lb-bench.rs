@@ -147,8 +147,14 @@ fn header(plan: &Plan) -> String {
 
 /// The median kernel time of `calls` single runs (for programs that change the frame's size).
 fn one_run_median(program: &Xdp, frame: &[u8], calls: u32) -> Result<f64> {
-    let times = (0..calls.max(1))
-        .map(|_| Ok(run_xdp(program, frame, 1)?.2.as_nanos() as f64))
+    one_run_median_of(program, &vec![frame.to_vec(); calls.max(1) as usize])
+}
+
+/// The median time of single-run calls, one for each of `frames`.
+fn one_run_median_of(program: &Xdp, frames: &[Vec<u8>]) -> Result<f64> {
+    let times = frames
+        .iter()
+        .map(|frame| Ok(run_xdp(program, frame, 1)?.2.as_nanos() as f64))
         .collect::<Result<Vec<_>>>()?;
     Ok(median(times))
 }
@@ -231,9 +237,44 @@ target_groups:
       - {address: 198.51.100.31, port: 30080}
 ";
 
+/// How a row of section 1 is timed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Timing {
+    /// One call that repeats the frame `repeat` times: the kernel's average.
+    Repeat,
+    /// Single-run calls on the same frame, for programs that change it (¹).
+    OneRun,
+    /// Single-run calls, each on the SYN of another flow (³).
+    NewFlows,
+}
+
+/// The other algorithms, in a config of their own: the rows of the first config stay as they
+/// were measured before these existed.
+const BENCH_ALGORITHMS_CONFIG: &str = "
+listeners:
+  - {name: turns, address: 203.0.113.10, port: 81, protocol: tcp, target_group: turns}
+  - {name: clients, address: 203.0.113.10, port: 82, protocol: tcp, target_group: clients}
+target_groups:
+  - name: turns
+    algorithm: round_robin
+    targets: [{address: 198.51.100.11, port: 81}, {address: 198.51.100.12, port: 81, weight: 2}]
+  - name: clients
+    algorithm: source_ip
+    targets: [{address: 198.51.100.11, port: 82}, {address: 198.51.100.12, port: 82}]
+";
+
+/// Which config a row of section 1 runs with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Plain,
+    Nat,
+    Algorithms,
+}
+
 fn per_packet(plan: &Plan) -> Result<String> {
     let (mut plain, _, _) = dataplane_for(BENCH_CONFIG)?;
     let (mut with_nat, _, _) = dataplane_for(BENCH_NAT_CONFIG)?;
+    let (mut algorithms, _, _) = dataplane_for(BENCH_ALGORITHMS_CONFIG)?;
     let mut objects = aya::Ebpf::load(lb::LAB_OBJECT)?;
     let reflect: &mut Xdp = objects
         .program_mut("lb_reflect")
@@ -251,58 +292,73 @@ fn per_packet(plan: &Plan) -> Result<String> {
         ..nat_request.clone()
     };
     let nat_elsewhere = elsewhere.clone();
-    // (name, packet, goal, whether the program changes the frame so that the next repetition
-    // of one call would see another packet, whether the config has a NAT group)
-    let cases: [(&str, Packet, Option<f64>, bool, bool); 8] = [
+    use Setup::{Algorithms, Nat, Plain};
+    use Timing::{NewFlows, OneRun, Repeat};
+    // (name, packet, goal, how it is timed, which config)
+    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 10] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10),
             Some(2.0),
-            false,
-            false,
+            Repeat,
+            Plain,
         ),
         (
-            "TCP, new flow (SYN: Maglev pick and table insert)",
+            "TCP, new flow (SYN: Maglev pick and table insert) ³",
             Packet::tcp(80, 2222, 0x02),
             Some(3.0),
-            false,
-            false,
+            NewFlows,
+            Plain,
+        ),
+        (
+            "TCP, new flow, round_robin (the group's shared turn counter) ³",
+            Packet::tcp(81, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, new flow, source_ip (Maglev over the client's address) ³",
+            Packet::tcp(82, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
         ),
         (
             "UDP, established flow",
             Packet::udp(7777, 3333),
             None,
-            false,
-            false,
+            Repeat,
+            Plain,
         ),
         (
             "UDP, established flow, IPIP encapsulation ¹",
             Packet::udp(5000, 4444),
             None,
-            true,
-            false,
+            OneRun,
+            Plain,
         ),
         (
             "TCP, established NAT flow, request (to the target's address and port) ¹ ²",
             nat_request,
             None,
-            true,
-            true,
+            OneRun,
+            Nat,
         ),
         (
             "TCP, established NAT flow, reply (back to VIP:port) ¹ ²",
             nat_reply,
             None,
-            true,
-            true,
+            OneRun,
+            Nat,
         ),
-        ("not for a VIP (XDP_PASS)", elsewhere, None, false, false),
+        ("not for a VIP (XDP_PASS)", elsewhere, None, Repeat, Plain),
         (
             "not for a VIP, with a NAT group configured (a reply lookup that misses)",
             nat_elsewhere,
             None,
-            false,
-            true,
+            Repeat,
+            Nat,
         ),
     ];
     let mut out = format!(
@@ -314,14 +370,43 @@ fn per_packet(plan: &Plan) -> Result<String> {
          | packet | lb ns/packet | baseline ns/packet | ratio | goal |\n|---|---|---|---|---|\n",
         plan.repeat
     );
-    for (name, packet, goal, one_run, nat) in cases {
-        let dataplane = if nat { &mut with_nat } else { &mut plain };
+    let mut next_port = 10000u16;
+    for (name, packet, goal, timing, setup) in cases {
+        let dataplane = match setup {
+            Plain => &mut plain,
+            Nat => &mut with_nat,
+            Algorithms => &mut algorithms,
+        };
         let frame = packet.frame();
         // Warm up; the established cases create their connection-table entry here.
         let (verdict, _, _) = run_xdp(dataplane.program_mut(), &frame, 1)?;
         let (mut lb, mut base) = (Vec::new(), Vec::new());
-        for _ in 0..plan.rounds {
-            if one_run {
+        // The first round of new flows is not timed: it meets a connection table that no
+        // packet has touched yet.
+        let rounds = plan.rounds + (timing == NewFlows) as usize;
+        for round in 0..rounds {
+            if timing == NewFlows {
+                // Each call a SYN of a flow not seen before: a repeated SYN would be a
+                // retransmission, which keeps its target without a pick.
+                let frames: Vec<Vec<u8>> = (0..(plan.repeat / 100).max(1))
+                    .map(|_| {
+                        next_port = next_port.wrapping_add(1).max(1024);
+                        Packet {
+                            sport: next_port,
+                            ..packet.clone()
+                        }
+                        .frame()
+                    })
+                    .collect();
+                let (b, l) = (
+                    one_run_median_of(reflect, &frames)?,
+                    one_run_median_of(dataplane.program_mut(), &frames)?,
+                );
+                if round > 0 {
+                    base.push(b);
+                    lb.push(l);
+                }
+            } else if timing == OneRun {
                 base.push(one_run_median(reflect, &frame, plan.repeat / 100)?);
                 lb.push(one_run_median(
                     dataplane.program_mut(),
@@ -363,7 +448,10 @@ fn per_packet(plan: &Plan) -> Result<String> {
          benchmark's namespace has no route to the targets or the client, so after the translation\n\
          the lookup fails and the packet is left to the stack (XDP_PASS): a FIB lookup that\n\
          succeeds, and its redirect, are not in these figures. The reply's connection-table entry\n\
-         is made by the request row before it.",
+         is made by the request row before it. ³ Each call is the SYN of a flow not seen before (a\n\
+         repeated SYN is a retransmission, which keeps its target): the median of {} single-run\n\
+         calls, each a pick and a connection-table insert, timer overhead included as in ¹.",
+        plan.repeat / 100,
         plan.repeat / 100
     )?;
     let size = |p: &Xdp| -> Result<String> {

@@ -125,6 +125,17 @@ pub fn existing_target(
     Some(id)
 }
 
+/// Whether a SYN for the flow of `entry`, whose target `id` is valid, repeats the SYN of a flow
+/// still opening (its SYN-ACK was lost): it then keeps the target, which must take new flows,
+/// and the flow must not have ended. An algorithm without memory (round robin) would otherwise
+/// send it elsewhere and break the handshake; a SYN that reuses the 5-tuple of an ended flow,
+/// or whose target drains, is picked afresh.
+#[inline(always)]
+pub fn retransmitted_syn(entry: *mut FlowEntry, id: u32) -> bool {
+    let (_, _, last_seen) = read(entry);
+    last_seen & FLOW_CLOSING == 0 && TARGETS.get(id).is_some_and(|t| t.state == TARGET_ACTIVE)
+}
+
 /// An entry's target, check and last-seen time, each read once: other CPUs may rewrite the
 /// entry meanwhile, and what is checked must be what is used.
 #[inline(always)]

@@ -4,7 +4,7 @@
 //! 1. `parse`: Ethernet → IPv4 → TCP/UDP.
 //! 2. `listener`: the listener for (VIP, port, protocol), from the listener table.
 //! 3. `flows`: the connection table, which remembers each flow's target...
-//! 4. `pick`: ...or a Maglev pick for a new flow.
+//! 4. `pick`: ...or a pick for a new flow, by the group's algorithm.
 //! 5. `forward`: port translation, then direct server return (DSR: MAC rewrite; IPIP: outer
 //!    header), `XDP_TX`; or `nat`: the destination rewritten to the target's.
 //! 6. `counters`: per-CPU counters of what was forwarded and dropped.
@@ -16,6 +16,9 @@
 //! be forwarded are dropped and counted by reason; nothing is logged per packet.
 #![no_std]
 #![no_main]
+// Atomic add on a map value (round robin's shared counter): the BPF target has no AtomicU64.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod counters;
 mod flows;
@@ -109,18 +112,18 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         return Ok(drop(DropReason::NoTarget));
     };
     let now = clock();
-    // A SYN starts a new connection, which always takes a fresh pick.
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut new_flow = false;
-    let existing = if found && !is_syn {
+    let existing = if found {
         flows::existing_target(entry, hash, &listener, now)
+            .filter(|&id| !is_syn || flows::retransmitted_syn(entry, id))
     } else {
         None
     };
     let target_id = match existing {
         Some(id) => id,
         None => {
-            let Some(id) = pick::maglev(&key, &listener, group, settings) else {
+            let Some(id) = pick::pick(&key, &listener, group, settings) else {
                 return Ok(drop(DropReason::NoTarget));
             };
             new_flow = true;
