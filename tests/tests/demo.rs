@@ -38,7 +38,11 @@ fn interrupted_demo_leaves_nothing_behind() -> Result<()> {
     // SAFETY: plain kill(2) on our child.
     unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
     let status = demo.wait()?;
-    said.extend(rx.try_iter());
+    // Its last lines may still be in the pipe when it has exited: read them up to the end of
+    // the output (the reader then drops its sender), each within a bound.
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        said.push(line);
+    }
     ensure!(status.success(), "the demo exited with {status}: {said:#?}");
     ensure!(
         said.iter().any(|l| l.starts_with("interrupted")),
