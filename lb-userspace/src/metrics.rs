@@ -193,30 +193,24 @@ struct TrafficFamilies {
 impl TrafficFamilies {
     /// `lb_<level>_packets_total` and the rest, labelled `labels`, registered in `registry`.
     fn new(registry: &Registry, level: &str, labels: &[&str]) -> Result<Self> {
-        let counter = |what: &str, help: &str| -> Result<IntCounterVec> {
-            let c = IntCounterVec::new(
-                Opts::new(
-                    format!("lb_{level}_{what}_total"),
-                    format!("{help}, per {level}."),
-                ),
+        let counter = |what: &str, help: &str| {
+            register_counter(
+                registry,
+                &format!("lb_{level}_{what}_total"),
+                &format!("{help}, per {level}."),
                 labels,
-            )?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
+            )
         };
-        let active = IntGaugeVec::new(
-            Opts::new(
-                format!("lb_{level}_active_flows"),
-                format!("Flows seen within their listener's idle timeout, per {level}."),
-            ),
-            labels,
-        )?;
-        registry.register(Box::new(active.clone()))?;
         Ok(TrafficFamilies {
             packets: counter("packets", "Packets forwarded")?,
             bytes: counter("bytes", "Bytes forwarded (as received)")?,
             new_flows: counter("new_flows", "Flows that took a fresh target pick")?,
-            active,
+            active: register_gauge(
+                registry,
+                &format!("lb_{level}_active_flows"),
+                &format!("Flows seen within their listener's idle timeout, per {level}."),
+                labels,
+            )?,
         })
     }
 
@@ -230,19 +224,35 @@ impl TrafficFamilies {
     }
 }
 
+/// A counter family `name`, registered in `registry`.
+fn register_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+/// A gauge family `name`, registered in `registry`.
+fn register_gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
 /// The Prometheus text exposition of `status` and `telemetry`.
 pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
     let registry = Registry::new();
-    let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec> {
-        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(c.clone()))?;
-        Ok(c)
-    };
-    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec> {
-        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(g.clone()))?;
-        Ok(g)
-    };
+    let counter = |name, help, labels: &[&str]| register_counter(&registry, name, help, labels);
+    let gauge = |name, help, labels: &[&str]| register_gauge(&registry, name, help, labels);
     let listeners = TrafficFamilies::new(&registry, "listener", &["listener", "target_group"])?;
     let targets = TrafficFamilies::new(&registry, "target", &["target_group", "target"])?;
     let listener_info = gauge(

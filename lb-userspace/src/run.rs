@@ -144,11 +144,9 @@ impl Controller {
         let names: Vec<String> = ifaces.iter().map(|i| i.name.clone()).collect();
         let predecessor = predecessor(&names)?;
         xdp::prepare_pin_dir(pin_dir)?;
-        let stale_links: Vec<String> = pinned_links(pin_dir)
-            .into_iter()
-            .filter(|i| !names.contains(i))
-            .collect();
-        let adopting = !pinned_links(pin_dir).is_empty();
+        let pinned = pinned_links(pin_dir);
+        let adopting = !pinned.is_empty();
+        let stale_links: Vec<String> = pinned.into_iter().filter(|i| !names.contains(i)).collect();
         let mut hops = HashMap::new();
         resolve_next_hops(&config, &ifaces, &mut hops)?;
         forward_for_nat(&config, &ifaces)?;

@@ -66,6 +66,21 @@ fn prepare(lab: &Lab, config: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The example's groups answered: :80 by t1 or t2, :6800 by both t2 and t3, and t2 in both.
+fn served_by_the_example_groups(web: &[Answers], tcp: &[Answers], udp: &[Answers]) -> Result<()> {
+    let g1 = answered_within("web", web, &["t1", "t2"])?;
+    let g2: BTreeSet<String> = answered_within("game tcp", tcp, &["t2", "t3"])?
+        .union(&answered_within("game udp", udp, &["t2", "t3"])?)
+        .cloned()
+        .collect();
+    ensure!(g2.len() == 2, "group 2 was served by {g2:?} only");
+    ensure!(
+        g1.contains("t2") && g2.contains("t2"),
+        "t2 must serve both groups: {g1:?} {g2:?}"
+    );
+    Ok(())
+}
+
 /// Who answered: every flow talked to one target, and all of them are in `group`.
 fn answered_within(kind: &str, answers: &[Answers], group: &[&str]) -> Result<BTreeSet<String>> {
     let mut seen = BTreeSet::new();
@@ -107,16 +122,7 @@ fn serves_the_l4_switch_example(mode: &str) -> Result<()> {
         web_bytes >= 16 * BIG_REPLY as u64,
         "only {web_bytes} bytes from :80"
     );
-    let g1 = answered_within("web", &web, &["t1", "t2"])?;
-    let g2: BTreeSet<String> = answered_within("game tcp", &tcp, &["t2", "t3"])?
-        .union(&answered_within("game udp", &udp, &["t2", "t3"])?)
-        .cloned()
-        .collect();
-    ensure!(g2.len() == 2, "group 2 was served by {g2:?} only");
-    ensure!(
-        g1.contains("t2") && g2.contains("t2"),
-        "t2 must serve both groups: {g1:?} {g2:?}"
-    );
+    served_by_the_example_groups(&web, &tcp, &udp)?;
     // Only requests cross the balancer; the replies go straight to the client.
     let replies = web_bytes + tcp_bytes + udp_bytes;
     ensure!(
@@ -286,16 +292,7 @@ fn nat_serves_the_l4_switch_example(two_armed: bool) -> Result<()> {
     let (udp, udp_bytes) = udp_clients(&lab, VIP2, 6800, 40, 2)?;
     let rx_delta = lab.rx_bytes_on("lb", target_side)? - rx_before;
 
-    let g1 = answered_within("web", &web, &["t1", "t2"])?;
-    let g2: BTreeSet<String> = answered_within("game tcp", &tcp, &["t2", "t3"])?
-        .union(&answered_within("game udp", &udp, &["t2", "t3"])?)
-        .cloned()
-        .collect();
-    ensure!(g2.len() == 2, "group 2 was served by {g2:?} only");
-    ensure!(
-        g1.contains("t2") && g2.contains("t2"),
-        "t2 must serve both groups: {g1:?} {g2:?}"
-    );
+    served_by_the_example_groups(&web, &tcp, &udp)?;
     // In nat the replies pass through the balancer.
     let replies = web_bytes + tcp_bytes + udp_bytes;
     ensure!(

@@ -22,6 +22,7 @@ use crate::{
     GROUPS, TARGETS, flows,
     forward::{IP_DST, IP_SRC, set_address},
     listener, nat,
+    parse::IP_MF_OFFSET_MASK,
 };
 
 const PROTO_ICMP: u8 = 1;
@@ -29,7 +30,6 @@ const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_HDR_LEN: usize = 8;
 const ICMP_CHECK_OFFSET: usize = 2;
-const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 
 /// The frame translated and sent on if it is an ICMP error about a NAT flow; `None` if not.
 #[inline(always)]

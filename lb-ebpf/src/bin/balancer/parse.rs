@@ -13,7 +13,7 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 /// More-fragments flag and fragment offset, in the first byte pair of `frags` (network order).
-const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 
 /// A TCP or UDP packet over IPv4: where its headers are, and the fields balancing reads.
 /// Addresses and ports in network byte order.
