@@ -251,7 +251,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 5;
+pub const MAP_LAYOUT: u32 = 6;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -305,6 +305,9 @@ pub struct Target {
     pub port: u16,
     /// Which of `Settings::interfaces` reaches the target (dsr and ipip; nat routes).
     pub egress: u16,
+    /// Its weight (1 to 1000): least connections compares active connections per weight.
+    pub weight: u16,
+    pub pad: u16,
 }
 
 pub const FORWARDING_DSR: u32 = 0;
@@ -317,12 +320,17 @@ pub const FORWARDING_NAT: u32 = 2;
 pub const FLOW_REVERSE: u32 = 1 << 31;
 /// Low bits of `FlowEntry::last_seen_ns` that are flags, not time (the data plane's clock is
 /// masked to leave them free; a few nanoseconds are nothing to an idle timeout).
-pub const FLOW_FLAGS: u64 = 7;
+pub const FLOW_FLAGS: u64 = 15;
 /// The flow ended (an RST, or a FIN each way): it is kept only for its linger, never refreshed.
 pub const FLOW_CLOSING: u64 = 1;
 /// On a reverse entry: a FIN was seen from the client, and from the target.
 pub const FLOW_FIN_CLIENT: u64 = 2;
 pub const FLOW_FIN_TARGET: u64 = 4;
+/// On a forward entry: the flow no longer counts as one of its target's active connections
+/// (`ACTIVE`). The data plane sets it when the client sends a FIN or an RST, the controller when
+/// the flow went idle or its target left. An entry without it is counted, exactly once: +1 when
+/// written, −1 when the flag is set or the entry is overwritten.
+pub const FLOW_ENDED: u64 = 8;
 
 /// Per target group: which half of its double-buffered Maglev table is live.
 ///
@@ -336,12 +344,15 @@ pub struct Group {
     pub targets: u32,
     /// `FORWARDING_DSR`, `FORWARDING_IPIP` or `FORWARDING_NAT`.
     pub forwarding: u32,
-    /// How a new flow picks its target: `ALGORITHM_MAGLEV`, `ALGORITHM_SOURCE_IP` or
-    /// `ALGORITHM_ROUND_ROBIN`.
+    /// How a new flow picks its target: `ALGORITHM_MAGLEV`, `ALGORITHM_SOURCE_IP`,
+    /// `ALGORITHM_ROUND_ROBIN` or `ALGORITHM_LEAST_CONNECTIONS`.
     pub algorithm: u32,
-    /// Round robin: how many slots of the live table hold the sequence new flows take in turn.
+    /// Round robin: how many slots of the live table hold the sequence new flows take in turn;
+    /// least connections: how many hold the targets, each once.
     pub sequence: u32,
-    pub pad: u32,
+    /// Stickiness: how long, in seconds, a client keeps the target it got, after its last new
+    /// flow; 0 for none.
+    pub stickiness_s: u32,
 }
 
 /// Maglev over the 5-tuple: the table slot from the flow's hash.
@@ -350,6 +361,42 @@ pub const ALGORITHM_MAGLEV: u32 = 0;
 pub const ALGORITHM_SOURCE_IP: u32 = 1;
 /// The table holds a weighted sequence of targets, which new flows take in turn.
 pub const ALGORITHM_ROUND_ROBIN: u32 = 2;
+/// The table holds the targets: a new flow takes the one with the fewest active connections
+/// per weight.
+pub const ALGORITHM_LEAST_CONNECTIONS: u32 = 3;
+
+/// Least connections compares every target of a group up to this many; a larger group compares
+/// two candidates that the flow's hash chooses (the "power of two choices").
+pub const LEAST_CONNECTIONS_SCAN: u32 = 32;
+
+/// Least connections' comparison (IPVS wlc): whether a target with `a.0` active connections and
+/// weight `a.1` has fewer per weight than one with `b`; compared as products, to spare a
+/// division.
+#[inline(always)]
+pub fn fewer_connections(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 * b.1 < b.0 * a.1
+}
+
+/// A client of a listener with stickiness: the key of the `STICKY` table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StickyKey {
+    pub listener: u32,
+    /// The client's address, network byte order.
+    pub client: u32,
+}
+
+/// The target a client of a sticky listener keeps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sticky {
+    /// Index into `TARGETS`, and the address it had: a slot freed and taken by another target
+    /// does not inherit the clients.
+    pub target: u32,
+    pub addr: u32,
+    /// When the client last opened a flow (the data plane's clock).
+    pub last_ns: u64,
+}
 
 /// Global values the data plane reads on every packet.
 #[repr(C)]
@@ -459,7 +506,9 @@ const _: () = {
     assert!(size_of::<FlowBucket>() == 32 * FLOW_WAYS);
     assert!(size_of::<FlowHasher>() == 40);
     assert!(size_of::<FlowTable>() == 48);
-    assert!(size_of::<Target>() == 20);
+    assert!(size_of::<Target>() == 24);
+    assert!(size_of::<StickyKey>() == 8);
+    assert!(size_of::<Sticky>() == 16);
     assert!(size_of::<Group>() == 24);
     assert!(size_of::<Egress>() == 20);
     assert!(size_of::<Settings>() == 8 + 20 * MAX_INTERFACES + 40);
@@ -482,4 +531,6 @@ mod pod {
     unsafe impl aya::Pod for super::Group {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::StickyKey {}
+    unsafe impl aya::Pod for super::Sticky {}
 }

@@ -25,6 +25,10 @@ use yaml_rust2::{
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
 pub const DEFAULT_CONNECTION_TABLE_SIZE: u32 = 262_144;
 pub const DEFAULT_MAX_TARGET_GROUPS: u32 = 16;
+/// Clients whose sticky target lb remembers, across all sticky listeners.
+pub const DEFAULT_STICKINESS_TABLE_SIZE: u32 = 65_536;
+/// As an ALB's stickiness cookie: a client keeps its target a day after its last new flow.
+pub const DEFAULT_STICKINESS_DURATION: Duration = Duration::from_secs(86_400);
 const MAX_WEIGHT: u32 = 1000;
 /// NLB's defaults: a TCP flow idle this long is forgotten (350 s), a UDP flow after 120 s.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(350);
@@ -53,6 +57,7 @@ pub struct Settings {
     pub hash_seed: u32,
     pub connection_table_size: u32,
     pub max_target_groups: u32,
+    pub stickiness_table_size: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +88,8 @@ pub struct TargetGroup {
     pub name: String,
     pub forwarding: Forwarding,
     pub algorithm: Algorithm,
+    /// Source-IP stickiness: how long a client keeps its target after its last new flow.
+    pub stickiness: Option<Duration>,
     pub targets: Vec<Target>,
     pub health_check: HealthCheck,
     pub deregistration_delay: Duration,
@@ -129,6 +136,17 @@ pub enum Forwarding {
     Nat,
 }
 
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Maglev => "maglev",
+            Self::SourceIp => "source_ip",
+            Self::RoundRobin => "round_robin",
+            Self::LeastConnections => "least_connections",
+        })
+    }
+}
+
 impl fmt::Display for Forwarding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -149,6 +167,15 @@ pub enum Algorithm {
     SourceIp,
     /// New flows take the targets in turn, smoothly weighted.
     RoundRobin,
+    /// A new flow goes to the target with the fewest active connections per weight (IPVS wlc).
+    LeastConnections,
+}
+
+/// What stickiness keys on: only the client's address, as NLB's.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum StickinessType {
+    SourceIp,
 }
 
 impl Config {
@@ -305,6 +332,7 @@ struct RawSettings {
     hash_seed: Option<i64>,
     connection_table_size: Option<i64>,
     max_target_groups: Option<i64>,
+    stickiness_table_size: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -326,12 +354,22 @@ struct RawTargetGroup {
     forwarding: Forwarding,
     #[serde(default)]
     algorithm: Algorithm,
+    stickiness: Option<RawStickiness>,
     /// The targets' port where a target names none, as in an NLB target group.
     port: Option<i64>,
     #[serde(default)]
     targets: Vec<RawTarget>,
     health_check: Option<RawHealthCheck>,
     deregistration_delay: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStickiness {
+    #[serde(rename = "type")]
+    #[allow(dead_code)] // One type so far; serde refuses any other.
+    kind: StickinessType,
+    duration: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -523,6 +561,7 @@ impl Validator<'_> {
                 hash_seed: 0,
                 connection_table_size: DEFAULT_CONNECTION_TABLE_SIZE,
                 max_target_groups: DEFAULT_MAX_TARGET_GROUPS,
+                stickiness_table_size: DEFAULT_STICKINESS_TABLE_SIZE,
             }),
             listeners,
             target_groups: groups,
@@ -572,11 +611,21 @@ impl Validator<'_> {
                 ),
             );
         }
+        let sticky = raw
+            .stickiness_table_size
+            .unwrap_or(DEFAULT_STICKINESS_TABLE_SIZE as i64);
+        if !(1024..=10_000_000).contains(&sticky) {
+            self.error(
+                "settings.stickiness_table_size",
+                format!("stickiness_table_size {sticky} must be between 1024 and 10000000"),
+            );
+        }
         (self.errors.len() == before).then_some(Settings {
             maglev_table_size: size as u32,
             hash_seed: seed as u32,
             connection_table_size: conns as u32,
             max_target_groups: groups as u32,
+            stickiness_table_size: sticky as u32,
         })
     }
 
@@ -646,6 +695,17 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_DEREGISTRATION_DELAY),
             None => DEFAULT_DEREGISTRATION_DELAY,
         };
+        let stickiness = g.stickiness.as_ref().map(|sticky| match &sticky.duration {
+            Some(text) => self
+                .duration(
+                    &format!("{at}.stickiness.duration"),
+                    text,
+                    "stickiness duration",
+                    Duration::from_secs(1)..=Duration::from_secs(7 * 86_400),
+                )
+                .unwrap_or(DEFAULT_STICKINESS_DURATION),
+            None => DEFAULT_STICKINESS_DURATION,
+        });
         let raw_check = RawHealthCheck::default();
         let health_check = self.health_check(
             &format!("{at}.health_check"),
@@ -655,6 +715,7 @@ impl Validator<'_> {
             name: g.name.clone(),
             forwarding: g.forwarding,
             algorithm: g.algorithm,
+            stickiness,
             targets,
             health_check,
             deregistration_delay,
@@ -912,6 +973,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
         "" => return Err(format!("`{text}` needs a unit: {text}s, {text}ms, ...")),
         _ => {
             return Err(format!(
@@ -925,6 +987,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn show(d: Duration) -> String {
     if d.subsec_millis() != 0 || d.is_zero() {
         format!("{}ms", d.as_millis())
+    } else if d.as_secs().is_multiple_of(86_400) {
+        format!("{}d", d.as_secs() / 86_400)
+    } else if d.as_secs().is_multiple_of(3600) {
+        format!("{}h", d.as_secs() / 3600)
     } else {
         format!("{}s", d.as_secs())
     }

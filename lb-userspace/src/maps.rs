@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     path::Path,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -17,10 +18,11 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, Counters, DropReason, Egress,
-    FLOW_CLOSING, FLOW_WAYS, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket,
-    FlowEntry, FlowHasher, FlowKey, FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener,
-    ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES, SETTINGS_KEY, Settings,
+    ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP,
+    Counters, DropReason, Egress, FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS,
+    FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey,
+    FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot,
+    ListenerTable, MAP_LAYOUT, MAX_INTERFACES, MAX_TARGETS, SETTINGS_KEY, Settings, Sticky,
     TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
 };
 
@@ -38,7 +40,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer and the size of its values: all are pinned, so that a successor
 /// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 13] = [
+const MAPS: [(&str, usize); 15] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
@@ -48,6 +50,8 @@ const MAPS: [(&str, usize); 13] = [
     ("GROUPS", size_of::<Group>()),
     ("MAGLEV", size_of::<u32>()),
     ("ROUND_ROBIN", size_of::<u64>()),
+    ("ACTIVE", size_of::<u64>()),
+    ("STICKY", size_of::<Sticky>()),
     ("SETTINGS", size_of::<Settings>()),
     ("LISTENER_STATS", size_of::<Counters>()),
     ("TARGET_STATS", size_of::<Counters>()),
@@ -78,11 +82,13 @@ pub struct MapState {
 pub struct GroupState {
     pub forwarding: u32,
     pub algorithm: u32,
-    /// Target ids: a Maglev table, or a round-robin sequence; empty when no target takes new
-    /// flows.
+    /// Target ids: a Maglev table, a round-robin sequence, or each target once (least
+    /// connections); empty when no target takes new flows.
     pub table: Vec<u32>,
     /// How many targets the table holds.
     pub target_count: u32,
+    /// 0, or how many seconds a client keeps its target.
+    pub stickiness_s: u32,
 }
 
 impl MapState {
@@ -155,6 +161,8 @@ impl MapState {
                         state: state_flag,
                         port: key.addr.port().to_be(),
                         egress: hop.interface as u16,
+                        weight: entry.weight as u16,
+                        pad: 0,
                     },
                 );
             }
@@ -170,16 +178,19 @@ impl MapState {
                 config::Algorithm::Maglev => ALGORITHM_MAGLEV,
                 config::Algorithm::SourceIp => ALGORITHM_SOURCE_IP,
                 config::Algorithm::RoundRobin => ALGORITHM_ROUND_ROBIN,
+                config::Algorithm::LeastConnections => ALGORITHM_LEAST_CONNECTIONS,
             };
+            // In the order Maglev fills in, so a sequence depends only on the targets.
+            let mut order: Vec<usize> = (0..entries.len()).collect();
+            order.sort_by_key(|&i| entries[i]);
             let table = if algorithm == ALGORITHM_ROUND_ROBIN {
-                // In the order Maglev fills in, so the sequence depends only on the targets.
-                let mut order: Vec<usize> = (0..entries.len()).collect();
-                order.sort_by_key(|&i| entries[i]);
                 let weights: Vec<u32> = order.iter().map(|&i| entries[i].weight).collect();
                 round_robin::sequence(&weights, settings.maglev_size as usize)
                     .into_iter()
                     .map(|turn| usable[order[turn as usize]].1)
                     .collect()
+            } else if algorithm == ALGORITHM_LEAST_CONNECTIONS {
+                order.iter().map(|&i| usable[i].1).collect()
             } else {
                 maglev::build(&entries, settings.maglev_size, config.settings.hash_seed)
                     .into_iter()
@@ -197,6 +208,7 @@ impl MapState {
                     algorithm,
                     table,
                     target_count: usable.len() as u32,
+                    stickiness_s: group.stickiness.map_or(0, |d| d.as_secs() as u32),
                 },
             );
         }
@@ -287,63 +299,132 @@ pub struct MapMemory {
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     match map {
-        Map::Array(d) | Map::PerCpuArray(d) => Some(d),
+        Map::Array(d) | Map::PerCpuArray(d) | Map::LruHashMap(d) => Some(d),
         _ => None,
     }
 }
 
-/// The connection table mapped read-only into this process (the map is `BPF_F_MMAPABLE`):
-/// counting flows for a scrape reads memory instead of making a system call per bucket.
-struct FlowMemory {
-    buckets: *const FlowBucket,
+/// An array map mapped into this process (it is `BPF_F_MMAPABLE`): read as memory instead of a
+/// system call per entry, and written only with atomic operations, as the data plane writes it.
+struct Mapped<T> {
+    first: *mut T,
     count: u32,
     bytes: usize,
 }
 
-// SAFETY: the mapping is read-only and lives until `drop`; it is read only by copying.
-unsafe impl Send for FlowMemory {}
-unsafe impl Sync for FlowMemory {}
+// SAFETY: the mapping lives until `drop`; it is read by copying and written atomically.
+unsafe impl<T> Send for Mapped<T> {}
+unsafe impl<T> Sync for Mapped<T> {}
 
-impl FlowMemory {
-    fn map(data: &MapData, count: u32) -> Result<Self> {
+impl<T: Copy> Mapped<T> {
+    /// Maps the `count` values of the array map `data` (`what`, for errors).
+    fn map(data: &MapData, count: u32, what: &str) -> Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (count as usize * size_of::<FlowBucket>()).next_multiple_of(page);
+        let bytes = (count as usize * size_of::<T>()).next_multiple_of(page);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
-        // SAFETY: a new read-only shared mapping of the map's memory; nothing else is touched.
+        // SAFETY: a new shared mapping of the map's memory; nothing else is touched.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                libc::PROT_READ,
+                libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd,
                 0,
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping the connection table");
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("mapping {what}"));
         }
-        Ok(FlowMemory {
-            buckets: ptr as *const FlowBucket,
+        Ok(Mapped {
+            first: ptr as *mut T,
             count,
             bytes,
         })
     }
 
-    /// A copy of bucket `index`, as the data plane left it at that moment (none past the end).
-    fn bucket(&self, index: u32) -> Option<FlowBucket> {
-        // SAFETY: in bounds (checked) of a live mapping. The data plane writes entries while we
-        // read: a torn copy is what `check` detects.
-        (index < self.count).then(|| unsafe { self.buckets.add(index as usize).read_volatile() })
+    /// Value `index`, or none past the end.
+    fn at(&self, index: u32) -> Option<*mut T> {
+        // SAFETY: in bounds (checked) of a live mapping.
+        (index < self.count).then(|| unsafe { self.first.add(index as usize) })
+    }
+
+    /// A copy of value `index`, as the data plane left it at that moment. The data plane writes
+    /// while we read: a torn connection-table entry is what its `check` detects.
+    fn get(&self, index: u32) -> Option<T> {
+        // SAFETY: a valid pointer into the live mapping.
+        self.at(index).map(|p| unsafe { p.read_volatile() })
     }
 }
 
-impl Drop for FlowMemory {
+impl<T> Drop for Mapped<T> {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `map`, which nothing refers to any more.
-        unsafe { libc::munmap(self.buckets as *mut libc::c_void, self.bytes) };
+        unsafe { libc::munmap(self.first as *mut libc::c_void, self.bytes) };
     }
+}
+
+/// The 64-bit word at `word` of a mapping, as an atomic: the data plane updates it with atomic
+/// instructions on the same memory.
+fn atomic(word: *mut u64) -> &'static AtomicU64 {
+    // SAFETY: 8-byte aligned (map values are) and valid while the mapping lives; the callers
+    // use the reference only while they hold the mapping.
+    unsafe { AtomicU64::from_ptr(word) }
+}
+
+/// What a whole forward entry of the connection table stands for at `now`.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// A flow of `listener` that keeps its target: seen within the idle timeout, not closed,
+    /// and its target still takes or drains flows. `counted`: the client has not ended it.
+    Live { listener: u32, counted: bool },
+    /// Over: idle, closed, or its target or listener gone. `counted`: still counted.
+    Stale { counted: bool },
+}
+
+fn standing(flow: &FlowEntry, state: &MapState, now: u64) -> Standing {
+    let key = flow.key;
+    let listener_key = ListenerKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        pad: 0,
+    };
+    let counted = flow.last_seen_ns & FLOW_ENDED == 0;
+    let Some(listener) = state.listeners.get(&listener_key) else {
+        return Standing::Stale { counted };
+    };
+    let idle_ns = now.saturating_sub(flow.last_seen_ns & !FLOW_FLAGS);
+    let target_live = state.targets.get(&flow.target).is_some_and(|t| {
+        t.group == listener.group && (t.state == TARGET_ACTIVE || t.state == TARGET_DRAINING)
+    });
+    if target_live
+        && flow.last_seen_ns & FLOW_CLOSING == 0
+        && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000
+    {
+        Standing::Live {
+            listener: listener.id,
+            counted,
+        }
+    } else {
+        Standing::Stale { counted }
+    }
+}
+
+/// What to add (wrapping) to each target's count of active connections, counted `before` by
+/// the data plane, to make it the connection table's `truth`.
+fn corrections(before: &[u64], truth: &HashMap<u32, u64>) -> Vec<(u32, u64)> {
+    (0..)
+        .zip(before)
+        .map(|(id, &counted)| {
+            (
+                id,
+                truth.get(&id).copied().unwrap_or(0).wrapping_sub(counted),
+            )
+        })
+        .filter(|&(_, error)| error != 0)
+        .collect()
 }
 
 /// Fresh random words from the kernel, for the connection table's hash.
@@ -358,11 +439,14 @@ fn random_words() -> Result<[u64; 5]> {
     Ok(words)
 }
 
-/// Active flows by listener id and by target id.
+/// Active flows by listener id and by target id, and active connections by target id: what
+/// the connection table says.
 #[derive(Debug, Default)]
 pub struct ActiveFlows {
     pub listeners: HashMap<u32, u64>,
     pub targets: HashMap<u32, u64>,
+    /// Live flows that the client did not end (`FLOW_ENDED`).
+    pub connections: HashMap<u32, u64>,
 }
 
 /// The clock of `bpf_ktime_get_coarse_ns`, which stamps the connection table.
@@ -389,7 +473,9 @@ pub struct Dataplane {
     listener_halves: [Option<Vec<ListenerSlot>>; 2],
     /// The connection table's shape and hash, and the table itself, mapped into this process.
     flow_table: FlowTable,
-    flows: FlowMemory,
+    flows: Mapped<FlowBucket>,
+    /// Active connections per target id, mapped into this process.
+    active: Mapped<u64>,
 }
 
 impl Dataplane {
@@ -412,6 +498,11 @@ impl Dataplane {
                 "MAGLEV",
                 maglev_slots,
                 "maglev_table_size or max_target_groups",
+            ),
+            (
+                "STICKY",
+                settings.stickiness_table_size,
+                "stickiness_table_size",
             ),
         ];
         let mut loader = EbpfLoader::new();
@@ -473,9 +564,17 @@ impl Dataplane {
             .context("balancer program missing from the embedded object")?
             .try_into()?;
         program.load().map_err(crate::xdp::explain_program_error)?;
-        let flows = FlowMemory::map(
+        let flows = Mapped::map(
             ebpf.map("FLOWS").and_then(map_data).context("map FLOWS")?,
             flow_table.buckets,
+            "the connection table",
+        )?;
+        let active = Mapped::map(
+            ebpf.map("ACTIVE")
+                .and_then(map_data)
+                .context("map ACTIVE")?,
+            MAX_TARGETS,
+            "the active connections",
         )?;
         Ok(Dataplane {
             ebpf,
@@ -484,6 +583,7 @@ impl Dataplane {
             listener_halves: [None, None],
             flow_table,
             flows,
+            active,
         })
     }
 
@@ -581,6 +681,7 @@ impl Dataplane {
             algorithm: ALGORITHM_MAGLEV,
             table: Vec::new(),
             target_count: 0,
+            stickiness_s: 0,
         };
         for gid in old.groups.keys().filter(|g| !new.groups.contains_key(g)) {
             self.write_group(*gid, &empty)?;
@@ -598,6 +699,8 @@ impl Dataplane {
                 state: TARGET_FREE,
                 port: 0,
                 egress: 0,
+                weight: 0,
+                pad: 0,
             };
             targets.set(*id, free, 0)?;
         }
@@ -662,7 +765,7 @@ impl Dataplane {
             forwarding: group.forwarding,
             algorithm: group.algorithm,
             sequence: group.table.len() as u32,
-            pad: 0,
+            stickiness_s: group.stickiness_s,
         };
         self.map::<Array<_, Group>>("GROUPS")?.set(gid, live, 0)?;
         Ok(())
@@ -672,7 +775,7 @@ impl Dataplane {
     pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
         self.flow_buckets(key)
             .into_iter()
-            .filter_map(|b| self.flows.bucket(b))
+            .filter_map(|b| self.flows.get(b))
             .flat_map(|b| b.entries)
             .find(|e| e.key == *key && self.flow_table.is_whole(e))
     }
@@ -685,32 +788,79 @@ impl Dataplane {
     /// Flows seen within their listener's idle timeout, per listener id and per target id:
     /// one pass over the connection table, which is the only place that knows.
     pub fn active_flows(&self, state: &MapState) -> ActiveFlows {
+        self.survey(state, false)
+    }
+
+    /// How often `reconcile_connections` reads the whole connection table: every second, and
+    /// a second more for each 4 million entries, so that it never keeps a core busy.
+    pub fn reconcile_period(&self) -> std::time::Duration {
+        let entries = self.flow_table.buckets as u64 * FLOW_WAYS as u64;
+        std::time::Duration::from_secs(1 + entries / 4_000_000)
+    }
+
+    /// Corrects the data plane's count of each target's active connections to what the
+    /// connection table says. The data plane counts as flows start and end; only the table
+    /// knows of flows that went idle, or whose target or listener went, and races between CPUs
+    /// may miss a step. Those flows are marked ended here (so that nothing counts them twice),
+    /// and each count is moved by its error: a flow that starts or ends while the table is read
+    /// may leave one off, until the next pass, but no error outlives it.
+    pub fn reconcile_connections(&self, state: &MapState) {
+        let before: Vec<u64> = (0..MAX_TARGETS)
+            .filter_map(|id| self.active.get(id))
+            .collect();
+        let truth = self.survey(state, true).connections;
+        for (id, error) in corrections(&before, &truth) {
+            if let Some(word) = self.active.at(id) {
+                atomic(word).fetch_add(error, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Active connections of target `id`, as the data plane counts them: what least
+    /// connections compares. A count that races took below zero reads as none.
+    pub fn active_connections(&self, id: u32) -> u64 {
+        let n = self.active.get(id).unwrap_or(0);
+        if (n as i64) < 0 { 0 } else { n }
+    }
+
+    /// One pass over the connection table: its active flows and connections. With
+    /// `end_stale`, entries that still count as a connection but whose flow went idle, or
+    /// whose target or listener is gone, are marked `FLOW_ENDED` (unless the data plane wrote
+    /// the entry meanwhile).
+    fn survey(&self, state: &MapState, end_stale: bool) -> ActiveFlows {
         let now = monotonic_ns();
         let mut active = ActiveFlows::default();
-        for bucket in (0..self.flow_table.buckets).filter_map(|b| self.flows.bucket(b)) {
-            for flow in bucket.entries {
-                if !self.flow_table.is_whole(&flow) {
+        for b in 0..self.flow_table.buckets {
+            let Some(bucket) = self.flows.at(b) else {
+                continue;
+            };
+            for way in 0..FLOW_WAYS {
+                // SAFETY: `way` < FLOW_WAYS, within a bucket of the live mapping. A torn copy
+                // (the data plane writes meanwhile) is what `is_whole` detects.
+                let at = unsafe { (bucket as *mut FlowEntry).add(way) };
+                let flow = unsafe { at.read_volatile() };
+                if flow.target & FLOW_REVERSE != 0 || !self.flow_table.is_whole(&flow) {
                     continue;
                 }
-                let key = flow.key;
-                let listener_key = ListenerKey {
-                    addr: key.dst,
-                    port: key.dport,
-                    proto: key.proto,
-                    pad: 0,
-                };
-                let Some(listener) = state.listeners.get(&listener_key) else {
-                    continue;
-                };
-                let live = state.targets.get(&flow.target).is_some_and(|t| {
-                    t.group == listener.group
-                        && (t.state == TARGET_ACTIVE || t.state == TARGET_DRAINING)
-                });
-                let idle_ns = now.saturating_sub(flow.last_seen_ns);
-                let ended = flow.last_seen_ns & FLOW_CLOSING != 0;
-                if live && !ended && idle_ns <= listener.idle_timeout_s as u64 * 1_000_000_000 {
-                    *active.listeners.entry(listener.id).or_default() += 1;
-                    *active.targets.entry(flow.target).or_default() += 1;
+                match standing(&flow, state, now) {
+                    Standing::Live { listener, counted } => {
+                        *active.listeners.entry(listener).or_default() += 1;
+                        *active.targets.entry(flow.target).or_default() += 1;
+                        if counted {
+                            *active.connections.entry(flow.target).or_default() += 1;
+                        }
+                    }
+                    Standing::Stale { counted: true } if end_stale => {
+                        // SAFETY: as above; an atomic on the entry's last-seen word.
+                        let seen = unsafe { &raw mut (*at).last_seen_ns };
+                        let _ = atomic(seen).compare_exchange(
+                            flow.last_seen_ns,
+                            flow.last_seen_ns | FLOW_ENDED,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    Standing::Stale { .. } => {}
                 }
             }
         }
@@ -834,6 +984,104 @@ mod tests {
         }));
         assert!(!table.is_whole(&FlowEntry { key: b.key, ..a }));
         assert!(!table.is_whole(&FlowEntry::default()), "an empty entry");
+    }
+
+    #[test]
+    fn a_flow_counts_as_a_connection_until_its_client_ends_it_or_it_goes_stale() {
+        let vip = ListenerKey {
+            addr: be(Ipv4Addr::new(203, 0, 113, 10)),
+            port: 80u16.to_be(),
+            proto: 6,
+            pad: 0,
+        };
+        let listener = Listener {
+            id: 4,
+            group: 2,
+            idle_timeout_s: 10,
+            pad: 0,
+        };
+        let target = |state| Target {
+            addr: be(Ipv4Addr::new(198, 51, 100, 11)),
+            group: 2,
+            mac: [0; 6],
+            state,
+            port: 80u16.to_be(),
+            egress: 0,
+            weight: 1,
+            pad: 0,
+        };
+        let mut state = MapState::default();
+        state.listeners.insert(vip, listener);
+        state.targets.insert(7, target(TARGET_ACTIVE));
+        let now = 100_000_000_000;
+        let flow = |last_seen_ns| FlowEntry {
+            key: FlowKey::new(1, vip.addr, 5000u16.to_be(), vip.port, 6),
+            target: 7,
+            check: 0,
+            last_seen_ns,
+        };
+        let seen = now - 1_000_000_000;
+        let live = |counted| Standing::Live {
+            listener: 4,
+            counted,
+        };
+        assert_eq!(standing(&flow(seen), &state, now), live(true));
+        assert_eq!(standing(&flow(seen | FLOW_ENDED), &state, now), live(false));
+        // A flag on a flow seen this very moment is not a time in the future.
+        assert_eq!(standing(&flow(now | FLOW_ENDED), &state, now), live(false));
+        let stale = |counted| Standing::Stale { counted };
+        let idle = now - 11_000_000_000;
+        assert_eq!(standing(&flow(idle), &state, now), stale(true));
+        assert_eq!(
+            standing(&flow(seen | FLOW_CLOSING), &state, now),
+            stale(true)
+        );
+        state.targets.insert(7, target(TARGET_DRAINING));
+        assert_eq!(standing(&flow(seen), &state, now), live(true));
+        state.targets.insert(7, target(TARGET_UNHEALTHY));
+        assert_eq!(standing(&flow(seen), &state, now), stale(true));
+        state.targets.remove(&7);
+        assert_eq!(
+            standing(&flow(seen | FLOW_ENDED), &state, now),
+            stale(false)
+        );
+        state.targets.insert(7, target(TARGET_ACTIVE));
+        state.listeners.clear();
+        assert_eq!(standing(&flow(seen), &state, now), stale(true));
+    }
+
+    #[test]
+    fn least_connections_compares_connections_per_weight() {
+        use lb_common::fewer_connections;
+        assert!(fewer_connections((1, 1), (2, 1)));
+        assert!(!fewer_connections((2, 1), (2, 1)), "a tie is not fewer");
+        // Weight 3 with 5 connections (1.67 each) has fewer than weight 1 with 2.
+        assert!(fewer_connections((5, 3), (2, 1)));
+        assert!(!fewer_connections((7, 3), (2, 1)));
+        assert!(fewer_connections((0, 1), (1, 1000)));
+        // The largest counts and weights do not overflow.
+        assert!(fewer_connections(
+            (u32::MAX as u64, 1000),
+            (u32::MAX as u64, 999)
+        ));
+    }
+
+    #[test]
+    fn corrections_make_every_count_what_the_table_says() {
+        let minus_one = u64::MAX;
+        // Target 0: counted 3, 2 in the table; 1: a race took it below zero, 1 in the table;
+        // 2: right; 3: counted, but gone from the table.
+        let before = [3, minus_one, 5, 4, 0];
+        let truth = HashMap::from([(0, 2), (1, 1), (2, 5)]);
+        let fixes = corrections(&before, &truth);
+        assert_eq!(
+            fixes,
+            vec![(0, minus_one), (1, 2), (3, 4u64.wrapping_neg())]
+        );
+        for (id, fix) in fixes {
+            let after = before[id as usize].wrapping_add(fix);
+            assert_eq!(after, truth.get(&id).copied().unwrap_or(0));
+        }
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub struct ListenerStatus {
 pub struct GroupStatus {
     pub name: String,
     pub forwarding: String,
+    #[serde(default)]
+    pub algorithm: String,
+    /// Source-IP stickiness's duration, as the config writes it.
+    #[serde(default)]
+    pub stickiness: Option<String>,
     /// No target is healthy: new flows go to every registered target.
     pub fail_open: bool,
     pub targets: Vec<TargetStatus>,
@@ -55,6 +60,10 @@ pub struct TargetStatus {
     pub state: String,
     pub weight: u32,
     pub traffic: Traffic,
+    /// Flows the clients have not ended, as the data plane counts them: what least
+    /// connections compares.
+    #[serde(default)]
+    pub active_connections: u64,
 }
 
 /// Counters since the listener or target appeared, and flows seen within their idle timeout.
@@ -111,11 +120,14 @@ impl Status {
                         dataplane.target_counters(entry.id)?,
                         active.targets.get(&entry.id).copied().unwrap_or(0),
                     ),
+                    active_connections: dataplane.active_connections(entry.id),
                 });
             }
             target_groups.push(GroupStatus {
                 name: g.name.clone(),
                 forwarding: g.forwarding.to_string(),
+                algorithm: g.algorithm.to_string(),
+                stickiness: g.stickiness.map(crate::config::show),
                 fail_open: registry.fails_open(&g.name),
                 targets,
             });
@@ -285,6 +297,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         "Unhealthy targets in the group.",
         &["target_group"],
     )?;
+    let connections = gauge(
+        "lb_target_active_connections",
+        "Connections the clients have not ended (TCP: no FIN or RST yet; UDP: not idle), per target: what least connections compares.",
+        &["target_group", "target"],
+    )?;
     let fail_open = gauge(
         "lb_target_group_fail_open",
         "1 while the group has no healthy target and sends new flows to all.",
@@ -319,6 +336,9 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         for t in &g.targets {
             let target = t.target.to_string();
             targets.record(&[&g.name, &target], &t.traffic);
+            connections
+                .with_label_values(&[&g.name, &target])
+                .set(t.active_connections as i64);
             healthy
                 .with_label_values(&[&g.name, &target])
                 .set((t.state == TargetState::Healthy.name()) as i64);
@@ -420,10 +440,15 @@ pub fn table(status: &Status, rates: &Rates) -> String {
             .iter()
             .filter(|t| t.state == TargetState::Healthy.name())
             .count();
+        let sticky = g
+            .stickiness
+            .as_ref()
+            .map_or(String::new(), |d| format!(", sticky {d}"));
         out += &format!(
-            "\nTARGET GROUP {} ({}): {healthy} of {} targets healthy{}\n",
+            "\nTARGET GROUP {} ({}, {}{sticky}): {healthy} of {} targets healthy{}\n",
             g.name,
             g.forwarding,
+            g.algorithm,
             g.targets.len(),
             if g.fail_open {
                 ", FAILING OPEN to all registered targets"
@@ -436,6 +461,7 @@ pub fn table(status: &Status, rates: &Rates) -> String {
             "STATE",
             "WEIGHT",
             "ACTIVE FLOWS",
+            "CONNECTIONS",
             "PACKETS/S",
             "BYTES/S",
             "NEW FLOWS",
@@ -451,6 +477,7 @@ pub fn table(status: &Status, rates: &Rates) -> String {
                 t.state.clone(),
                 t.weight.to_string(),
                 t.traffic.active_flows.to_string(),
+                t.active_connections.to_string(),
                 format!("{:.1}", r.packets_per_second),
                 human_bytes(r.bytes_per_second),
                 t.traffic.new_flows.to_string(),
@@ -535,6 +562,8 @@ mod tests {
             target_groups: vec![GroupStatus {
                 name: "web".into(),
                 forwarding: "dsr".into(),
+                algorithm: "least_connections".into(),
+                stickiness: Some("1h".into()),
                 fail_open: false,
                 targets: vec![
                     TargetStatus {
@@ -547,12 +576,14 @@ mod tests {
                             new_flows: 3,
                             active_flows: 2,
                         },
+                        active_connections: 1,
                     },
                     TargetStatus {
                         target: "198.51.100.12:80".parse().unwrap(),
                         state: "unhealthy".into(),
                         weight: 2,
                         traffic: Traffic::default(),
+                        active_connections: 0,
                     },
                 ],
             }],
@@ -582,10 +613,10 @@ mod tests {
 LISTENER  ADDRESS          PROTOCOL  TARGET GROUP  ACTIVE FLOWS  PACKETS/S  BYTES/S
 web       203.0.113.10:80  tcp       web                      2      100.0  10.0 kB
 
-TARGET GROUP web (dsr): 1 of 2 targets healthy
-TARGET            STATE      WEIGHT  ACTIVE FLOWS  PACKETS/S  BYTES/S  NEW FLOWS
-198.51.100.11:80  healthy         1             2      100.0  10.0 kB          3
-198.51.100.12:80  unhealthy       2             0        0.0      0 B          0
+TARGET GROUP web (dsr, least_connections, sticky 1h): 1 of 2 targets healthy
+TARGET            STATE      WEIGHT  ACTIVE FLOWS  CONNECTIONS  PACKETS/S  BYTES/S  NEW FLOWS
+198.51.100.11:80  healthy         1             2            1      100.0  10.0 kB          3
+198.51.100.12:80  unhealthy       2             0            0        0.0      0 B          0
 
 DROPPED PACKETS: no_listener 4
 ";
@@ -600,6 +631,7 @@ DROPPED PACKETS: no_listener 4
             "lb_target_packets_total{target=\"198.51.100.11:80\",target_group=\"web\"} 5",
             "lb_listener_active_flows{listener=\"web\",target_group=\"web\"} 2",
             "lb_target_active_flows{target=\"198.51.100.11:80\",target_group=\"web\"} 2",
+            "lb_target_active_connections{target=\"198.51.100.11:80\",target_group=\"web\"} 1",
             "lb_listener_info{address=\"203.0.113.10:80\",listener=\"web\",protocol=\"tcp\",target_group=\"web\"} 1",
             "lb_config_reloads_total{result=\"failure\"} 0",
             "lb_config_reloads_total{result=\"success\"} 0",

@@ -262,6 +262,7 @@ impl Controller {
         let mut hangup = signal(SignalKind::hangup())?;
         let mut handover = signal(SignalKind::user_defined2())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut reconcile = tokio::time::interval(self.dataplane.reconcile_period());
         loop {
             tokio::select! {
                 _ = interrupt.recv() => return Ok(Exit::Shutdown),
@@ -270,6 +271,7 @@ impl Controller {
                 _ = hangup.recv() => self.reload(),
                 Some(request) = self.admin_rx.recv() => self.answer(request),
                 Some(result) = self.results_rx.recv() => self.on_probe(result)?,
+                _ = reconcile.tick() => self.dataplane.reconcile_connections(&self.state),
                 _ = tick.tick() => {
                     let expired = self.registry.expire(std::time::Instant::now());
                     if !expired.is_empty() {

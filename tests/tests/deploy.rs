@@ -92,12 +92,15 @@ fn exported_names() -> Result<BTreeSet<String>> {
         target_groups: vec![GroupStatus {
             name: "web".into(),
             forwarding: "dsr".into(),
+            algorithm: "maglev".into(),
+            stickiness: None,
             fail_open: false,
             targets: vec![TargetStatus {
                 target: "198.51.100.11:80".parse()?,
                 state: "healthy".into(),
                 weight: 1,
                 traffic,
+                active_connections: 1,
             }],
         }],
         drops: [("malformed".to_owned(), 1)].into(),

@@ -393,7 +393,7 @@ fn connection_table_keeps_flows_and_ignores_stray_resets() -> Result<()> {
 /// went quiet.
 #[test]
 fn full_flow_buckets_forget_their_least_recently_seen_flow() -> Result<()> {
-    let (mut dp, _) = load()?;
+    let (mut dp, state) = load()?;
     let first = Packet::tcp(80, 5000, 0x10);
     // A flow's two buckets, in either order: a flow may live in either.
     let buckets_of = |dp: &Dataplane, p: &Packet| {
@@ -440,6 +440,16 @@ fn full_flow_buckets_forget_their_least_recently_seen_flow() -> Result<()> {
     );
     let forgotten = same.iter().filter(|p| !present(&dp, p)).count();
     ensure!(forgotten == 1, "{forgotten} quiet flows forgotten, not one");
+    // The forgotten flow no longer counts as a connection of its target: of 9, 8 remain.
+    let connections: u64 = state
+        .targets
+        .keys()
+        .map(|&id| dp.active_connections(id))
+        .sum();
+    ensure!(
+        connections == slots as u64,
+        "{connections} active connections"
+    );
     Ok(())
 }
 
@@ -994,6 +1004,13 @@ fn nat_flows_end_after_a_fin_each_way_or_an_rst() -> Result<()> {
         dp.flow(key)
             .is_some_and(|e| e.last_seen_ns & lb_common::FLOW_CLOSING != 0)
     };
+    let connections = |dp: &Dataplane| -> u64 {
+        state
+            .targets
+            .keys()
+            .map(|&id| dp.active_connections(id))
+            .sum()
+    };
     // FIN from the client, then from the target: ended after the second.
     let syn = Packet::tcp(80, 7000, 0x02);
     run(&mut dp, &syn.frame())?;
@@ -1004,8 +1021,13 @@ fn nat_flows_end_after_a_fin_each_way_or_an_rst() -> Result<()> {
         dp.flow(&reverse).is_some(),
         "no reverse entry for a new NAT flow"
     );
+    ensure!(connections(&dp) == 1, "a NAT flow counts one connection");
     run(&mut dp, &Packet::tcp(80, 7000, 0x11).frame())?;
     ensure!(!closing(&dp, &syn.key()), "one FIN ended the flow");
+    ensure!(
+        connections(&dp) == 0,
+        "the client's FIN ended its connection"
+    );
     run(&mut dp, &reply_to(&syn, addr, 30080, 0x11).frame())?;
     ensure!(
         closing(&dp, &syn.key()) && closing(&dp, &reverse),
@@ -1021,12 +1043,233 @@ fn nat_flows_end_after_a_fin_each_way_or_an_rst() -> Result<()> {
     run(&mut dp, &syn.frame())?;
     let (_, target) = expected_target(&state, 0, &syn);
     let addr = Ipv4Addr::from(target.addr.to_ne_bytes());
+    ensure!(connections(&dp) == 1);
     run(&mut dp, &reply_to(&syn, addr, 30080, 0x14).frame())?;
     ensure!(closing(&dp, &syn.key()), "an RST did not end the flow");
+    ensure!(
+        connections(&dp) == 0,
+        "the target's RST ended its connection"
+    );
     // A flow that is not NAT never ends early: its entry lives until it is idle.
     let dsr = Packet::tcp(443, 7002, 0x02);
     run(&mut dp, &dsr.frame())?;
     run(&mut dp, &Packet::tcp(443, 7002, 0x04).frame())?;
     ensure!(!closing(&dp, &dsr.key()));
+    Ok(())
+}
+
+const LEAST_CONNECTIONS: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: lc, address: 203.0.113.10, port: 80, protocol: tcp, target_group: lc}
+  - {name: lc-udp, address: 203.0.113.10, port: 53, protocol: udp, target_group: lc, idle_timeout: 1s}
+target_groups:
+  - name: lc
+    algorithm: least_connections
+    port: 80
+    targets:
+      - {address: 198.51.100.11, weight: 2}
+      - {address: 198.51.100.12}
+      - {address: 198.51.100.13}
+";
+
+/// Least connections: each new flow goes to the target with the fewest active connections per
+/// weight; a connection counts from its first packet until the client's FIN or RST (once), or
+/// until it goes idle, which the controller's reconciliation finds; a target that fails its
+/// health check counts none.
+#[test]
+fn least_connections_counts_connections_from_start_to_end() -> Result<()> {
+    let (config, mut registry) = registered(LEAST_CONNECTIONS)?;
+    let keys: Vec<_> = registry.targets().map(|(k, _)| k.clone()).collect();
+    for key in &keys {
+        registry.record(key, true, 1, 1);
+    }
+    let state = MapState::build(&config, &registry, &[test_interface()], next_hop_of)?;
+    let mut dp = Dataplane::load(&config.settings, None)?;
+    dp.apply(&MapState::default(), &state)?;
+    let id_of = |host: u8| -> Result<u32> {
+        let addr = u32::from_ne_bytes([198, 51, 100, host]);
+        state
+            .targets
+            .iter()
+            .find(|(_, t)| t.addr == addr)
+            .map(|(&id, _)| id)
+            .context("no such target")
+    };
+    let ids = [id_of(11)?, id_of(12)?, id_of(13)?];
+    let counts = |dp: &Dataplane| ids.map(|id| dp.active_connections(id));
+
+    // 8 connections, weights 2:1:1: exactly 4, 2 and 2, whatever order ties are broken in.
+    let mut flows = Vec::new();
+    for sport in 5000..5008u16 {
+        let syn = Packet::tcp(80, sport, 0x02);
+        let (verdict, out) = run(&mut dp, &syn.frame())?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let id = sent_to(&state, &out).context("sent to no target")?;
+        let (_, again) = run(&mut dp, &syn.frame())?;
+        ensure!(
+            sent_to(&state, &again) == Some(id),
+            "a retransmitted SYN moved"
+        );
+        flows.push((sport, id));
+    }
+    ensure!(counts(&dp) == [4, 2, 2], "counts {:?}", counts(&dp));
+
+    // The client ends two of the first target's connections with a FIN (sent twice) and one
+    // of the second's with an RST; the closing packets still reach their targets.
+    let on = |id: u32| flows.iter().filter(move |f| f.1 == id).map(|f| f.0);
+    let ended: Vec<(u16, u8)> = on(ids[0])
+        .take(2)
+        .map(|sport| (sport, 0x11))
+        .chain(on(ids[1]).take(1).map(|sport| (sport, 0x14)))
+        .collect();
+    for &(sport, flags) in &ended {
+        for _ in 0..2 {
+            let (_, out) = run(&mut dp, &Packet::tcp(80, sport, flags).frame())?;
+            let kept = flows.iter().find(|f| f.0 == sport).map(|f| f.1);
+            ensure!(sent_to(&state, &out) == kept, "a closing packet moved");
+        }
+    }
+    ensure!(counts(&dp) == [2, 1, 2], "after 3 ends: {:?}", counts(&dp));
+    // 1, 1 and 2 per weight: the next goes to the first or the second, never the third.
+    let (_, out) = run(&mut dp, &Packet::tcp(80, 5100, 0x02).frame())?;
+    let next = sent_to(&state, &out).context("sent to no target")?;
+    ensure!(next != ids[2], "a new flow went to the busiest target");
+    let settled = counts(&dp);
+    dp.reconcile_connections(&state);
+    ensure!(counts(&dp) == settled, "reconciling changed right counts");
+
+    // A UDP flow counts while it is not idle; the data plane never sees it end.
+    let datagram = Packet::udp(53, 6000);
+    run(&mut dp, &datagram.frame())?;
+    let with_udp = counts(&dp);
+    ensure!(with_udp.iter().sum::<u64>() == settled.iter().sum::<u64>() + 1);
+    std::thread::sleep(Duration::from_millis(1500)); // past the listener's 1 s idle timeout
+    dp.reconcile_connections(&state);
+    ensure!(
+        counts(&dp) == settled,
+        "an idle flow still counts: {:?}",
+        counts(&dp)
+    );
+    let entry = dp.flow(&datagram.key()).context("the UDP flow's entry")?;
+    ensure!(
+        entry.last_seen_ns & lb_common::FLOW_ENDED != 0,
+        "not marked ended"
+    );
+    // Its next datagram is a new flow, counted once: the old one is not taken off again.
+    run(&mut dp, &datagram.frame())?;
+    ensure!(counts(&dp).iter().sum::<u64>() == settled.iter().sum::<u64>() + 1);
+
+    // A target that fails its health check loses its flows: none of its connections count.
+    let sick = keys
+        .iter()
+        .find(|k| k.addr.ip().octets()[3] == 13)
+        .context("target .13")?;
+    registry.record(sick, false, 1, 1);
+    let degraded = MapState::build(&config, &registry, &[test_interface()], next_hop_of)?;
+    dp.apply(&state, &degraded)?;
+    dp.reconcile_connections(&degraded);
+    ensure!(
+        dp.active_connections(ids[2]) == 0,
+        "an unhealthy target counts connections"
+    );
+    Ok(())
+}
+
+/// Least connections in a group larger than it scans: the better of two candidates still
+/// spreads new flows evenly, far more evenly than chance.
+#[test]
+fn least_connections_over_many_targets_compares_two_and_stays_even() -> Result<()> {
+    let targets: String = (1..=40)
+        .map(|h| format!("      - {{address: 198.51.100.{h}}}\n"))
+        .collect();
+    let text = format!(
+        "settings: {{maglev_table_size: 4099, connection_table_size: 8192, max_target_groups: 1}}\n\
+         listeners:\n  - {{name: lc, address: 203.0.113.10, port: 80, protocol: tcp, target_group: lc}}\n\
+         target_groups:\n  - name: lc\n    algorithm: least_connections\n    port: 80\n    targets:\n{targets}"
+    );
+    let (mut dp, state, _) = dataplane_for(&text)?;
+    ensure!(state.groups[&0].table.len() as u32 > lb_common::LEAST_CONNECTIONS_SCAN);
+    for sport in 1000..1800u16 {
+        let (verdict, _) = run(&mut dp, &Packet::tcp(80, sport, 0x02).frame())?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+    }
+    let counts: Vec<u64> = state
+        .targets
+        .keys()
+        .map(|&id| dp.active_connections(id))
+        .collect();
+    let (min, max) = (counts.iter().min(), counts.iter().max());
+    ensure!(counts.iter().sum::<u64>() == 800, "{counts:?}");
+    // 20 each on average. Chance (Maglev) gives about 12 to 29; two choices within ±3.
+    ensure!(
+        min >= Some(&17) && max <= Some(&23),
+        "{min:?}..{max:?}: {counts:?}"
+    );
+    Ok(())
+}
+
+/// Stickiness: a client keeps the target it got across a change of the group that moves its
+/// flows under the algorithm alone, until it opens no flow for the duration; then its flows
+/// follow the algorithm again.
+#[test]
+fn a_sticky_client_keeps_its_target_across_a_group_change_for_the_duration() -> Result<()> {
+    let config_for = |hosts: &[u8]| -> Result<config::Config> {
+        let targets: String = hosts
+            .iter()
+            .map(|h| format!("      - {{address: 198.51.100.{h}}}\n"))
+            .collect();
+        let text = format!(
+            "settings: {{maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 2}}\n\
+             listeners:\n  - {{name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}}\n\
+             target_groups:\n  - name: web\n    port: 80\n    stickiness: {{type: source_ip, duration: 1s}}\n    targets:\n{targets}"
+        );
+        config::parse(Path::new("sticky.yaml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let iface = [test_interface()];
+    let (before, after) = (config_for(&[11, 12])?, config_for(&[11, 12, 13, 14, 15])?);
+    let mut registry = Registry::new(4, 2, 8);
+    let now = std::time::Instant::now();
+    registry.sync(&before, now).map_err(anyhow::Error::msg)?;
+    let state_a = MapState::build(&before, &registry, &iface, next_hop_of)?;
+    registry.sync(&after, now).map_err(anyhow::Error::msg)?;
+    let state_b = MapState::build(&after, &registry, &iface, next_hop_of)?;
+    let mut dp = Dataplane::load(&before.settings, None)?;
+    dp.apply(&MapState::default(), &state_a)?;
+
+    let syn = |sport: u16| Packet::tcp(80, sport, 0x02);
+    let (_, out) = run(&mut dp, &syn(1000).frame())?;
+    let (kept, _) = expected_target(&state_a, 0, &syn(1000));
+    ensure!(
+        sent_to(&state_a, &out) == Some(kept),
+        "the first flow was not Maglev's pick"
+    );
+    dp.apply(&state_a, &state_b)?;
+    let moved: Vec<u16> = (2000..2040)
+        .filter(|&s| expected_target(&state_b, 0, &syn(s)).0 != kept)
+        .collect();
+    ensure!(
+        moved.len() > 20,
+        "the new table keeps too many flows on the old target"
+    );
+    for sport in 2000..2040 {
+        let (_, out) = run(&mut dp, &syn(sport).frame())?;
+        ensure!(
+            sent_to(&state_b, &out) == Some(kept),
+            "flow {sport} left the client's sticky target"
+        );
+    }
+    // Quiet for longer than the 1 s duration: its next flow follows the table (one that the
+    // table sends elsewhere).
+    std::thread::sleep(Duration::from_millis(1500));
+    let packet = (3000..3100)
+        .map(syn)
+        .find(|p| expected_target(&state_b, 0, p).0 != kept)
+        .context("every flow hashes to the kept target")?;
+    let (_, out) = run(&mut dp, &packet.frame())?;
+    ensure!(
+        sent_to(&state_b, &out) == Some(expected_target(&state_b, 0, &packet).0),
+        "stickiness outlived its duration"
+    );
     Ok(())
 }

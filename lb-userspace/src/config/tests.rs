@@ -112,7 +112,67 @@ fn unknown_algorithm() {
         &VALID.replace("algorithm: maglev", "algorithm: fastest"),
         10,
         16,
-        "unknown variant `fastest`, expected one of `maglev`, `source_ip`, `round_robin`",
+        "unknown variant `fastest`, expected one of `maglev`, `source_ip`, `round_robin`, `least_connections`",
+    );
+}
+
+fn with_stickiness(stickiness: &str) -> String {
+    VALID.replace(
+        "    algorithm: maglev\n",
+        &format!("    algorithm: least_connections\n    stickiness: {stickiness}\n"),
+    )
+}
+
+#[test]
+fn stickiness_takes_a_duration_from_1s_to_7d() {
+    let config = parse(
+        Path::new("lb.yaml"),
+        &with_stickiness("{type: source_ip, duration: 7d}"),
+    )
+    .unwrap();
+    let g = &config.target_groups[0];
+    assert_eq!(g.algorithm, Algorithm::LeastConnections);
+    assert_eq!(g.stickiness, Some(Duration::from_secs(7 * 86_400)));
+    let default = parse(Path::new("lb.yaml"), &with_stickiness("{type: source_ip}")).unwrap();
+    assert_eq!(
+        default.target_groups[0].stickiness,
+        Some(DEFAULT_STICKINESS_DURATION)
+    );
+    let none = parse(Path::new("lb.yaml"), VALID).unwrap();
+    assert_eq!(none.target_groups[0].stickiness, None);
+}
+
+#[test]
+fn bad_stickiness() {
+    refused(
+        &with_stickiness("{type: cookie, duration: 1h}"),
+        11,
+        24,
+        "unknown variant `cookie`, expected `source_ip`",
+    );
+    refused(
+        &with_stickiness("{type: source_ip, duration: 8d}"),
+        11,
+        45,
+        "stickiness duration 8d must be between 1s and 7d",
+    );
+    refused(
+        &with_stickiness("{type: source_ip, duration: 500ms}"),
+        11,
+        45,
+        "stickiness duration 500ms must be between 1s and 7d",
+    );
+    refused(
+        &with_stickiness("{type: source_ip, duration: soon}"),
+        11,
+        45,
+        "is not a duration",
+    );
+    refused(
+        &with_stickiness("{type: source_ip, for: 1h}"),
+        11,
+        35,
+        "unknown field `for`",
     );
 }
 
@@ -128,13 +188,13 @@ fn bad_address() {
     refused(
         &VALID.replace("203.0.113.10", "203.0.113.300"),
         3,
-        14,
+        11,
         "`203.0.113.300` is not an IP address",
     );
     refused(
         &VALID.replace("203.0.113.10", "0.0.0.0"),
         3,
-        14,
+        11,
         "must be a unicast address",
     );
     refused(
@@ -354,7 +414,7 @@ fn settings_are_checked() {
     refused(&with("max_target_groups: 0"), 2, 22, "max_target_groups 0");
     refused(
         &with("maglev_table_size: 7"),
-        14,
+        11,
         7,
         "must be at least 10 times",
     );
@@ -434,7 +494,7 @@ fn health_check_values_are_checked() {
     refused(
         &with_check("interval: 5s, timeout: 5s"),
         11,
-        43,
+        45,
         "timeout (5s) must be shorter than interval (5s)",
     );
     refused(
@@ -486,7 +546,7 @@ fn lifecycle_durations_are_checked() {
         &text,
         11,
         27,
-        "deregistration_delay 2h must be between 0ms and 3600s",
+        "deregistration_delay 2h must be between 0ms and 1h",
     );
     let text = VALID.replace(
         "    target_group: web\n",

@@ -249,19 +249,41 @@ enum Timing {
 }
 
 /// The other algorithms, in a config of their own: the rows of the first config stay as they
-/// were measured before these existed.
-const BENCH_ALGORITHMS_CONFIG: &str = "
-listeners:
-  - {name: turns, address: 203.0.113.10, port: 81, protocol: tcp, target_group: turns}
-  - {name: clients, address: 203.0.113.10, port: 82, protocol: tcp, target_group: clients}
+/// were measured before these existed. Least connections in three sizes: three targets, the
+/// most it compares one by one, and a group above that.
+fn bench_algorithms_config() -> String {
+    let group = |name: &str, port: u16, n: u8| {
+        let targets: String = (1..=n)
+            .map(|h| format!("      - {{address: 198.51.100.{h}}}\n"))
+            .collect();
+        format!(
+            "  - name: {name}\n    algorithm: least_connections\n    port: {port}\n    targets:\n{targets}"
+        )
+    };
+    format!(
+        "listeners:
+  - {{name: turns, address: 203.0.113.10, port: 81, protocol: tcp, target_group: turns}}
+  - {{name: clients, address: 203.0.113.10, port: 82, protocol: tcp, target_group: clients}}
+  - {{name: fewest, address: 203.0.113.10, port: 83, protocol: tcp, target_group: fewest}}
+  - {{name: scan, address: 203.0.113.10, port: 84, protocol: tcp, target_group: scan}}
+  - {{name: two, address: 203.0.113.10, port: 85, protocol: tcp, target_group: two}}
+  - {{name: sticky, address: 203.0.113.10, port: 86, protocol: tcp, target_group: sticky}}
 target_groups:
   - name: turns
     algorithm: round_robin
-    targets: [{address: 198.51.100.11, port: 81}, {address: 198.51.100.12, port: 81, weight: 2}]
+    targets: [{{address: 198.51.100.11, port: 81}}, {{address: 198.51.100.12, port: 81, weight: 2}}]
   - name: clients
     algorithm: source_ip
-    targets: [{address: 198.51.100.11, port: 82}, {address: 198.51.100.12, port: 82}]
-";
+    targets: [{{address: 198.51.100.11, port: 82}}, {{address: 198.51.100.12, port: 82}}]
+{}{}{}  - name: sticky
+    stickiness: {{type: source_ip, duration: 1h}}
+    targets: [{{address: 198.51.100.11, port: 86}}, {{address: 198.51.100.12, port: 86}}]
+",
+        group("fewest", 83, 3),
+        group("scan", 84, lb_common::LEAST_CONNECTIONS_SCAN as u8),
+        group("two", 85, 64),
+    )
+}
 
 /// Which config a row of section 1 runs with.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -274,7 +296,7 @@ enum Setup {
 fn per_packet(plan: &Plan) -> Result<String> {
     let (mut plain, _, _) = dataplane_for(BENCH_CONFIG)?;
     let (mut with_nat, _, _) = dataplane_for(BENCH_NAT_CONFIG)?;
-    let (mut algorithms, _, _) = dataplane_for(BENCH_ALGORITHMS_CONFIG)?;
+    let (mut algorithms, algorithm_maps, _) = dataplane_for(&bench_algorithms_config())?;
     let mut objects = aya::Ebpf::load(lb::LAB_OBJECT)?;
     let reflect: &mut Xdp = objects
         .program_mut("lb_reflect")
@@ -295,7 +317,7 @@ fn per_packet(plan: &Plan) -> Result<String> {
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 10] = [
+    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 14] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10),
@@ -320,6 +342,34 @@ fn per_packet(plan: &Plan) -> Result<String> {
         (
             "TCP, new flow, source_ip (Maglev over the client's address) ³",
             Packet::tcp(82, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, new flow, least_connections, 3 targets (each compared) ³",
+            Packet::tcp(83, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, new flow, least_connections, 32 targets (each compared) ³",
+            Packet::tcp(84, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, new flow, least_connections, 64 targets (two candidates) ³",
+            Packet::tcp(85, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, new flow, maglev with stickiness (a client seen before) ³",
+            Packet::tcp(86, 2222, 0x02),
             None,
             NewFlows,
             Algorithms,
@@ -454,6 +504,11 @@ fn per_packet(plan: &Plan) -> Result<String> {
         plan.repeat / 100,
         plan.repeat / 100
     )?;
+    writeln!(
+        out,
+        "\n{}",
+        least_connections_balance(&algorithms, &algorithm_maps)?
+    )?;
     let size = |p: &Xdp| -> Result<String> {
         let info = p.info()?;
         Ok(format!(
@@ -472,6 +527,39 @@ fn per_packet(plan: &Plan) -> Result<String> {
     writeln!(out, "\n{}", reply_ports_cost(plan)?)?;
     writeln!(out, "\nCommand: `{}`.", command(plan))?;
     Ok(out)
+}
+
+/// How evenly the least-connections rows above spread their flows (none of which ended): the
+/// fewest and most connections a target of each group holds.
+fn least_connections_balance(dataplane: &lb::maps::Dataplane, state: &MapState) -> Result<String> {
+    let mut groups = Vec::new();
+    for (port, how) in [(84u16, "each compared"), (85, "two candidates")] {
+        let gid = state
+            .listeners
+            .iter()
+            .find(|(k, _)| k.port == port.to_be())
+            .map(|(_, l)| l.group)
+            .context("no such listener")?;
+        let counts: Vec<u64> = state
+            .targets
+            .iter()
+            .filter(|(_, t)| t.group == gid)
+            .map(|(&id, _)| dataplane.active_connections(id))
+            .collect();
+        let (min, max) = (counts.iter().min(), counts.iter().max());
+        groups.push(format!(
+            "{} targets ({how}): {} flows, {} to {} per target",
+            counts.len(),
+            counts.iter().sum::<u64>(),
+            min.context("no targets")?,
+            max.context("no targets")?
+        ));
+    }
+    Ok(format!(
+        "The balance the least-connections rows reached, in connections per target once their\n\
+         flows were placed (few ended: only those a full connection-table bucket forgot): {}.",
+        groups.join("; ")
+    ))
 }
 
 /// What the target host's reply-port translation (TC egress) costs it per packet sent.

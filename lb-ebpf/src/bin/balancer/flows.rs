@@ -1,9 +1,11 @@
 //! Stage 3: the connection table, which keeps every flow on the target it was given.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use lb_common::{
-    FLOW_CLOSING, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey, FlowTable, Listener, TARGET_ACTIVE,
-    TARGET_DRAINING, flow_check,
+    FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey,
+    FlowTable, Listener, MAX_TARGETS, TARGET_ACTIVE, TARGET_DRAINING, flow_check,
 };
 
 use crate::TARGETS;
@@ -20,6 +22,13 @@ static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
+
+/// Active connections per target id, counted as flows start and end (see `FLOW_ENDED`), by all
+/// CPUs at once. What races and idle flows leave wrong, the controller corrects against the
+/// connection table; mappable, so that it adds its corrections atomically as the data plane
+/// adds its counts.
+#[map]
+static ACTIVE: Array<u64> = Array::with_max_entries(MAX_TARGETS, BPF_F_MMAPABLE);
 
 /// Refresh a flow's last-seen time at most this often, to spare a map write per packet. It is
 /// also how finely a full bucket tells its busy flows from quiet ones when it must forget one.
@@ -107,7 +116,8 @@ pub fn existing_target(
     if check != flow_check(hash, id) {
         return None;
     }
-    let idle = now.wrapping_sub(last_seen);
+    // Masked: a flag must not make a flow seen this very tick look seen in the future.
+    let idle = now.wrapping_sub(last_seen & !FLOW_FLAGS);
     if idle > listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
@@ -120,7 +130,7 @@ pub fn existing_target(
     // A NAT flow that ended keeps its entry only for its linger.
     if idle > LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
         // SAFETY: as above.
-        unsafe { (&raw mut (*entry).last_seen_ns).write(now) };
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
     }
     Some(id)
 }
@@ -133,7 +143,39 @@ pub fn existing_target(
 #[inline(always)]
 pub fn retransmitted_syn(entry: *mut FlowEntry, id: u32) -> bool {
     let (_, _, last_seen) = read(entry);
-    last_seen & FLOW_CLOSING == 0 && TARGETS.get(id).is_some_and(|t| t.state == TARGET_ACTIVE)
+    last_seen & (FLOW_CLOSING | FLOW_ENDED) == 0
+        && TARGETS.get(id).is_some_and(|t| t.state == TARGET_ACTIVE)
+}
+
+/// The client ended the flow of `entry` (a FIN or an RST): it stops counting as an active
+/// connection of its target, once, however many FINs follow. The entry stays, for the packets
+/// that close the connection.
+#[inline(always)]
+pub fn end(entry: *mut FlowEntry) {
+    let (id, _, last_seen) = read(entry);
+    if last_seen & FLOW_ENDED == 0 {
+        // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
+        unsafe { (&raw mut (*entry).last_seen_ns).write(last_seen | FLOW_ENDED) };
+        count(id, u64::MAX);
+    }
+}
+
+/// Active connections of target `id`. A count that a race took below zero (the controller
+/// corrects it within a second) is none.
+#[inline(always)]
+pub fn active_connections(id: u32) -> u64 {
+    ACTIVE
+        .get(id)
+        .map_or(0, |&n| if (n as i64) < 0 { 0 } else { n })
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` takes one away) to target `id`'s active connections.
+#[inline(always)]
+fn count(id: u32, delta: u64) {
+    if let Some(counter) = ACTIVE.get_ptr_mut(id) {
+        // SAFETY: a map value, valid and 8-byte aligned for the duration of the program run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
+    }
 }
 
 /// An entry's target, check and last-seen time, each read once: other CPUs may rewrite the
@@ -150,9 +192,15 @@ pub fn read(entry: *mut FlowEntry) -> (u32, u32, u64) {
     }
 }
 
-/// Writes a new flow into `entry`: its key, its target and their check, and the time.
+/// Writes a new flow into `entry`: its key, its target and their check, and the time. A flow
+/// to a target counts as one of its active connections; the flow it replaces, if it still
+/// counted, no longer does.
 #[inline(always)]
 pub fn remember(entry: *mut FlowEntry, key: &FlowKey, hash: u64, target: u32, now: u64) {
+    let (old, _, seen) = read(entry);
+    if seen != 0 && seen & FLOW_ENDED == 0 && old & FLOW_REVERSE == 0 {
+        count(old, u64::MAX);
+    }
     // SAFETY: `entry` points into a bucket, a map value that stays valid for the duration of the
     // program run. Word stores: a struct copy may become a call to LLVM's memcpy subprogram;
     // `FlowKey` is four 32-bit words (asserted in lb-common).
@@ -161,5 +209,8 @@ pub fn remember(entry: *mut FlowEntry, key: &FlowKey, hash: u64, target: u32, no
         (&raw mut (*entry).target).write(target);
         (&raw mut (*entry).check).write(flow_check(hash, target));
         (&raw mut (*entry).last_seen_ns).write(now);
+    }
+    if target & FLOW_REVERSE == 0 {
+        count(target, 1);
     }
 }

@@ -4,7 +4,8 @@
 //! 1. `parse`: Ethernet → IPv4 → TCP/UDP.
 //! 2. `listener`: the listener for (VIP, port, protocol), from the listener table.
 //! 3. `flows`: the connection table, which remembers each flow's target...
-//! 4. `pick`: ...or a pick for a new flow, by the group's algorithm.
+//! 4. `pick`: ...or a pick for a new flow, by the group's algorithm (or the client's sticky
+//!    target).
 //! 5. `forward`: port translation, then direct server return (DSR: MAC rewrite; IPIP: outer
 //!    header), `XDP_TX`; or `nat`: the destination rewritten to the target's.
 //! 6. `counters`: per-CPU counters of what was forwarded and dropped.
@@ -121,9 +122,14 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         None
     };
     let target_id = match existing {
-        Some(id) => id,
+        Some(id) => {
+            if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                flows::end(entry);
+            }
+            id
+        }
         None => {
-            let Some(id) = pick::pick(&key, &listener, group, settings) else {
+            let Some(id) = pick::pick(&key, hash, &listener, group, settings, now) else {
                 return Ok(drop(DropReason::NoTarget));
             };
             new_flow = true;

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FLOW_CLOSING, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE, FlowEntry, FlowKey,
-    FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
+    FLOW_CLOSING, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE,
+    FlowEntry, FlowKey, FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
 };
 use lb_ebpf::write_mac;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -218,10 +218,11 @@ fn closing(
             (&raw mut (*reverse).last_seen_ns).write(seen | mine);
             return;
         }
+        flows::end(forward);
         // Seen `idle_timeout - LINGER` ago: idle past the timeout `LINGER` from now.
         let idle = idle_timeout_s as u64 * 1_000_000_000;
         let aged = now.wrapping_sub(idle.saturating_sub(LINGER_NS)) & !FLOW_FLAGS;
-        (&raw mut (*forward).last_seen_ns).write(aged | FLOW_CLOSING);
+        (&raw mut (*forward).last_seen_ns).write(aged | FLOW_CLOSING | FLOW_ENDED);
         (&raw mut (*reverse).last_seen_ns).write(aged | FLOW_CLOSING | (seen & FLOW_FLAGS) | mine);
     }
 }
