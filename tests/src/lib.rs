@@ -285,6 +285,34 @@ impl Lab {
             .args(args))
     }
 
+    /// Gives the client `n` more addresses, 198.51.100.100 onwards, on its network (targets
+    /// answer them directly), and returns them: clients that source-IP algorithms tell apart.
+    pub fn add_client_addresses(&self, n: u8) -> Result<Vec<Ipv4Addr>> {
+        (100..100 + n)
+            .map(|host| {
+                let addr = Ipv4Addr::new(198, 51, 100, host);
+                ip(&[
+                    "-n",
+                    &self.ns("client"),
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    IFACE,
+                ])?;
+                Ok(addr)
+            })
+            .collect()
+    }
+
+    /// lb's `/status`, from inside the lab.
+    pub fn status(&self) -> Result<lb::metrics::Status> {
+        let body = in_netns(&self.ns("lb"), || {
+            lb::admin::get("127.0.0.1:9617".parse().unwrap(), "/status")
+        })??;
+        Ok(serde_json::from_str(&body)?)
+    }
+
     /// Prepares every target with `lb target`.
     pub fn prepare_targets(&self, mode: &str, vips: &[Ipv4Addr]) -> Result<()> {
         for i in 0..self.targets {
@@ -894,11 +922,27 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(lab: &Lab, vip: Ipv4Addr, port: u16) -> Result<Self> {
-        let stream = in_netns(&lab.ns("client"), move || {
-            TcpStream::connect_timeout(
-                &SocketAddr::from(SocketAddrV4::new(vip, port)),
+        Self::open_from(lab, None, vip, port)
+    }
+
+    /// A connection from the client's address `source` (see [`Lab::add_client_addresses`]), or
+    /// its first one.
+    pub fn open_from(
+        lab: &Lab,
+        source: Option<Ipv4Addr>,
+        vip: Ipv4Addr,
+        port: u16,
+    ) -> Result<Self> {
+        let stream = in_netns(&lab.ns("client"), move || -> std::io::Result<TcpStream> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            if let Some(source) = source {
+                socket.bind(&SocketAddr::from(SocketAddrV4::new(source, 0)).into())?;
+            }
+            socket.connect_timeout(
+                &SocketAddr::from(SocketAddrV4::new(vip, port)).into(),
                 Duration::from_secs(3),
-            )
+            )?;
+            Ok(socket.into())
         })??;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         Ok(Connection {

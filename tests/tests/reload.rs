@@ -60,10 +60,7 @@ fn reload(lab: &Lab) -> Result<String> {
 
 /// New flows per target of the web group, from lb's /status.
 fn target_new_flows(lab: &Lab) -> Result<HashMap<String, u64>> {
-    let body = lb_tests::in_netns(&lab.ns("lb"), || {
-        lb::admin::get("127.0.0.1:9617".parse().unwrap(), "/status")
-    })??;
-    let status: lb::metrics::Status = serde_json::from_str(&body)?;
+    let status = lab.status()?;
     let web = status
         .target_groups
         .iter()
