@@ -201,7 +201,7 @@ fn prometheus_sees_traffic_per_target_and_lb_status_shows_it() -> Result<()> {
         "LISTENER",
         "web",
         "game",
-        "TARGET GROUP web (dsr): 3 of 3 targets healthy",
+        "TARGET GROUP web (dsr, maglev): 3 of 3 targets healthy",
     ] {
         ensure!(table.contains(expected), "lb status:\n{table}");
     }

@@ -1273,3 +1273,74 @@ fn a_sticky_client_keeps_its_target_across_a_group_change_for_the_duration() -> 
     );
     Ok(())
 }
+
+/// Every algorithm, with stickiness, in every forwarding mode: a sticky client's new flows all
+/// reach one target of the group, sent the mode's way, and count as its connections.
+#[test]
+fn every_algorithm_with_stickiness_works_in_every_forwarding_mode() -> Result<()> {
+    let algorithms = ["maglev", "source_ip", "round_robin", "least_connections"];
+    let modes = ["dsr", "ipip", "nat"];
+    let mut listeners = String::new();
+    let mut groups = String::new();
+    for (a, algorithm) in algorithms.iter().enumerate() {
+        for (m, mode) in modes.iter().enumerate() {
+            let port = 1000 + 10 * a + m;
+            listeners += &format!(
+                "  - {{name: l{port}, address: 203.0.113.10, port: {port}, protocol: tcp, target_group: g{port}}}\n"
+            );
+            groups += &format!(
+                "  - name: g{port}\n    algorithm: {algorithm}\n    forwarding: {mode}\n    port: {port}\n    stickiness: {{type: source_ip, duration: 1h}}\n    targets: [{{address: 198.51.100.11}}, {{address: 198.51.100.12}}]\n"
+            );
+        }
+    }
+    let text = format!(
+        "settings: {{maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 12}}\n\
+         listeners:\n{listeners}target_groups:\n{groups}"
+    );
+    let (mut dp, state, _) = dataplane_for(&text)?;
+    for (a, algorithm) in algorithms.iter().enumerate() {
+        for (m, mode) in modes.iter().enumerate() {
+            let port = (1000 + 10 * a + m) as u16;
+            let (_, listener) = state
+                .listeners
+                .iter()
+                .find(|(k, _)| k.port == port.to_be())
+                .context("no listener")?;
+            let mut reached = std::collections::BTreeSet::new();
+            for sport in 5000..5004u16 {
+                let (verdict, out) = run(&mut dp, &Packet::tcp(port, sport, 0x02).frame())?;
+                // NAT frames are routed by the kernel's FIB, which has no route here: the
+                // translated frame goes to the stack.
+                let want = if *mode == "nat" { XDP_PASS } else { XDP_TX };
+                ensure!(verdict == want, "{algorithm} {mode}: verdict {verdict}");
+                let to = if *mode == "dsr" {
+                    state
+                        .targets
+                        .iter()
+                        .find(|(_, t)| t.group == listener.group && out[0..6] == t.mac)
+                } else {
+                    let dst = u32::from_ne_bytes(out[30..34].try_into()?);
+                    state
+                        .targets
+                        .iter()
+                        .find(|(_, t)| t.group == listener.group && t.addr == dst)
+                };
+                reached.insert(
+                    *to.with_context(|| format!("{algorithm} {mode}: no target"))?
+                        .0,
+                );
+            }
+            ensure!(
+                reached.len() == 1,
+                "{algorithm} {mode}: a sticky client reached {reached:?}"
+            );
+            let id = *reached.first().context("no target")?;
+            ensure!(
+                dp.active_connections(id) == 4,
+                "{algorithm} {mode}: {} connections",
+                dp.active_connections(id)
+            );
+        }
+    }
+    Ok(())
+}

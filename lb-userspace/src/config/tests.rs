@@ -560,3 +560,14 @@ fn lifecycle_durations_are_checked() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert!(parse_duration("1.5s").is_err() && parse_duration("s").is_err());
 }
+
+#[test]
+fn stickiness_table_size_is_bounded() {
+    let text = format!("settings:\n  stickiness_table_size: 100\n{VALID}");
+    refused(
+        &text,
+        2,
+        26,
+        "stickiness_table_size 100 must be between 1024 and 10000000",
+    );
+}
