@@ -188,13 +188,13 @@ fn bad_address() {
     refused(
         &VALID.replace("203.0.113.10", "203.0.113.300"),
         3,
-        11,
+        14,
         "`203.0.113.300` is not an IP address",
     );
     refused(
         &VALID.replace("203.0.113.10", "0.0.0.0"),
         3,
-        11,
+        14,
         "must be a unicast address",
     );
     refused(
@@ -414,7 +414,7 @@ fn settings_are_checked() {
     refused(&with("max_target_groups: 0"), 2, 22, "max_target_groups 0");
     refused(
         &with("maglev_table_size: 7"),
-        11,
+        14,
         7,
         "must be at least 10 times",
     );
@@ -494,7 +494,7 @@ fn health_check_values_are_checked() {
     refused(
         &with_check("interval: 5s, timeout: 5s"),
         11,
-        45,
+        43,
         "timeout (5s) must be shorter than interval (5s)",
     );
     refused(
