@@ -70,8 +70,21 @@ pub struct Listener {
     pub group: u32,
     /// A flow idle longer than this (seconds) is a new flow.
     pub idle_timeout_s: u32,
-    pub pad: u32,
+    /// `LISTENER_ALLOW_LIST`, or 0.
+    pub flags: u32,
 }
+
+/// `Listener::flags`: only sources in the listener's allow-list (`ALLOWED_SOURCES`) reach it.
+pub const LISTENER_ALLOW_LIST: u32 = 1;
+
+/// Prefixes the source tries hold at most, allowed and denied each (they are not preallocated:
+/// they cost what they hold).
+pub const MAX_SOURCE_PREFIXES: u32 = 65_536;
+
+/// The data of a source trie's key (longest-prefix match, most significant bit first): the
+/// listener id, which every prefix matches whole (0 in the global deny list), then the source
+/// address, network byte order. A prefix of length n is keyed with `prefix_len` 32 + n.
+pub type SourceKey = [u32; 2];
 
 /// One slot of the listener table: a listener, a VIP (`ListenerKey::vip`, listener unused), or
 /// nothing (all zero; 0.0.0.0 is never a VIP).
@@ -251,7 +264,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 6;
+pub const MAP_LAYOUT: u32 = 7;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -407,6 +420,10 @@ pub struct Settings {
     /// Whether any group forwards with NAT: only then may a packet that is not for a VIP be a
     /// reply to translate, worth a connection-table lookup.
     pub nat: u32,
+    /// Whether the global deny-list (`DENIED_SOURCES`) holds any prefix: only then is the
+    /// source of a packet for a listener looked up in it.
+    pub denied_sources: u32,
+    pub pad: u32,
     /// The interfaces the program is attached to, first the one named first; a target's
     /// `egress` is an index into them.
     pub interfaces: [Egress; MAX_INTERFACES],
@@ -467,10 +484,12 @@ pub enum DropReason {
     TooBig = 4,
     /// The kernel refused to grow the frame for the outer header.
     EncapFailed = 5,
+    /// The source is not in the listener's allow-list, or is in the global deny-list.
+    DeniedSource = 6,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::NoListener,
         Self::Malformed,
@@ -478,6 +497,7 @@ impl DropReason {
         Self::NoTarget,
         Self::TooBig,
         Self::EncapFailed,
+        Self::DeniedSource,
     ];
 
     /// The label operators see in metrics and `lb status`.
@@ -489,6 +509,7 @@ impl DropReason {
             Self::NoTarget => "no_target",
             Self::TooBig => "too_big",
             Self::EncapFailed => "encap_failed",
+            Self::DeniedSource => "denied_source",
         }
     }
 }
@@ -511,7 +532,7 @@ const _: () = {
     assert!(size_of::<Sticky>() == 16);
     assert!(size_of::<Group>() == 24);
     assert!(size_of::<Egress>() == 20);
-    assert!(size_of::<Settings>() == 8 + 20 * MAX_INTERFACES + 40);
+    assert!(size_of::<Settings>() == 16 + 20 * MAX_INTERFACES + 40);
     assert!(size_of::<Counters>() == 24);
 };
 

@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use crate::health::{CheckProtocol, HealthCheck, Matcher};
@@ -44,6 +45,8 @@ const MIN_SLOTS_PER_TARGET: u64 = 10;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub settings: Settings,
+    /// Sources no listener accepts, whatever its allow-list says.
+    pub denied_sources: Vec<Ipv4Net>,
     pub listeners: Vec<Listener>,
     pub target_groups: Vec<TargetGroup>,
     /// What is allowed but probably not meant (a group without targets), at its place in the
@@ -69,6 +72,8 @@ pub struct Listener {
     pub target_group: String,
     /// As configured; [`Listener::idle_timeout`] applies the per-protocol defaults.
     pub idle_timeout: Option<Duration>,
+    /// The only sources it accepts; `None`: everyone.
+    pub allowed_sources: Option<Vec<Ipv4Net>>,
 }
 
 impl Listener {
@@ -320,6 +325,8 @@ struct RawConfig {
     #[serde(default)]
     settings: RawSettings,
     #[serde(default)]
+    denied_sources: Vec<String>,
+    #[serde(default)]
     listeners: Vec<RawListener>,
     #[serde(default)]
     target_groups: Vec<RawTargetGroup>,
@@ -344,6 +351,7 @@ struct RawListener {
     protocol: Protocol,
     target_group: String,
     idle_timeout: Option<String>,
+    allowed_sources: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -543,6 +551,15 @@ impl Validator<'_> {
                     Duration::from_secs(1)..=Duration::from_secs(6000),
                 )
             });
+            let allowed_sources = l.allowed_sources.as_ref().map(|list| {
+                if list.is_empty() {
+                    self.error(
+                        &format!("{at}.allowed_sources"),
+                        "allowed_sources is empty, which would refuse everyone: list the sources to allow, or leave it out to allow everyone".into(),
+                    );
+                }
+                self.sources(&format!("{at}.allowed_sources"), list)
+            });
             listeners.push(Listener {
                 name: l.name.clone(),
                 address,
@@ -550,12 +567,34 @@ impl Validator<'_> {
                 protocol: l.protocol,
                 target_group: l.target_group.clone(),
                 idle_timeout,
+                allowed_sources,
             });
         }
 
         self.reply_ports_unambiguous(&listeners, &groups);
+        let denied_sources = self.sources("denied_sources", &raw.denied_sources);
+        let allowed: usize = listeners
+            .iter()
+            .filter_map(|l| l.allowed_sources.as_ref())
+            .map(Vec::len)
+            .sum();
+        for (what, count, at) in [
+            ("allowed_sources of all listeners", allowed, "listeners"),
+            ("denied_sources", denied_sources.len(), "denied_sources"),
+        ] {
+            if count > lb_common::MAX_SOURCE_PREFIXES as usize {
+                self.error(
+                    at,
+                    format!(
+                        "{count} prefixes in {what}: lb holds at most {}",
+                        lb_common::MAX_SOURCE_PREFIXES
+                    ),
+                );
+            }
+        }
         Config {
             warnings: Vec::new(),
+            denied_sources,
             settings: settings.unwrap_or(Settings {
                 maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
                 hash_seed: 0,
@@ -946,6 +985,36 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// Source prefixes at `at`: `198.51.100.0/24`, or an address alone for itself.
+    fn sources(&mut self, at: &str, list: &[String]) -> Vec<Ipv4Net> {
+        let mut nets = Vec::new();
+        for (i, text) in list.iter().enumerate() {
+            let at = format!("{at}[{i}]");
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(IpNet::V4(net)) if net.trunc() != net => self.error(
+                    &at,
+                    format!(
+                        "`{text}` has bits set past its prefix length: write {}",
+                        net.trunc()
+                    ),
+                ),
+                Ok(IpNet::V4(net)) => nets.push(net),
+                Ok(IpNet::V6(_)) => self.error(
+                    &at,
+                    format!("`{text}` is IPv6, which lb does not support yet"),
+                ),
+                Err(_) => self.error(
+                    &at,
+                    format!("`{text}` is not a prefix like 198.51.100.0/24 or an address"),
+                ),
+            }
+        }
+        nets
     }
 
     fn port(&mut self, at: &str, port: i64) -> Option<u16> {

@@ -206,6 +206,8 @@ mod tests {
         let settings = lb_common::Settings {
             maglev_size: 65537,
             nat: 0,
+            denied_sources: 0,
+            pad: 0,
             interfaces: Default::default(),
             pick: lb_common::FlowHasher::from_seed(0),
         };

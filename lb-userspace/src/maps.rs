@@ -5,7 +5,7 @@
 //! made-up MACs. [`Dataplane`] owns the loaded program and writes a state into its maps.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
@@ -14,17 +14,23 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::Xdp,
 };
 use lb_common::{
     ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP,
     Counters, DropReason, Egress, FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS,
     FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey,
-    FlowTable, Group, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot,
-    ListenerTable, MAP_LAYOUT, MAX_INTERFACES, MAX_TARGETS, SETTINGS_KEY, Settings, Sticky,
-    TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
+    FlowTable, Group, LISTENER_ALLOW_LIST, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
+    ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES, MAX_SOURCE_PREFIXES, MAX_TARGETS,
+    SETTINGS_KEY, Settings, SourceKey, Sticky, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE,
+    TARGET_UNHEALTHY, Target, listener_home,
 };
+
+use ipnet::Ipv4Net;
 
 use crate::{
     config::{self, Config, Forwarding},
@@ -40,7 +46,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer and the size of its values: all are pinned, so that a successor
 /// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 15] = [
+const MAPS: [(&str, usize); 17] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
@@ -52,6 +58,8 @@ const MAPS: [(&str, usize); 15] = [
     ("ROUND_ROBIN", size_of::<u64>()),
     ("ACTIVE", size_of::<u64>()),
     ("STICKY", size_of::<Sticky>()),
+    ("ALLOWED_SOURCES", size_of::<u8>()),
+    ("DENIED_SOURCES", size_of::<u8>()),
     ("SETTINGS", size_of::<Settings>()),
     ("LISTENER_STATS", size_of::<Counters>()),
     ("TARGET_STATS", size_of::<Counters>()),
@@ -76,6 +84,15 @@ pub struct MapState {
     pub targets: BTreeMap<u32, Target>,
     /// By group id.
     pub groups: BTreeMap<u32, GroupState>,
+    /// The keys of the source tries: listeners' allowed prefixes, and the denied ones.
+    pub allowed_sources: BTreeSet<(u32, SourceKey)>,
+    pub denied_sources: BTreeSet<(u32, SourceKey)>,
+}
+
+/// The source-trie key of prefix `net` for listener `id` (0 in the deny-list): its prefix
+/// length, and the data (see [`SourceKey`]).
+fn source_key(id: u32, net: &Ipv4Net) -> (u32, SourceKey) {
+    (32 + net.prefix_len() as u32, [id, be(net.network())])
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +139,8 @@ impl MapState {
                 .target_groups
                 .iter()
                 .any(|g| g.forwarding == Forwarding::Nat) as u32,
+            denied_sources: !config.denied_sources.is_empty() as u32,
+            pad: 0,
             interfaces: egress,
             pick: FlowHasher::from_seed(config.settings.hash_seed),
         };
@@ -231,12 +250,24 @@ impl MapState {
                         id,
                         group,
                         idle_timeout_s: l.idle_timeout(proto).as_secs().max(1) as u32,
-                        pad: 0,
+                        flags: if l.allowed_sources.is_some() {
+                            LISTENER_ALLOW_LIST
+                        } else {
+                            0
+                        },
                     },
                 );
             }
             state.vips.insert(be(l.address));
+            for net in l.allowed_sources.iter().flatten() {
+                state.allowed_sources.insert(source_key(id, net));
+            }
         }
+        state.denied_sources = config
+            .denied_sources
+            .iter()
+            .map(|net| source_key(0, net))
+            .collect();
         Ok(state)
     }
 }
@@ -299,7 +330,7 @@ pub struct MapMemory {
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     match map {
-        Map::Array(d) | Map::PerCpuArray(d) | Map::LruHashMap(d) => Some(d),
+        Map::Array(d) | Map::PerCpuArray(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => Some(d),
         _ => None,
     }
 }
@@ -602,7 +633,8 @@ impl Dataplane {
     }
 
     /// What the maps hold now, as far as [`Dataplane::apply`] needs it to write a difference:
-    /// listeners, VIPs and targets. Groups are left out, so every table is written again.
+    /// listeners, VIPs, targets and source prefixes. Groups are left out, so every table is
+    /// written again.
     pub fn read_state(&self) -> Result<MapState> {
         let table: Array<&MapData, ListenerTable> = self.map_ref("LISTENER_TABLE")?;
         let slots: Array<&MapData, ListenerSlot> = self.map_ref("LISTENER_SLOTS")?;
@@ -619,11 +651,18 @@ impl Dataplane {
                 listeners.insert(slot.key, slot.listener);
             }
         }
+        let sources = |map: &str| -> Result<BTreeSet<(u32, SourceKey)>> {
+            let trie: LpmTrie<&MapData, SourceKey, u8> = self.map_ref(map)?;
+            let keys = trie.keys().map(|k| k.map(|k| (k.prefix_len(), k.data())));
+            Ok(keys.collect::<Result<_, _>>()?)
+        };
         let targets: Array<&MapData, Target> = self.map_ref("TARGETS")?;
         Ok(MapState {
             settings: None,
             listeners,
             vips,
+            allowed_sources: sources("ALLOWED_SOURCES")?,
+            denied_sources: sources("DENIED_SOURCES")?,
             targets: targets
                 .iter()
                 .enumerate()
@@ -673,8 +712,24 @@ impl Dataplane {
                 self.write_group(*gid, g)?;
             }
         }
+        // Prefixes are added before the listeners that need them and removed after: a source
+        // allowed before and after a reload is allowed at every instant in between.
+        let sources = [
+            (
+                "ALLOWED_SOURCES",
+                &old.allowed_sources,
+                &new.allowed_sources,
+            ),
+            ("DENIED_SOURCES", &old.denied_sources, &new.denied_sources),
+        ];
+        for (map, before, after) in sources {
+            self.write_sources(map, after.difference(before), true)?;
+        }
         if new.listeners != old.listeners || new.vips != old.vips {
             self.write_listeners(new)?;
+        }
+        for (map, before, after) in sources {
+            self.write_sources(map, before.difference(after), false)?;
         }
         let empty = GroupState {
             forwarding: FORWARDING_DSR,
@@ -703,6 +758,27 @@ impl Dataplane {
                 pad: 0,
             };
             targets.set(*id, free, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `keys` to source trie `map`, or removes them.
+    fn write_sources<'k>(
+        &mut self,
+        map: &str,
+        keys: impl Iterator<Item = &'k (u32, SourceKey)>,
+        add: bool,
+    ) -> Result<()> {
+        let mut trie: LpmTrie<_, SourceKey, u8> = self.map(map)?;
+        for &(len, data) in keys {
+            let key = Key::new(len, data);
+            if add {
+                trie.insert(&key, 1, 0).with_context(|| {
+                    format!("{map}: adding a prefix (it holds at most {MAX_SOURCE_PREFIXES})")
+                })?;
+            } else {
+                trie.remove(&key)?;
+            }
         }
         Ok(())
     }
@@ -998,7 +1074,7 @@ mod tests {
             id: 4,
             group: 2,
             idle_timeout_s: 10,
-            pad: 0,
+            flags: 0,
         };
         let target = |state| Target {
             addr: be(Ipv4Addr::new(198, 51, 100, 11)),
@@ -1139,7 +1215,7 @@ mod tests {
                     id,
                     group: id % 16,
                     idle_timeout_s: 350,
-                    pad: 0,
+                    flags: 0,
                 };
                 listeners.insert(key(first_vip + v, port, 6), listener);
             }

@@ -933,6 +933,17 @@ impl Connection {
         vip: Ipv4Addr,
         port: u16,
     ) -> Result<Self> {
+        Self::connect(lab, source, vip, port, Duration::from_secs(3))
+    }
+
+    /// As [`Connection::open_from`], giving up after `timeout`.
+    pub fn connect(
+        lab: &Lab,
+        source: Option<Ipv4Addr>,
+        vip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Self> {
         let stream = in_netns(&lab.ns("client"), move || -> std::io::Result<TcpStream> {
             let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             if let Some(source) = source {
@@ -940,7 +951,7 @@ impl Connection {
             }
             socket.connect_timeout(
                 &SocketAddr::from(SocketAddrV4::new(vip, port)).into(),
-                Duration::from_secs(3),
+                timeout,
             )?;
             Ok(socket.into())
         })??;

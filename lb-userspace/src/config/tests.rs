@@ -571,3 +571,62 @@ fn stickiness_table_size_is_bounded() {
         "stickiness_table_size 100 must be between 1024 and 10000000",
     );
 }
+
+#[test]
+fn source_lists_take_prefixes_and_addresses() {
+    let text = format!(
+        "denied_sources: [192.0.2.128/25]\n{}",
+        VALID.replace(
+            "    target_group: web\n",
+            "    target_group: web\n    allowed_sources: [198.51.100.0/24, 192.0.2.7]\n"
+        )
+    );
+    let config = parse(Path::new("lb.yaml"), &text).unwrap();
+    let allowed: Vec<String> = config.listeners[0]
+        .allowed_sources
+        .iter()
+        .flatten()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(allowed, ["198.51.100.0/24", "192.0.2.7/32"]);
+    assert_eq!(config.denied_sources[0].to_string(), "192.0.2.128/25");
+    assert_eq!(
+        parse(Path::new("lb.yaml"), VALID).unwrap().listeners[0].allowed_sources,
+        None
+    );
+}
+
+#[test]
+fn bad_source_lists() {
+    let with = |list: &str| {
+        VALID.replace(
+            "    target_group: web\n",
+            &format!("    target_group: web\n    allowed_sources: {list}\n"),
+        )
+    };
+    refused(
+        &with("[198.51.100.1/24]"),
+        7,
+        23,
+        "`198.51.100.1/24` has bits set past its prefix length: write 198.51.100.0/24",
+    );
+    refused(&with("[198.51.100.0/33]"), 7, 23, "is not a prefix like");
+    refused(
+        &with("[2001:db8::/32]"),
+        7,
+        23,
+        "is IPv6, which lb does not support yet",
+    );
+    refused(
+        &with("[]"),
+        7,
+        22,
+        "allowed_sources is empty, which would refuse everyone",
+    );
+    refused(
+        &format!("denied_sources: [everyone]\n{VALID}"),
+        1,
+        18,
+        "`everyone` is not a prefix",
+    );
+}

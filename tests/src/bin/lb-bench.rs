@@ -248,9 +248,9 @@ enum Timing {
     NewFlows,
 }
 
-/// The other algorithms, in a config of their own: the rows of the first config stay as they
-/// were measured before these existed. Least connections in three sizes: three targets, the
-/// most it compares one by one, and a group above that.
+/// The other algorithms, and a listener with an allow-list, in a config of their own: the rows
+/// of the first config stay as they were measured before these existed. Least connections in
+/// three sizes: three targets, the most it compares one by one, and a group above that.
 fn bench_algorithms_config() -> String {
     let group = |name: &str, port: u16, n: u8| {
         let targets: String = (1..=n)
@@ -268,6 +268,7 @@ fn bench_algorithms_config() -> String {
   - {{name: scan, address: 203.0.113.10, port: 84, protocol: tcp, target_group: scan}}
   - {{name: two, address: 203.0.113.10, port: 85, protocol: tcp, target_group: two}}
   - {{name: sticky, address: 203.0.113.10, port: 86, protocol: tcp, target_group: sticky}}
+  - {{name: guarded, address: 203.0.113.10, port: 87, protocol: tcp, target_group: guarded, allowed_sources: [192.0.2.0/24, 198.51.100.0/24]}}
 target_groups:
   - name: turns
     algorithm: round_robin
@@ -278,6 +279,8 @@ target_groups:
 {}{}{}  - name: sticky
     stickiness: {{type: source_ip, duration: 1h}}
     targets: [{{address: 198.51.100.11, port: 86}}, {{address: 198.51.100.12, port: 86}}]
+  - name: guarded
+    targets: [{{address: 198.51.100.11, port: 87}}]
 ",
         group("fewest", 83, 3),
         group("scan", 84, lb_common::LEAST_CONNECTIONS_SCAN as u8),
@@ -317,7 +320,7 @@ fn per_packet(plan: &Plan) -> Result<String> {
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 14] = [
+    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 15] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10),
@@ -372,6 +375,13 @@ fn per_packet(plan: &Plan) -> Result<String> {
             Packet::tcp(86, 2222, 0x02),
             None,
             NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, established flow, listener with an allow-list (a trie lookup)",
+            Packet::tcp(87, 1111, 0x10),
+            None,
+            Repeat,
             Algorithms,
         ),
         (

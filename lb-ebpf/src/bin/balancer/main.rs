@@ -2,7 +2,8 @@
 //! meets them, each a module:
 //!
 //! 1. `parse`: Ethernet → IPv4 → TCP/UDP.
-//! 2. `listener`: the listener for (VIP, port, protocol), from the listener table.
+//! 2. `listener`: the listener for (VIP, port, protocol), from the listener table; `sources`:
+//!    whether the packet's source may reach it.
 //! 3. `flows`: the connection table, which remembers each flow's target...
 //! 4. `pick`: ...or a pick for a new flow, by the group's algorithm (or the client's sticky
 //!    target).
@@ -29,6 +30,7 @@ mod listener;
 mod nat;
 mod parse;
 mod pick;
+mod sources;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -101,6 +103,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
         return Ok(XDP_PASS);
     };
+    if !sources::admitted(packet.src, &listener, settings) {
+        return Ok(drop(DropReason::DeniedSource));
+    }
     let Some(group) = GROUPS.get(listener.group) else {
         return Ok(drop(DropReason::NoTarget));
     };
