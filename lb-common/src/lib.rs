@@ -264,7 +264,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 7;
+pub const MAP_LAYOUT: u32 = 8;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -333,7 +333,7 @@ pub const FORWARDING_NAT: u32 = 2;
 pub const FLOW_REVERSE: u32 = 1 << 31;
 /// Low bits of `FlowEntry::last_seen_ns` that are flags, not time (the data plane's clock is
 /// masked to leave them free; a few nanoseconds are nothing to an idle timeout).
-pub const FLOW_FLAGS: u64 = 15;
+pub const FLOW_FLAGS: u64 = 31;
 /// The flow ended (an RST, or a FIN each way): it is kept only for its linger, never refreshed.
 pub const FLOW_CLOSING: u64 = 1;
 /// On a reverse entry: a FIN was seen from the client, and from the target.
@@ -344,6 +344,12 @@ pub const FLOW_FIN_TARGET: u64 = 4;
 /// the flow went idle or its target left. An entry without it is counted, exactly once: +1 when
 /// written, −1 when the flag is set or the entry is overwritten.
 pub const FLOW_ENDED: u64 = 8;
+/// The flow has shown only its first packet (a TCP SYN, or a UDP flow's first datagram): a new
+/// flow may take its entry. The client's next packet (for TCP, the ACK after its SYN; for UDP,
+/// a second datagram), or for a NAT reverse entry the target's first reply, makes it
+/// established, and a new flow never takes an established flow's entry: a flood of SYNs from
+/// random sources turns over only the other embryonic flows.
+pub const FLOW_EMBRYONIC: u64 = 16;
 
 /// Per target group: which half of its double-buffered Maglev table is live.
 ///
@@ -486,10 +492,12 @@ pub enum DropReason {
     EncapFailed = 5,
     /// The source is not in the listener's allow-list, or is in the global deny-list.
     DeniedSource = 6,
+    /// A new flow found both of its connection-table buckets full of established flows.
+    FlowTableFull = 7,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::NoListener,
         Self::Malformed,
@@ -498,6 +506,7 @@ impl DropReason {
         Self::TooBig,
         Self::EncapFailed,
         Self::DeniedSource,
+        Self::FlowTableFull,
     ];
 
     /// The label operators see in metrics and `lb status`.
@@ -510,6 +519,7 @@ impl DropReason {
             Self::TooBig => "too_big",
             Self::EncapFailed => "encap_failed",
             Self::DeniedSource => "denied_source",
+            Self::FlowTableFull => "flow_table_full",
         }
     }
 }

@@ -389,39 +389,14 @@ fn connection_table_keeps_flows_and_ignores_stray_resets() -> Result<()> {
 }
 
 /// A flow is forgotten only when both of its buckets are full, and then it is the least
-/// recently seen of their entries that goes: a flow that keeps sending outlives newer ones that
-/// went quiet.
+/// recently seen of their embryonic entries that goes (flows that sent one packet each): a flow
+/// that keeps sending outlives newer ones that went quiet.
 #[test]
 fn full_flow_buckets_forget_their_least_recently_seen_flow() -> Result<()> {
     let (mut dp, state) = load()?;
     let first = Packet::tcp(80, 5000, 0x10);
-    // A flow's two buckets, in either order: a flow may live in either.
-    let buckets_of = |dp: &Dataplane, p: &Packet| {
-        let mut b = dp.flow_buckets(&p.key());
-        b.sort();
-        b
-    };
-    let buckets = buckets_of(&dp, &first);
-    // Eight more flows with the same two buckets (two in a million are, of 1024 buckets: about
-    // 30 in the 16 million tried, so finding fewer than 8 happens about once in five million).
     let slots = 2 * lb_common::FLOW_WAYS;
-    let same: Vec<Packet> = (1..=255u8)
-        .flat_map(|host| {
-            (1024..u16::MAX).map(move |sport| {
-                let mut p = Packet::tcp(80, sport, 0x10);
-                p.src = Ipv4Addr::new(192, 0, 2, host);
-                p
-            })
-        })
-        .filter(|p| p.key() != first.key() && buckets_of(&dp, p) == buckets)
-        .take(slots)
-        .collect();
-    ensure!(
-        same.len() == slots,
-        "only {} flows share both buckets",
-        same.len()
-    );
-    let present = |dp: &Dataplane, p: &Packet| dp.flow(&p.key()).is_some();
+    let same = sharing_buckets(&dp, &first, slots)?;
 
     run(&mut dp, &first.frame())?;
     // Last-seen times move in steps of one second (the data plane refreshes them no more often).
@@ -1172,6 +1147,94 @@ fn least_connections_counts_connections_from_start_to_end() -> Result<()> {
     ensure!(
         dp.active_connections(ids[2]) == 0,
         "an unhealthy target counts connections"
+    );
+    Ok(())
+}
+
+/// `n` flows (ACKs from 192.0.2.0/24) other than `first` that have both of its connection-table
+/// buckets: two in a million are, of 1024 buckets, about 30 in the 16 million tried, so finding
+/// fewer than the 10 a test asks for happens less than once in 100000.
+fn sharing_buckets(dp: &Dataplane, first: &Packet, n: usize) -> Result<Vec<Packet>> {
+    // A flow's two buckets, in either order: a flow may live in either.
+    let buckets_of = |p: &Packet| {
+        let mut b = dp.flow_buckets(&p.key());
+        b.sort();
+        b
+    };
+    let buckets = buckets_of(first);
+    let same: Vec<Packet> = (1..=255u8)
+        .flat_map(|host| {
+            (1024..u16::MAX).map(move |sport| {
+                let mut p = Packet::tcp(80, sport, 0x10);
+                p.src = Ipv4Addr::new(192, 0, 2, host);
+                p
+            })
+        })
+        .filter(|p| p.key() != first.key() && buckets_of(p) == buckets)
+        .take(n)
+        .collect();
+    ensure!(
+        same.len() == n,
+        "only {} flows share both buckets",
+        same.len()
+    );
+    Ok(same)
+}
+
+fn present(dp: &Dataplane, p: &Packet) -> bool {
+    dp.flow(&p.key()).is_some()
+}
+
+/// The flood guard's rule for a full table: a new flow never takes the entry of an
+/// established one (a flow whose client sent a second packet); it takes an empty entry, else
+/// an ended flow's, else an embryonic flow's (a SYN flood turns over only its own entries);
+/// with none of those, it is dropped and counted.
+#[test]
+fn new_flows_never_evict_established_ones() -> Result<()> {
+    let (mut dp, _) = load()?;
+    let slots = 2 * lb_common::FLOW_WAYS;
+    let same = sharing_buckets(&dp, &Packet::tcp(80, 5000, 0x10), slots + 2)?;
+    let (established, new) = same.split_at(slots);
+    let syn = |p: &Packet| Packet {
+        tcp_flags: 0x02,
+        ..p.clone()
+    };
+    for p in established {
+        run(&mut dp, &syn(p).frame())?;
+        run(&mut dp, &p.frame())?; // the client's ACK: established
+    }
+    for p in new {
+        let (verdict, _) = run(&mut dp, &syn(p).frame())?;
+        ensure!(
+            verdict == XDP_DROP,
+            "a SYN found room among established flows"
+        );
+    }
+    ensure!(drops(&dp, DropReason::FlowTableFull)? == 2);
+    ensure!(
+        established.iter().all(|p| present(&dp, p)),
+        "an established flow was evicted"
+    );
+
+    // One established flow ends: the first new flow takes its entry; the next new flow takes
+    // that embryonic flow's entry, not an established one.
+    run(
+        &mut dp,
+        &Packet {
+            tcp_flags: 0x11,
+            ..established[0].clone()
+        }
+        .frame(),
+    )?;
+    for (i, p) in new.iter().enumerate() {
+        let (verdict, _) = run(&mut dp, &syn(p).frame())?;
+        ensure!(verdict == XDP_TX, "new flow {i}: verdict {verdict}");
+        ensure!(present(&dp, p), "new flow {i} not remembered");
+    }
+    ensure!(!present(&dp, &new[0]), "the embryonic flow kept its entry");
+    ensure!(
+        established[1..].iter().all(|p| present(&dp, p)),
+        "an established flow was evicted"
     );
     Ok(())
 }

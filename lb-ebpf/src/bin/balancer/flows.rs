@@ -4,8 +4,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use lb_common::{
-    FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS, FlowBucket, FlowEntry, FlowKey,
-    FlowTable, Listener, MAX_TARGETS, TARGET_ACTIVE, TARGET_DRAINING, flow_check,
+    FLOW_CLOSING, FLOW_EMBRYONIC, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS, FlowBucket,
+    FlowEntry, FlowKey, FlowTable, Listener, MAX_TARGETS, TARGET_ACTIVE, TARGET_DRAINING,
+    flow_check,
 };
 
 use crate::TARGETS;
@@ -35,7 +36,7 @@ static ACTIVE: Array<u64> = Array::with_max_entries(MAX_TARGETS, BPF_F_MMAPABLE)
 pub const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
 
 /// The entry of `key` in the table (see `find_entry`), whether it holds the flow, and the
-/// flow's hash, which its `check` and a new entry need.
+/// flow's hash, which its `check` and a new entry need; none for a new flow that finds no room.
 #[inline(always)]
 pub fn lookup(table: &FlowTable, key: &FlowKey) -> Option<(*mut FlowEntry, bool, u64)> {
     let hash = table.hasher.hash(key);
@@ -45,8 +46,9 @@ pub fn lookup(table: &FlowTable, key: &FlowKey) -> Option<(*mut FlowEntry, bool,
 
 /// The entry that holds `key` in either of its buckets, and `true`; or else the entry a new flow
 /// takes, and `false`: an empty one of the bucket with more empty entries (the buckets fill
-/// evenly, so that both of a flow's buckets are rarely full), or if neither has one, the least
-/// recently seen of both. The second bucket is read only when the first does not hold the flow.
+/// evenly, so that both of a flow's buckets are rarely full), or if neither has one, the one
+/// `rank` gives up first; none if both buckets hold only established flows. The second bucket
+/// is read only when the first does not hold the flow.
 #[inline(always)]
 fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)> {
     let (entry, found, empty) = find_way(FLOWS.get_ptr_mut(buckets[0])?, key);
@@ -54,27 +56,50 @@ fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)
         return Some((entry, true));
     }
     let (other, found, other_empty) = find_way(FLOWS.get_ptr_mut(buckets[1])?, key);
-    let take_other = if empty + other_empty == 0 {
-        // SAFETY: both point into buckets, map values valid for the duration of the program run.
-        unsafe { (*other).last_seen_ns < (*entry).last_seen_ns }
-    } else {
-        other_empty > empty
-    };
-    if found || take_other {
-        Some((other, found))
-    } else {
-        Some((entry, false))
+    if found {
+        return Some((other, true));
     }
+    let victim = if empty + other_empty == 0 {
+        // SAFETY: both point into buckets, map values valid for the duration of the program run.
+        let (a, b) = unsafe { ((*entry).last_seen_ns, (*other).last_seen_ns) };
+        if rank(b) < rank(a) { other } else { entry }
+    } else if other_empty > empty {
+        other
+    } else {
+        entry
+    };
+    // SAFETY: as above.
+    let seen = unsafe { (*victim).last_seen_ns };
+    (rank(seen) < RANK_ESTABLISHED).then_some((victim, false))
 }
 
+/// How readily an entry whose last-seen word is `seen` gives way to a new flow, lowest first:
+/// empty, then ended (closed, or marked idle by the controller), then embryonic, each the least
+/// recently seen first; an established flow (`RANK_ESTABLISHED` and above) never does.
+#[inline(always)]
+fn rank(seen: u64) -> u64 {
+    let class = if seen == 0 {
+        0
+    } else if seen & (FLOW_ENDED | FLOW_CLOSING) != 0 {
+        1
+    } else if seen & FLOW_EMBRYONIC != 0 {
+        2
+    } else {
+        3
+    };
+    // The class above the time (the top two bits of a monotonic clock are always clear).
+    (class << 62) | (seen & !FLOW_FLAGS)
+}
+
+const RANK_ESTABLISHED: u64 = 3 << 62;
+
 /// In `bucket`: the entry that holds `key`, and `true`; or else the entry a new flow would take,
-/// the least recently seen (an empty one, never seen, first), and `false`; and how many entries
-/// are empty.
+/// the lowest `rank`, and `false`; and how many entries are empty.
 #[inline(always)]
 fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u32) {
     let first = bucket as *mut FlowEntry;
     let words = key.words();
-    let (mut victim, mut oldest, mut empty) = (first, u64::MAX, 0);
+    let (mut victim, mut lowest, mut empty) = (first, u64::MAX, 0);
     let mut way = 0;
     while way < FLOW_WAYS {
         // SAFETY: `way` < FLOW_WAYS, the number of entries in a bucket. Plain reads (volatile
@@ -90,8 +115,9 @@ fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u3
         if stored == words {
             return (entry, true, 0);
         }
-        if seen < oldest {
-            (victim, oldest) = (entry, seen);
+        let rank = rank(seen);
+        if rank < lowest {
+            (victim, lowest) = (entry, rank);
         }
         empty += (seen == 0) as u32;
         way += 1;
@@ -101,7 +127,8 @@ fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u3
 
 /// The target the connection table remembers for this flow, if it is still valid for it: the
 /// entry is whole, the flow was not idle too long, and its target is still in the listener's
-/// group and either takes flows or drains them.
+/// group and either takes flows or drains them. A packet that `confirms` the flow (the
+/// client's, other than a SYN) makes an embryonic flow established.
 ///
 /// Other CPUs may rewrite the entry meanwhile: each field is read once, so the target that is
 /// checked is the target returned.
@@ -110,6 +137,7 @@ pub fn existing_target(
     entry: *mut FlowEntry,
     hash: u64,
     listener: &Listener,
+    confirms: bool,
     now: u64,
 ) -> Option<u32> {
     let (id, check, last_seen) = read(entry);
@@ -127,10 +155,17 @@ pub fn existing_target(
     {
         return None;
     }
+    let keep = if confirms {
+        FLOW_FLAGS & !FLOW_EMBRYONIC
+    } else {
+        FLOW_FLAGS
+    };
     // A NAT flow that ended keeps its entry only for its linger.
-    if idle > LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
+    if (idle > LAST_SEEN_REFRESH_NS || last_seen & FLOW_FLAGS & !keep != 0)
+        && last_seen & FLOW_CLOSING == 0
+    {
         // SAFETY: as above.
-        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & keep)) };
     }
     Some(id)
 }
@@ -208,7 +243,7 @@ pub fn remember(entry: *mut FlowEntry, key: &FlowKey, hash: u64, target: u32, no
         (&raw mut (*entry).key as *mut [u32; 4]).write(key.words());
         (&raw mut (*entry).target).write(target);
         (&raw mut (*entry).check).write(flow_check(hash, target));
-        (&raw mut (*entry).last_seen_ns).write(now);
+        (&raw mut (*entry).last_seen_ns).write(now | FLOW_EMBRYONIC);
     }
     if target & FLOW_REVERSE == 0 {
         count(target, 1);

@@ -112,7 +112,7 @@ pub fn nat_error(ctx: &XdpContext, now: u64) -> Option<u32> {
         if !found {
             return None;
         }
-        let target = TARGETS.get(flows::existing_target(entry, hash, listener, now)?)?;
+        let target = TARGETS.get(flows::existing_target(entry, hash, listener, false, now)?)?;
         quoted.rewrite(IP_SRC, target.addr, 0, target.port);
         set_address(ip as *mut u8, IP_DST, target.addr);
         return Some(nat::towards(ctx, eth, ip));

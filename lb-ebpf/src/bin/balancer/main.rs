@@ -115,13 +115,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         return Ok(XDP_PASS);
     };
     let Some((entry, found, hash)) = flows::lookup(table, &key) else {
-        return Ok(drop(DropReason::NoTarget));
+        return Ok(drop(DropReason::FlowTableFull));
     };
     let now = clock();
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut new_flow = false;
     let existing = if found {
-        flows::existing_target(entry, hash, &listener, now)
+        flows::existing_target(entry, hash, &listener, !is_syn, now)
             .filter(|&id| !is_syn || flows::retransmitted_syn(entry, id))
     } else {
         None

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FLOW_CLOSING, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE,
-    FlowEntry, FlowKey, FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
+    FLOW_CLOSING, FLOW_EMBRYONIC, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS,
+    FLOW_REVERSE, FlowEntry, FlowKey, FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
 };
 use lb_ebpf::write_mac;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -123,7 +123,8 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
 }
 
 /// The live reverse entry of the replies with 5-tuple `key`, and the listener they answer for,
-/// whose VIP and port they are to come from. A reply keeps its flow from going idle.
+/// whose VIP and port they are to come from. A reply keeps its flow from going idle, and the
+/// first makes the entry established.
 #[inline(always)]
 pub fn reverse_flow(
     table: &FlowTable,
@@ -143,9 +144,12 @@ pub fn reverse_flow(
     if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    if idle > flows::LAST_SEEN_REFRESH_NS && last_seen & FLOW_CLOSING == 0 {
+    if (idle > flows::LAST_SEEN_REFRESH_NS || last_seen & FLOW_EMBRYONIC != 0)
+        && last_seen & FLOW_CLOSING == 0
+    {
+        let flags = last_seen & FLOW_FLAGS & !FLOW_EMBRYONIC;
         // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
-        unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & FLOW_FLAGS)) };
+        unsafe { (&raw mut (*entry).last_seen_ns).write(now | flags) };
     }
     Some((entry, slot))
 }
