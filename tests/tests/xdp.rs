@@ -548,28 +548,42 @@ fn source_ip_sends_every_flow_of_a_client_to_one_target() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()> {
+/// A listener `web` (TCP :80, with `listener_extra`) over a group (with `group_extra`) of
+/// targets 198.51.100.`before`, then of `after`: the first config and the map states of both,
+/// built with one registry, as a reload builds them.
+fn group_change(
+    listener_extra: &str,
+    group_extra: &str,
+    before: &[u8],
+    after: &[u8],
+) -> Result<(config::Config, MapState, MapState)> {
     let config_for = |hosts: &[u8]| -> Result<config::Config> {
         let targets: String = hosts
             .iter()
-            .map(|h| format!("      - {{address: 198.51.100.{h}, port: 80}}\n"))
+            .map(|h| format!("      - {{address: 198.51.100.{h}}}\n"))
             .collect();
         let text = format!(
             "settings: {{maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 2}}\n\
-             listeners:\n  - {{name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web, idle_timeout: 1s}}\n\
-             target_groups:\n  - name: web\n    targets:\n{targets}"
+             listeners:\n  - {{name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web{listener_extra}}}\n\
+             target_groups:\n  - name: web\n    port: 80\n{group_extra}    targets:\n{targets}"
         );
-        config::parse(Path::new("idle.yaml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
+        config::parse(Path::new("change.yaml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
     };
     let iface = [test_interface()];
-    let (before, after) = (config_for(&[11, 12, 13])?, config_for(&[11, 12, 13, 14])?);
+    let (before, after) = (config_for(before)?, config_for(after)?);
     let mut registry = Registry::new(4, 2, 8);
     let now = std::time::Instant::now();
     registry.sync(&before, now).map_err(anyhow::Error::msg)?;
     let state_a = MapState::build(&before, &registry, &iface, next_hop_of)?;
     registry.sync(&after, now).map_err(anyhow::Error::msg)?;
     let state_b = MapState::build(&after, &registry, &iface, next_hop_of)?;
+    Ok((before, state_a, state_b))
+}
+
+#[test]
+fn idle_flows_are_picked_again_and_active_ones_keep_their_target() -> Result<()> {
+    let (before, state_a, state_b) =
+        group_change(", idle_timeout: 1s", "", &[11, 12, 13], &[11, 12, 13, 14])?;
 
     // A flow that the new table would send elsewhere.
     let packet = (1000..2000)
@@ -1277,26 +1291,8 @@ fn least_connections_over_many_targets_compares_two_and_stays_even() -> Result<(
 /// follow the algorithm again.
 #[test]
 fn a_sticky_client_keeps_its_target_across_a_group_change_for_the_duration() -> Result<()> {
-    let config_for = |hosts: &[u8]| -> Result<config::Config> {
-        let targets: String = hosts
-            .iter()
-            .map(|h| format!("      - {{address: 198.51.100.{h}}}\n"))
-            .collect();
-        let text = format!(
-            "settings: {{maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 2}}\n\
-             listeners:\n  - {{name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}}\n\
-             target_groups:\n  - name: web\n    port: 80\n    stickiness: {{type: source_ip, duration: 1s}}\n    targets:\n{targets}"
-        );
-        config::parse(Path::new("sticky.yaml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
-    };
-    let iface = [test_interface()];
-    let (before, after) = (config_for(&[11, 12])?, config_for(&[11, 12, 13, 14, 15])?);
-    let mut registry = Registry::new(4, 2, 8);
-    let now = std::time::Instant::now();
-    registry.sync(&before, now).map_err(anyhow::Error::msg)?;
-    let state_a = MapState::build(&before, &registry, &iface, next_hop_of)?;
-    registry.sync(&after, now).map_err(anyhow::Error::msg)?;
-    let state_b = MapState::build(&after, &registry, &iface, next_hop_of)?;
+    let sticky = "    stickiness: {type: source_ip, duration: 1s}\n";
+    let (before, state_a, state_b) = group_change("", sticky, &[11, 12], &[11, 12, 13, 14, 15])?;
     let mut dp = Dataplane::load(&before.settings, None)?;
     dp.apply(&MapState::default(), &state_a)?;
 
