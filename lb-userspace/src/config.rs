@@ -374,9 +374,9 @@ struct RawTargetGroup {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStickiness {
+    /// One type so far: read so that serde refuses any other.
     #[serde(rename = "type")]
-    #[allow(dead_code)] // One type so far; serde refuses any other.
-    kind: StickinessType,
+    _kind: StickinessType,
     duration: Option<String>,
 }
 
