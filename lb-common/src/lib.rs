@@ -388,6 +388,13 @@ pub const ALGORITHM_LEAST_CONNECTIONS: u32 = 3;
 /// two candidates that the flow's hash chooses (the "power of two choices").
 pub const LEAST_CONNECTIONS_SCAN: u32 = 32;
 
+/// A target's active connections from its `ACTIVE` word: a count that a race between CPUs took
+/// below zero (the controller corrects it within a second) is none.
+#[inline(always)]
+pub fn connections(word: u64) -> u64 {
+    if (word as i64) < 0 { 0 } else { word }
+}
+
 /// Least connections' comparison (IPVS wlc): whether a target with `a.0` active connections and
 /// weight `a.1` has fewer per weight than one with `b`; compared as products, to spare a
 /// division.

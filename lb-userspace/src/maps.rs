@@ -893,10 +893,9 @@ impl Dataplane {
     }
 
     /// Active connections of target `id`, as the data plane counts them: what least
-    /// connections compares. A count that races took below zero reads as none.
+    /// connections compares.
     pub fn active_connections(&self, id: u32) -> u64 {
-        let n = self.active.get(id).unwrap_or(0);
-        if (n as i64) < 0 { 0 } else { n }
+        lb_common::connections(self.active.get(id).unwrap_or(0))
     }
 
     /// One pass over the connection table: its active flows and connections. With

@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use lb_common::{
     FLOW_CLOSING, FLOW_EMBRYONIC, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS, FlowBucket,
     FlowEntry, FlowKey, FlowTable, Listener, MAX_TARGETS, TARGET_ACTIVE, TARGET_DRAINING,
-    flow_check,
+    connections, flow_check,
 };
 
 use crate::TARGETS;
@@ -68,6 +68,8 @@ fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)
     } else {
         entry
     };
+    // The victim's last-seen word is read again rather than its rank carried out of
+    // `find_way`: ranks carried in registers multiplied the verifier's states past its budget.
     // SAFETY: as above.
     let seen = unsafe { (*victim).last_seen_ns };
     (rank(seen) < RANK_ESTABLISHED).then_some((victim, false))
@@ -155,19 +157,26 @@ pub fn existing_target(
     {
         return None;
     }
+    refresh(entry, last_seen, idle, confirms, now);
+    Some(id)
+}
+
+/// Marks the flow of `entry` (last seen `last_seen`, `idle` ago) seen now, if it was not seen
+/// within `LAST_SEEN_REFRESH_NS`, and makes it established if this packet `confirms` it. A NAT
+/// flow that ended keeps its entry only for its linger: never refreshed.
+#[inline(always)]
+pub fn refresh(entry: *mut FlowEntry, last_seen: u64, idle: u64, confirms: bool, now: u64) {
     let keep = if confirms {
         FLOW_FLAGS & !FLOW_EMBRYONIC
     } else {
         FLOW_FLAGS
     };
-    // A NAT flow that ended keeps its entry only for its linger.
     if (idle > LAST_SEEN_REFRESH_NS || last_seen & FLOW_FLAGS & !keep != 0)
         && last_seen & FLOW_CLOSING == 0
     {
-        // SAFETY: as above.
+        // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
         unsafe { (&raw mut (*entry).last_seen_ns).write(now | (last_seen & keep)) };
     }
-    Some(id)
 }
 
 /// Whether a SYN for the flow of `entry`, whose target `id` is valid, repeats the SYN of a flow
@@ -195,13 +204,10 @@ pub fn end(entry: *mut FlowEntry) {
     }
 }
 
-/// Active connections of target `id`. A count that a race took below zero (the controller
-/// corrects it within a second) is none.
+/// Active connections of target `id`.
 #[inline(always)]
 pub fn active_connections(id: u32) -> u64 {
-    ACTIVE
-        .get(id)
-        .map_or(0, |&n| if (n as i64) < 0 { 0 } else { n })
+    ACTIVE.get(id).map_or(0, |&n| connections(n))
 }
 
 /// Adds `delta` (wrapping: `u64::MAX` takes one away) to target `id`'s active connections.

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FLOW_CLOSING, FLOW_EMBRYONIC, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS,
-    FLOW_REVERSE, FlowEntry, FlowKey, FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
+    FLOW_CLOSING, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE,
+    FlowEntry, FlowKey, FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
 };
 use lb_ebpf::write_mac;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -144,13 +144,7 @@ pub fn reverse_flow(
     if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    if (idle > flows::LAST_SEEN_REFRESH_NS || last_seen & FLOW_EMBRYONIC != 0)
-        && last_seen & FLOW_CLOSING == 0
-    {
-        let flags = last_seen & FLOW_FLAGS & !FLOW_EMBRYONIC;
-        // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
-        unsafe { (&raw mut (*entry).last_seen_ns).write(now | flags) };
-    }
+    flows::refresh(entry, last_seen, idle, true, now);
     Some((entry, slot))
 }
 
