@@ -388,6 +388,17 @@ pub const ALGORITHM_LEAST_CONNECTIONS: u32 = 3;
 /// two candidates that the flow's hash chooses (the "power of two choices").
 pub const LEAST_CONNECTIONS_SCAN: u32 = 32;
 
+/// The two candidates, of `targets`, that least connections compares for a flow with
+/// connection-table hash `hash` in a group larger than `LEAST_CONNECTIONS_SCAN`: one from each
+/// half of the hash. The first also starts the scan of a smaller group.
+#[inline(always)]
+pub fn two_choices(hash: u64, targets: u32) -> [u32; 2] {
+    [
+        scale(hash >> 32, targets),
+        scale(hash & 0xffff_ffff, targets),
+    ]
+}
+
 /// A target's active connections from its `ACTIVE` word: a count that a race between CPUs took
 /// below zero (the controller corrects it within a second) is none.
 #[inline(always)]

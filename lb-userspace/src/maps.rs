@@ -858,7 +858,13 @@ impl Dataplane {
 
     /// The two connection-table buckets that may hold `key` (its hash is this table's secret).
     pub fn flow_buckets(&self, key: &FlowKey) -> [u32; 2] {
-        self.flow_table.buckets_of(self.flow_table.hasher.hash(key))
+        self.flow_table.buckets_of(self.flow_hash(key))
+    }
+
+    /// `key`'s hash under this connection table's secret coefficients, which also chooses
+    /// least connections' candidates.
+    pub fn flow_hash(&self, key: &FlowKey) -> u64 {
+        self.flow_table.hasher.hash(key)
     }
 
     /// Flows seen within their listener's idle timeout, per listener id and per target id:

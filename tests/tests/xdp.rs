@@ -5,7 +5,7 @@
 //! Maps are filled by the controller's own code (`config::parse` → `MapState::build` →
 //! `Dataplane::write`), with made-up MACs instead of ARP.
 
-use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
+use std::{collections::HashMap, net::Ipv4Addr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use lb::{
@@ -1253,10 +1253,11 @@ fn new_flows_never_evict_established_ones() -> Result<()> {
     Ok(())
 }
 
-/// Least connections in a group larger than it scans: the better of two candidates still
-/// spreads new flows evenly, far more evenly than chance.
+/// Least connections in a group larger than it scans: each new flow goes to the one of its
+/// two candidates (chosen by the connection table's secret hash) with fewer connections, as a
+/// model that follows every placement predicts, and every placement is counted.
 #[test]
-fn least_connections_over_many_targets_compares_two_and_stays_even() -> Result<()> {
+fn least_connections_over_many_targets_sends_each_flow_to_the_less_loaded_of_two() -> Result<()> {
     let targets: String = (1..=40)
         .map(|h| format!("      - {{address: 198.51.100.{h}}}\n"))
         .collect();
@@ -1266,23 +1267,37 @@ fn least_connections_over_many_targets_compares_two_and_stays_even() -> Result<(
          target_groups:\n  - name: lc\n    algorithm: least_connections\n    port: 80\n    targets:\n{targets}"
     );
     let (mut dp, state, _) = dataplane_for(&text)?;
-    ensure!(state.groups[&0].table.len() as u32 > lb_common::LEAST_CONNECTIONS_SCAN);
+    let table = &state.groups[&0].table[..40];
+    ensure!(table.len() as u32 > lb_common::LEAST_CONNECTIONS_SCAN);
+    // The model: each new flow goes to the candidate with fewer connections, the first on a tie.
+    let mut model: HashMap<u32, u64> = table.iter().map(|&id| (id, 0)).collect();
     for sport in 1000..1800u16 {
-        let (verdict, _) = run(&mut dp, &Packet::tcp(80, sport, 0x02).frame())?;
+        let packet = Packet::tcp(80, sport, 0x02);
+        let [a, b] =
+            lb_common::two_choices(dp.flow_hash(&packet.key()), 40).map(|s| table[s as usize]);
+        let expected = if lb_common::fewer_connections((model[&b], 1), (model[&a], 1)) {
+            b
+        } else {
+            a
+        };
+        let (verdict, out) = run(&mut dp, &packet.frame())?;
         ensure!(verdict == XDP_TX, "verdict {verdict}");
+        ensure!(
+            sent_to(&state, &out) == Some(expected),
+            "flow {sport} went to {:?}, not to {expected}, the less loaded of {a} ({}) and {b} ({})",
+            sent_to(&state, &out),
+            model[&a],
+            model[&b]
+        );
+        *model.get_mut(&expected).unwrap() += 1;
     }
-    let counts: Vec<u64> = state
-        .targets
-        .keys()
-        .map(|&id| dp.active_connections(id))
-        .collect();
-    let (min, max) = (counts.iter().min(), counts.iter().max());
-    ensure!(counts.iter().sum::<u64>() == 800, "{counts:?}");
-    // 20 each on average. Chance (Maglev) gives about 12 to 29; two choices within ±3.
-    ensure!(
-        min >= Some(&17) && max <= Some(&23),
-        "{min:?}..{max:?}: {counts:?}"
-    );
+    for (&id, &count) in &model {
+        ensure!(
+            dp.active_connections(id) == count,
+            "target {id}: {} connections counted, {count} placed",
+            dp.active_connections(id)
+        );
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, FlowKey, Group,
     LEAST_CONNECTIONS_SCAN, Listener, Settings, Sticky, StickyKey, TARGET_ACTIVE,
-    fewer_connections, scale,
+    fewer_connections, two_choices,
 };
 
 use crate::{TARGETS, flows};
@@ -145,9 +145,8 @@ fn least_connections(table: u32, targets: u32, hash: u64) -> Option<u32> {
     if targets == 0 {
         return None;
     }
-    let first = scale(hash >> 32, targets);
+    let [first, other] = two_choices(hash, targets);
     if targets > LEAST_CONNECTIONS_SCAN {
-        let other = scale(hash & 0xffff_ffff, targets);
         return match (candidate(table + first), candidate(table + other)) {
             (Some(a), Some(b)) => Some(if fewer_connections(b.1, a.1) {
                 b.0
