@@ -76,6 +76,66 @@ pub struct Listener {
 
 /// `Listener::flags`: only sources in the listener's allow-list (`ALLOWED_SOURCES`) reach it.
 pub const LISTENER_ALLOW_LIST: u32 = 1;
+/// `Listener::flags`: the rate of its new flows is limited (`NEW_FLOW_LIMITS`), in all, per
+/// source, or both.
+pub const LISTENER_RATE_LIMITED: u32 = 2;
+
+/// A limit on the rate of new flows: a token bucket that holds one second's worth, kept as one
+/// timestamp per bucket (GCRA, the generic cell rate algorithm). Each flow let through moves the
+/// bucket's time `interval_ns` later, from now if it lies in the past (a full bucket); a flow
+/// that finds it more than `burst_ns` ahead of now would overdraw the bucket and is dropped.
+/// All zero: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+}
+
+impl RateLimit {
+    /// At most `n` new flows per second, up to `n` at once; 0: no limit.
+    pub const fn per_second(n: u32) -> Self {
+        if n == 0 {
+            return RateLimit {
+                interval_ns: 0,
+                burst_ns: 0,
+            };
+        }
+        let interval_ns = 1_000_000_000 / n as u64;
+        RateLimit {
+            interval_ns,
+            burst_ns: interval_ns * (n as u64 - 1),
+        }
+    }
+
+    /// The bucket's time after a new flow at `now` with the bucket's time at `bucket`, or `None`
+    /// if the flow would overdraw it.
+    #[inline(always)]
+    pub fn admit(&self, bucket: u64, now: u64) -> Option<u64> {
+        if bucket <= now {
+            Some(now + self.interval_ns)
+        } else if bucket - now <= self.burst_ns {
+            Some(bucket + self.interval_ns)
+        } else {
+            None
+        }
+    }
+}
+
+/// The index of the count of new flows that `listener`'s limit `reason` (`ListenerRateLimit` or
+/// `SourceRateLimit`) refused.
+#[inline(always)]
+pub fn refused_index(listener: u32, reason: DropReason) -> u32 {
+    listener * 2 + (reason as u32 == DropReason::SourceRateLimit as u32) as u32
+}
+
+/// A listener's limits on new flows: in all, and per source address. Indexed by listener id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewFlowLimits {
+    pub listener: RateLimit,
+    pub source: RateLimit,
+}
 
 /// Prefixes the source tries hold at most, allowed and denied each (they are not preallocated:
 /// they cost what they hold).
@@ -264,7 +324,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 8;
+pub const MAP_LAYOUT: u32 = 9;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -414,10 +474,11 @@ pub fn fewer_connections(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 * b.1 < b.0 * a.1
 }
 
-/// A client of a listener with stickiness: the key of the `STICKY` table.
+/// A client of a listener: the key of the `STICKY` table (the target it keeps) and of the
+/// `SOURCE_BUCKETS` table (its new flows' rate).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct StickyKey {
+pub struct ClientKey {
     pub listener: u32,
     /// The client's address, network byte order.
     pub client: u32,
@@ -512,10 +573,14 @@ pub enum DropReason {
     DeniedSource = 6,
     /// A new flow found both of its connection-table buckets full of established flows.
     FlowTableFull = 7,
+    /// A new flow beyond its listener's `max_new_flows_per_second`.
+    ListenerRateLimit = 8,
+    /// A new flow beyond its listener's `max_new_flows_per_second_per_source` for its source.
+    SourceRateLimit = 9,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::NoListener,
         Self::Malformed,
@@ -525,6 +590,8 @@ impl DropReason {
         Self::EncapFailed,
         Self::DeniedSource,
         Self::FlowTableFull,
+        Self::ListenerRateLimit,
+        Self::SourceRateLimit,
     ];
 
     /// The label operators see in metrics and `lb status`.
@@ -538,6 +605,8 @@ impl DropReason {
             Self::EncapFailed => "encap_failed",
             Self::DeniedSource => "denied_source",
             Self::FlowTableFull => "flow_table_full",
+            Self::ListenerRateLimit => "listener_rate_limit",
+            Self::SourceRateLimit => "source_rate_limit",
         }
     }
 }
@@ -556,8 +625,9 @@ const _: () = {
     assert!(size_of::<FlowHasher>() == 40);
     assert!(size_of::<FlowTable>() == 48);
     assert!(size_of::<Target>() == 24);
-    assert!(size_of::<StickyKey>() == 8);
+    assert!(size_of::<ClientKey>() == 8);
     assert!(size_of::<Sticky>() == 16);
+    assert!(size_of::<NewFlowLimits>() == 32);
     assert!(size_of::<Group>() == 24);
     assert!(size_of::<Egress>() == 20);
     assert!(size_of::<Settings>() == 16 + 20 * MAX_INTERFACES + 40);
@@ -580,6 +650,7 @@ mod pod {
     unsafe impl aya::Pod for super::Group {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
-    unsafe impl aya::Pod for super::StickyKey {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::NewFlowLimits {}
     unsafe impl aya::Pod for super::Sticky {}
 }

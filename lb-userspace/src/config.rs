@@ -28,6 +28,10 @@ pub const DEFAULT_CONNECTION_TABLE_SIZE: u32 = 262_144;
 pub const DEFAULT_MAX_TARGET_GROUPS: u32 = 16;
 /// Clients whose sticky target lb remembers, across all sticky listeners.
 pub const DEFAULT_STICKINESS_TABLE_SIZE: u32 = 65_536;
+/// Sources whose new flows' rate the data plane tracks, for listeners with a per-source limit.
+pub const DEFAULT_RATE_LIMITED_SOURCES: u32 = 65_536;
+/// The highest rate limit on new flows: beyond it, a limit is no limit.
+const MAX_NEW_FLOWS_PER_SECOND: i64 = 100_000_000;
 /// As an ALB's stickiness cookie: a client keeps its target a day after its last new flow.
 pub const DEFAULT_STICKINESS_DURATION: Duration = Duration::from_secs(86_400);
 const MAX_WEIGHT: u32 = 1000;
@@ -61,6 +65,8 @@ pub struct Settings {
     pub connection_table_size: u32,
     pub max_target_groups: u32,
     pub stickiness_table_size: u32,
+    /// How many sources the per-source rate limits track at once.
+    pub rate_limited_sources: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +80,9 @@ pub struct Listener {
     pub idle_timeout: Option<Duration>,
     /// The only sources it accepts; `None`: everyone.
     pub allowed_sources: Option<Vec<Ipv4Net>>,
+    /// New flows per second it takes, in all and from each source address; `None`: no limit.
+    pub max_new_flows_per_second: Option<u32>,
+    pub max_new_flows_per_second_per_source: Option<u32>,
 }
 
 impl Listener {
@@ -340,6 +349,7 @@ struct RawSettings {
     connection_table_size: Option<i64>,
     max_target_groups: Option<i64>,
     stickiness_table_size: Option<i64>,
+    rate_limited_sources: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -352,6 +362,8 @@ struct RawListener {
     target_group: String,
     idle_timeout: Option<String>,
     allowed_sources: Option<Vec<String>>,
+    max_new_flows_per_second: Option<i64>,
+    max_new_flows_per_second_per_source: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -560,6 +572,24 @@ impl Validator<'_> {
                 }
                 self.sources(&format!("{at}.allowed_sources"), list)
             });
+            let [max_new_flows_per_second, max_new_flows_per_second_per_source] = [
+                ("max_new_flows_per_second", l.max_new_flows_per_second),
+                (
+                    "max_new_flows_per_second_per_source",
+                    l.max_new_flows_per_second_per_source,
+                ),
+            ]
+            .map(|(field, limit)| {
+                let limit = limit?;
+                if !(1..=MAX_NEW_FLOWS_PER_SECOND).contains(&limit) {
+                    self.error(
+                        &format!("{at}.{field}"),
+                        format!("{field} {limit} must be between 1 and {MAX_NEW_FLOWS_PER_SECOND} (leave it out for no limit)"),
+                    );
+                    return None;
+                }
+                Some(limit as u32)
+            });
             listeners.push(Listener {
                 name: l.name.clone(),
                 address,
@@ -568,6 +598,8 @@ impl Validator<'_> {
                 target_group: l.target_group.clone(),
                 idle_timeout,
                 allowed_sources,
+                max_new_flows_per_second,
+                max_new_flows_per_second_per_source,
             });
         }
 
@@ -601,6 +633,7 @@ impl Validator<'_> {
                 connection_table_size: DEFAULT_CONNECTION_TABLE_SIZE,
                 max_target_groups: DEFAULT_MAX_TARGET_GROUPS,
                 stickiness_table_size: DEFAULT_STICKINESS_TABLE_SIZE,
+                rate_limited_sources: DEFAULT_RATE_LIMITED_SOURCES,
             }),
             listeners,
             target_groups: groups,
@@ -659,12 +692,22 @@ impl Validator<'_> {
                 format!("stickiness_table_size {sticky} must be between 1024 and 10000000"),
             );
         }
+        let sources = raw
+            .rate_limited_sources
+            .unwrap_or(DEFAULT_RATE_LIMITED_SOURCES as i64);
+        if !(1024..=10_000_000).contains(&sources) {
+            self.error(
+                "settings.rate_limited_sources",
+                format!("rate_limited_sources {sources} must be between 1024 and 10000000"),
+            );
+        }
         (self.errors.len() == before).then_some(Settings {
             maglev_table_size: size as u32,
             hash_seed: seed as u32,
             connection_table_size: conns as u32,
             max_target_groups: groups as u32,
             stickiness_table_size: sticky as u32,
+            rate_limited_sources: sources as u32,
         })
     }
 

@@ -24,10 +24,11 @@ use lb_common::{
     ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP,
     Counters, DropReason, Egress, FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS,
     FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey,
-    FlowTable, Group, LISTENER_ALLOW_LIST, LISTENER_PROBES, LISTENER_SLOTS, Listener, ListenerKey,
-    ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES, MAX_SOURCE_PREFIXES, MAX_TARGETS,
-    SETTINGS_KEY, Settings, SourceKey, Sticky, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE,
-    TARGET_UNHEALTHY, Target, listener_home,
+    FlowTable, Group, LISTENER_ALLOW_LIST, LISTENER_PROBES, LISTENER_RATE_LIMITED, LISTENER_SLOTS,
+    Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
+    MAX_SOURCE_PREFIXES, MAX_TARGETS, NewFlowLimits, RateLimit, SETTINGS_KEY, Settings, SourceKey,
+    Sticky, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
+    refused_index,
 };
 
 use ipnet::Ipv4Net;
@@ -46,7 +47,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer and the size of its values: all are pinned, so that a successor
 /// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 17] = [
+const MAPS: [(&str, usize); 21] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
@@ -60,10 +61,14 @@ const MAPS: [(&str, usize); 17] = [
     ("STICKY", size_of::<Sticky>()),
     ("ALLOWED_SOURCES", size_of::<u8>()),
     ("DENIED_SOURCES", size_of::<u8>()),
+    ("NEW_FLOW_LIMITS", size_of::<NewFlowLimits>()),
+    ("LISTENER_BUCKETS", size_of::<u64>()),
+    ("SOURCE_BUCKETS", size_of::<u64>()),
     ("SETTINGS", size_of::<Settings>()),
     ("LISTENER_STATS", size_of::<Counters>()),
     ("TARGET_STATS", size_of::<Counters>()),
     ("DROPS", size_of::<u64>()),
+    ("LISTENER_REFUSED", size_of::<u64>()),
 ];
 
 /// Where the frames for a target go: out of which of the balancer's interfaces (an index into
@@ -87,6 +92,8 @@ pub struct MapState {
     /// The keys of the source tries: listeners' allowed prefixes, and the denied ones.
     pub allowed_sources: BTreeSet<(u32, SourceKey)>,
     pub denied_sources: BTreeSet<(u32, SourceKey)>,
+    /// The limits on new flows of each listener that has any, by listener id.
+    pub limits: BTreeMap<u32, NewFlowLimits>,
 }
 
 /// The source-trie key of prefix `net` for listener `id` (0 in the deny-list): its prefix
@@ -238,6 +245,15 @@ impl MapState {
             let group = registry
                 .group_id(&l.target_group)
                 .ok_or_else(|| anyhow!("listener {} has no target group", l.name))?;
+            let limits = (l.max_new_flows_per_second.is_some()
+                || l.max_new_flows_per_second_per_source.is_some())
+            .then(|| NewFlowLimits {
+                listener: RateLimit::per_second(l.max_new_flows_per_second.unwrap_or(0)),
+                source: RateLimit::per_second(l.max_new_flows_per_second_per_source.unwrap_or(0)),
+            });
+            if let Some(limits) = limits {
+                state.limits.insert(id, limits);
+            }
             for &proto in l.protocol.ip_protocols() {
                 state.listeners.insert(
                     ListenerKey {
@@ -252,6 +268,10 @@ impl MapState {
                         idle_timeout_s: l.idle_timeout(proto).as_secs().max(1) as u32,
                         flags: if l.allowed_sources.is_some() {
                             LISTENER_ALLOW_LIST
+                        } else {
+                            0
+                        } | if limits.is_some() {
+                            LISTENER_RATE_LIMITED
                         } else {
                             0
                         },
@@ -535,6 +555,11 @@ impl Dataplane {
                 settings.stickiness_table_size,
                 "stickiness_table_size",
             ),
+            (
+                "SOURCE_BUCKETS",
+                settings.rate_limited_sources,
+                "rate_limited_sources",
+            ),
         ];
         let mut loader = EbpfLoader::new();
         for (map, size, _) in sizes {
@@ -657,12 +682,19 @@ impl Dataplane {
             Ok(keys.collect::<Result<_, _>>()?)
         };
         let targets: Array<&MapData, Target> = self.map_ref("TARGETS")?;
+        let limits: Array<&MapData, NewFlowLimits> = self.map_ref("NEW_FLOW_LIMITS")?;
+        let limits = listeners
+            .values()
+            .filter(|l| l.flags & LISTENER_RATE_LIMITED != 0)
+            .map(|l| Ok((l.id, limits.get(&l.id, 0)?)))
+            .collect::<Result<_>>()?;
         Ok(MapState {
             settings: None,
             listeners,
             vips,
             allowed_sources: sources("ALLOWED_SOURCES")?,
             denied_sources: sources("DENIED_SOURCES")?,
+            limits,
             targets: targets
                 .iter()
                 .enumerate()
@@ -724,6 +756,13 @@ impl Dataplane {
         ];
         for (map, before, after) in sources {
             self.write_sources(map, after.difference(before), true)?;
+        }
+        // A listener's limits are in place before the listener that is flagged to read them.
+        let mut limits: Array<_, NewFlowLimits> = self.map("NEW_FLOW_LIMITS")?;
+        for (id, l) in &new.limits {
+            if old.limits.get(id) != Some(l) {
+                limits.set(*id, *l, 0)?;
+            }
         }
         if new.listeners != old.listeners || new.vips != old.vips {
             self.write_listeners(new)?;
@@ -993,6 +1032,15 @@ impl Dataplane {
         DropReason::ALL
             .iter()
             .map(|&r| Ok((r, drops.get(&(r as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// New flows that listener `id`'s rate limits refused, per limit, summed over CPUs.
+    pub fn refused_new_flows(&self, id: u32) -> Result<Vec<(DropReason, u64)>> {
+        let refused: PerCpuArray<&MapData, u64> = self.map_ref("LISTENER_REFUSED")?;
+        [DropReason::ListenerRateLimit, DropReason::SourceRateLimit]
+            .into_iter()
+            .map(|r| Ok((r, refused.get(&refused_index(id, r), 0)?.iter().sum())))
             .collect()
     }
 

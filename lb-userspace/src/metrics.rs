@@ -38,6 +38,10 @@ pub struct ListenerStatus {
     pub protocol: String,
     pub target_group: String,
     pub traffic: Traffic,
+    /// New flows its rate limits refused, by drop reason (`listener_rate_limit`,
+    /// `source_rate_limit`); empty for a listener without limits.
+    #[serde(default)]
+    pub refused_new_flows: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -106,6 +110,17 @@ impl Status {
                     dataplane.listener_counters(id)?,
                     active.listeners.get(&id).copied().unwrap_or(0),
                 ),
+                refused_new_flows: if l.max_new_flows_per_second.is_some()
+                    || l.max_new_flows_per_second_per_source.is_some()
+                {
+                    dataplane
+                        .refused_new_flows(id)?
+                        .into_iter()
+                        .map(|(reason, n)| (reason.name().to_owned(), n))
+                        .collect()
+                } else {
+                    BTreeMap::new()
+                },
             });
         }
         let mut target_groups = Vec::new();
@@ -277,6 +292,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         "Packets to a VIP that were dropped, by reason.",
         &["reason"],
     )?;
+    let refused = counter(
+        "lb_listener_refused_new_flows_total",
+        "New flows the listener's rate limits dropped, by limit (listener_rate_limit, source_rate_limit); only for listeners with limits.",
+        &["listener", "target_group", "reason"],
+    )?;
     let healthy = gauge(
         "lb_target_healthy",
         "1 if the target is healthy, else 0.",
@@ -317,6 +337,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
 
     for l in &status.listeners {
         listeners.record(&[&l.name, &l.target_group], &l.traffic);
+        for (reason, n) in &l.refused_new_flows {
+            refused
+                .with_label_values(&[&l.name, &l.target_group, reason])
+                .inc_by(*n);
+        }
         listener_info
             .with_label_values(&[&l.name, &l.address, &l.protocol, &l.target_group])
             .set(1);
@@ -558,6 +583,7 @@ mod tests {
                     new_flows: 3,
                     active_flows: 2,
                 },
+                refused_new_flows: [("listener_rate_limit".into(), 7)].into(),
             }],
             target_groups: vec![GroupStatus {
                 name: "web".into(),
@@ -639,6 +665,7 @@ DROPPED PACKETS: no_listener 4
             "lb_target_state{state=\"unhealthy\",target=\"198.51.100.12:80\",target_group=\"web\"} 1",
             "lb_healthy_targets{target_group=\"web\"} 1",
             "lb_dropped_packets_total{reason=\"no_listener\"} 4",
+            "lb_listener_refused_new_flows_total{listener=\"web\",reason=\"listener_rate_limit\",target_group=\"web\"} 7",
             "lb_build_info{version=",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

@@ -61,7 +61,7 @@ fn prometheus_config_and_alert_rules_pass_promtool() -> Result<()> {
     let said = run(Command::new("promtool")
         .args(["check", "rules"])
         .arg(deploy("prometheus/lb-alerts.yml")))?;
-    ensure!(said.contains("SUCCESS: 5 rules found"), "{said}");
+    ensure!(said.contains("SUCCESS: 7 rules found"), "{said}");
     run(Command::new("promtool")
         .args(["check", "config"])
         .arg(deploy("prometheus/prometheus.yml")))?;
@@ -88,6 +88,7 @@ fn exported_names() -> Result<BTreeSet<String>> {
             protocol: "tcp".into(),
             target_group: "web".into(),
             traffic,
+            refused_new_flows: [("listener_rate_limit".to_owned(), 1)].into(),
         }],
         target_groups: vec![GroupStatus {
             name: "web".into(),

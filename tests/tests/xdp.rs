@@ -5,7 +5,13 @@
 //! Maps are filled by the controller's own code (`config::parse` → `MapState::build` →
 //! `Dataplane::write`), with made-up MACs instead of ARP.
 
-use std::{collections::HashMap, net::Ipv4Addr, path::Path, process::Command, time::Duration};
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, ensure};
 use lb::{
@@ -1488,5 +1494,126 @@ fn sources_outside_the_allow_list_or_inside_the_deny_list_are_dropped() -> Resul
             "after the second reload, {src:?} to :{port}: {verdict}"
         );
     }
+    Ok(())
+}
+
+const RATE_LIMITS: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 8192, max_target_groups: 3}
+listeners:
+  - {name: paced, address: 203.0.113.10, port: 80, protocol: tcp, target_group: a, max_new_flows_per_second: 10}
+  - {name: per_source, address: 203.0.113.10, port: 81, protocol: tcp_udp, target_group: b, max_new_flows_per_second_per_source: 10}
+  - {name: free, address: 203.0.113.10, port: 82, protocol: tcp, target_group: c}
+target_groups:
+  - {name: a, targets: [{address: 198.51.100.11, port: 80}]}
+  - {name: b, targets: [{address: 198.51.100.12, port: 81}]}
+  - {name: c, targets: [{address: 198.51.100.13, port: 82}]}
+";
+
+/// Rate limits on new flows: from a full bucket a second's worth passes and the rest is dropped
+/// and counted, per listener and per source; flows already in the connection table are never
+/// limited; the bucket refills at the rate; a listener without limits is untouched, and a
+/// reload that removes a limit lifts it at once.
+#[test]
+fn new_flows_beyond_a_rate_limit_are_dropped_and_counted() -> Result<()> {
+    let (mut dp, state, registry) = dataplane_for(RATE_LIMITS)?;
+    let from = |src: [u8; 4], port: u16, sport: u16, flags: u8| {
+        let mut p = Packet::tcp(port, sport, flags);
+        p.src = Ipv4Addr::from(src);
+        p
+    };
+    // How many of `packets` the data plane forwards.
+    let passed = |dp: &mut Dataplane, packets: &mut dyn Iterator<Item = Packet>| -> Result<u64> {
+        let mut n = 0;
+        for p in packets {
+            let (verdict, _) = run(dp, &p.frame())?;
+            ensure!(
+                verdict == XDP_TX || verdict == XDP_DROP,
+                "verdict {verdict}"
+            );
+            n += (verdict == XDP_TX) as u64;
+        }
+        Ok(n)
+    };
+    // The listener's bucket: 10 at once, then one per 100 ms (the clock's tick, a few ms, is
+    // the slack in these bounds).
+    let start = Instant::now();
+    let first = passed(
+        &mut dp,
+        &mut (1000..1200).map(|s| from([192, 0, 2, 1], 80, s, 0x02)),
+    )?;
+    let most = 10 + (start.elapsed().as_secs_f64() / 0.1).ceil() as u64;
+    ensure!(
+        (10..=most).contains(&first),
+        "{first} of 200 passed, not 10..={most}"
+    );
+    ensure!(drops(&dp, DropReason::ListenerRateLimit)? == 200 - first);
+    // Admitted flows go on with an empty bucket; refused ones are not let in by their ACK.
+    let acks = |sports: std::ops::Range<u16>| sports.map(|s| from([192, 0, 2, 1], 80, s, 0x10));
+    ensure!(passed(&mut dp, &mut acks(1000..1010))? == 10);
+    let late = passed(&mut dp, &mut acks(1100..1200))?;
+    let most = (start.elapsed().as_secs_f64() / 0.1).ceil() as u64 + 10 - first;
+    ensure!(late <= most, "{late} refused flows let in by their ACK");
+    // It refills at 10 per second.
+    std::thread::sleep(Duration::from_millis(350));
+    let waited = start.elapsed().as_secs_f64();
+    let refilled = passed(
+        &mut dp,
+        &mut (2000..2100).map(|s| from([192, 0, 2, 1], 80, s, 0x02)),
+    )?;
+    let most = (start.elapsed().as_secs_f64() / 0.1).ceil() as u64 + 10 - first - late;
+    ensure!(
+        (3..=most).contains(&refilled),
+        "{refilled} passed {waited:.3} s after the burst, not 3..={most}"
+    );
+
+    // Per source: 10 at once from each, in its own bucket.
+    let per_source = |dp: &mut Dataplane, host: u8, sports: std::ops::Range<u16>| {
+        passed(
+            dp,
+            &mut sports.map(|s| from([198, 51, 100, host], 81, s, 0x02)),
+        )
+    };
+    ensure!(per_source(&mut dp, 200, 1000..1030)? == 10);
+    ensure!(per_source(&mut dp, 201, 1000..1030)? == 10);
+    ensure!(drops(&dp, DropReason::SourceRateLimit)? == 40);
+    // Each listener counts what its limits refused.
+    let refused = |dp: &Dataplane, name: &str| -> Result<Vec<u64>> {
+        let id = registry.listener_id(name).context("listener id")?;
+        Ok(dp
+            .refused_new_flows(id)?
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect())
+    };
+    ensure!(refused(&dp, "paced")? == [200 - first + 100 - late + 100 - refilled, 0]);
+    ensure!(refused(&dp, "per_source")? == [0, 40]);
+    // UDP to the same tcp_udp listener shares the source's bucket.
+    let mut udp = Packet::udp(81, 5000);
+    udp.src = Ipv4Addr::new(198, 51, 100, 200);
+    ensure!(run(&mut dp, &udp.frame())?.0 == XDP_DROP);
+    // No limit: all pass.
+    ensure!(
+        passed(
+            &mut dp,
+            &mut (1000..1200).map(|s| from([192, 0, 2, 1], 82, s, 0x02))
+        )? == 200
+    );
+
+    // A reload without the limits lifts them.
+    let open = RATE_LIMITS
+        .replace(", max_new_flows_per_second: 10", "")
+        .replace(", max_new_flows_per_second_per_source: 10", "");
+    let config =
+        config::parse(Path::new("open.yaml"), &open).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let opened = MapState::build(&config, &registry, &[test_interface()], next_hop_of)?;
+    ensure!(opened.limits.is_empty());
+    dp.apply(&state, &opened)?;
+    ensure!(
+        passed(
+            &mut dp,
+            &mut (3000..3200).map(|s| from([192, 0, 2, 1], 80, s, 0x02))
+        )? == 200
+    );
+    ensure!(per_source(&mut dp, 200, 3000..3030)? == 30);
     Ok(())
 }

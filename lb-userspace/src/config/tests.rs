@@ -630,3 +630,54 @@ fn bad_source_lists() {
         "`everyone` is not a prefix",
     );
 }
+
+#[test]
+fn rate_limits_on_new_flows() {
+    let with = |limits: &str| {
+        VALID.replace(
+            "    target_group: web\n",
+            &format!("    target_group: web\n{limits}"),
+        )
+    };
+    let config = parse(
+        Path::new("lb.yaml"),
+        &with("    max_new_flows_per_second: 5000\n    max_new_flows_per_second_per_source: 20\n"),
+    )
+    .unwrap();
+    let l = &config.listeners[0];
+    assert_eq!(
+        (
+            l.max_new_flows_per_second,
+            l.max_new_flows_per_second_per_source
+        ),
+        (Some(5000), Some(20))
+    );
+    let plain = parse(Path::new("lb.yaml"), VALID).unwrap();
+    assert_eq!(plain.listeners[0].max_new_flows_per_second, None);
+    assert_eq!(plain.settings.rate_limited_sources, 65_536);
+    refused(
+        &with("    max_new_flows_per_second: 0\n"),
+        7,
+        31,
+        "max_new_flows_per_second 0 must be between 1 and 100000000 (leave it out for no limit)",
+    );
+    refused(
+        &with("    max_new_flows_per_second_per_source: 100000001\n"),
+        7,
+        42,
+        "max_new_flows_per_second_per_source 100000001 must be between 1 and 100000000",
+    );
+    refused(
+        &with("    max_new_flows_per_second: lots\n"),
+        7,
+        31,
+        "max_new_flows_per_second",
+    );
+    let text = format!("settings:\n  rate_limited_sources: 10\n{VALID}");
+    refused(
+        &text,
+        2,
+        25,
+        "rate_limited_sources 10 must be between 1024 and 10000000",
+    );
+}

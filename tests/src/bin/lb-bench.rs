@@ -269,6 +269,7 @@ fn bench_algorithms_config() -> String {
   - {{name: two, address: 203.0.113.10, port: 85, protocol: tcp, target_group: two}}
   - {{name: sticky, address: 203.0.113.10, port: 86, protocol: tcp, target_group: sticky}}
   - {{name: guarded, address: 203.0.113.10, port: 87, protocol: tcp, target_group: guarded, allowed_sources: [192.0.2.0/24, 198.51.100.0/24]}}
+  - {{name: limited, address: 203.0.113.10, port: 88, protocol: tcp, target_group: limited, max_new_flows_per_second: 100000000, max_new_flows_per_second_per_source: 100000000}}
 target_groups:
   - name: turns
     algorithm: round_robin
@@ -281,6 +282,8 @@ target_groups:
     targets: [{{address: 198.51.100.11, port: 86}}, {{address: 198.51.100.12, port: 86}}]
   - name: guarded
     targets: [{{address: 198.51.100.11, port: 87}}]
+  - name: limited
+    targets: [{{address: 198.51.100.11, port: 88}}]
 ",
         group("fewest", 83, 3),
         group("scan", 84, lb_common::LEAST_CONNECTIONS_SCAN as u8),
@@ -320,7 +323,7 @@ fn per_packet(plan: &Plan) -> Result<String> {
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 15] = [
+    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 16] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10),
@@ -373,6 +376,13 @@ fn per_packet(plan: &Plan) -> Result<String> {
         (
             "TCP, new flow, maglev with stickiness (a client seen before) ³",
             Packet::tcp(86, 2222, 0x02),
+            None,
+            NewFlows,
+            Algorithms,
+        ),
+        (
+            "TCP, new flow, listener with both rate limits (two token buckets) ³",
+            Packet::tcp(88, 2222, 0x02),
             None,
             NewFlows,
             Algorithms,

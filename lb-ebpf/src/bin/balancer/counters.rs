@@ -1,7 +1,7 @@
 //! Counters, per CPU: what was forwarded per listener and per target, and what was dropped.
 
 use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::map, maps::PerCpuArray};
-use lb_common::{Counters, DropReason, MAX_LISTENERS, MAX_TARGETS};
+use lb_common::{Counters, DropReason, MAX_LISTENERS, MAX_TARGETS, refused_index};
 
 #[map]
 static LISTENER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
@@ -11,6 +11,10 @@ static TARGET_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_T
 
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// New flows each listener's rate limits refused: see `lb_common::refused_index`.
+#[map]
+static LISTENER_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_LISTENERS, 0);
 
 /// Counts a forwarded packet of `bytes` for its listener and its target.
 #[inline(always)]
@@ -29,6 +33,17 @@ fn add(stats: &PerCpuArray<Counters>, index: u32, bytes: usize, new_flow: bool) 
             (*c).new_flows += new_flow as u64;
         }
     }
+}
+
+/// Counts a new flow that `listener`'s rate limit refused, for it and as a drop; the verdict
+/// that drops it.
+#[inline(always)]
+pub fn refused(listener: u32, reason: DropReason) -> u32 {
+    if let Some(counter) = LISTENER_REFUSED.get_ptr_mut(refused_index(listener, reason)) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe { *counter += 1 };
+    }
+    drop(reason)
 }
 
 /// Counts a dropped packet by reason; the verdict that drops it.

@@ -4,7 +4,8 @@
 //! 1. `parse`: Ethernet → IPv4 → TCP/UDP.
 //! 2. `listener`: the listener for (VIP, port, protocol), from the listener table; `sources`:
 //!    whether the packet's source may reach it.
-//! 3. `flows`: the connection table, which remembers each flow's target...
+//! 3. `flows`: the connection table, which remembers each flow's target... `limits`: ...or,
+//!    for a new flow, whether its listener's rate limits let it through...
 //! 4. `pick`: ...or a pick for a new flow, by the group's algorithm (or the client's sticky
 //!    target).
 //! 5. `forward`: port translation, then direct server return (DSR: MAC rewrite; IPIP: outer
@@ -26,6 +27,7 @@ mod counters;
 mod flows;
 mod forward;
 mod icmp;
+mod limits;
 mod listener;
 mod nat;
 mod parse;
@@ -40,8 +42,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FLOW_FLAGS, FORWARDING_IPIP, FORWARDING_NAT, Group, ListenerKey, MAX_TARGETS,
-    SETTINGS_KEY, Settings, Target,
+    DropReason, FLOW_FLAGS, FORWARDING_IPIP, FORWARDING_NAT, Group, LISTENER_RATE_LIMITED,
+    ListenerKey, MAX_TARGETS, SETTINGS_KEY, Settings, Target,
 };
 
 use crate::{
@@ -134,6 +136,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
             id
         }
         None => {
+            if listener.flags & LISTENER_RATE_LIMITED != 0
+                && let Err(reason) = limits::admit(&listener, packet.src, now)
+            {
+                return Ok(counters::refused(listener.id, reason));
+            }
             let Some(id) = pick::pick(&key, hash, &listener, group, settings, now) else {
                 return Ok(drop(DropReason::NoTarget));
             };

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
 };
 use lb_common::{
-    ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, FlowKey, Group,
-    LEAST_CONNECTIONS_SCAN, Listener, Settings, Sticky, StickyKey, TARGET_ACTIVE,
-    fewer_connections, two_choices,
+    ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, ClientKey, FlowKey,
+    Group, LEAST_CONNECTIONS_SCAN, Listener, Settings, Sticky, TARGET_ACTIVE, fewer_connections,
+    two_choices,
 };
 
 use crate::{TARGETS, flows};
@@ -28,7 +28,7 @@ static ROUND_ROBIN: Array<u64> = Array::with_max_entries(1, 0);
 /// The target each client of a sticky listener keeps. Bounded (sized by the controller): when
 /// full, the least recently used client is forgotten, and its next flow is picked afresh.
 #[map]
-static STICKY: LruHashMap<StickyKey, Sticky> = LruHashMap::with_max_entries(1, 0);
+static STICKY: LruHashMap<ClientKey, Sticky> = LruHashMap::with_max_entries(1, 0);
 
 /// The target for a new flow with key `key` and connection-table hash `hash` of `listener`,
 /// whose group is `group`.
@@ -44,7 +44,7 @@ pub fn pick(
     if group.stickiness_s == 0 {
         return by_algorithm(key, hash, listener, group, settings);
     }
-    let client = StickyKey {
+    let client = ClientKey {
         listener: listener.id,
         client: key.src,
     };
