@@ -7,6 +7,8 @@ fn main() -> anyhow::Result<()> {
         "cargo:rerun-if-changed={}",
         concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-common")
     );
+    // The test build without the flood guard (lb-ebpf's flows.rs) is made with this set.
+    println!("cargo:rerun-if-env-changed=LB_TEST_NO_FLOOD_GUARD");
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf");
     aya_build::build_ebpf(
         [aya_build::Package {

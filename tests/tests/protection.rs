@@ -1,9 +1,12 @@
 //! Protection in the lab: source allow-lists and the deny-list, with real clients on several
-//! addresses. Needs root.
+//! addresses; a SYN flood from random sources against held connections. Needs root.
 
-use std::time::Duration;
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{Connection, IFACE, Lab, VIP, target_addr};
 
 const CHECK: &str = "{protocol: tcp, port: 80, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}";
@@ -83,6 +86,147 @@ fn only_allowed_sources_connect_and_a_reload_changes_the_lists_without_cutting_f
     ensure!(
         connects(Some(clients[1])).is_none(),
         "a denied source connected"
+    );
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+/// The flood test's config: round robin over the lab's first `targets` targets, and a
+/// connection table small enough for a flood to turn over hundreds of times.
+fn flood_config(targets: usize) -> String {
+    let targets: String = (0..targets)
+        .map(|i| format!("      - {{address: {}}}\n", target_addr(i)))
+        .collect();
+    format!(
+        "settings: {{connection_table_size: 1024}}
+listeners:
+  - {{name: web, address: {VIP}, port: 80, protocol: tcp, target_group: web}}
+target_groups:
+  - name: web
+    port: 80
+    algorithm: round_robin
+    health_check: {CHECK}
+    targets:
+{targets}"
+    )
+}
+
+/// hping3 flooding the VIP with SYNs from random sources, stopped when dropped.
+struct Flood(Child);
+
+impl Flood {
+    fn start(lab: &Lab, seconds: u32) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("client"), "timeout"])
+            .arg(seconds.to_string())
+            .args(["hping3", "-q", "-S", "--flood", "--rand-source", "-p", "80"])
+            .arg(VIP.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting hping3")?;
+        Ok(Flood(child))
+    }
+
+    fn running(&mut self) -> Result<bool> {
+        Ok(self.0.try_wait()?.is_none())
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn new_flows(lab: &Lab) -> Result<u64> {
+    let status = lab.status()?;
+    let web = status.listeners.iter().find(|l| l.name == "web");
+    Ok(web.context("no listener web in /status")?.traffic.new_flows)
+}
+
+/// A SYN flood from random sources at hping3's full rate for 20 s, during which a reload adds
+/// a target: 100 idle established connections all keep their targets (none is reset). With
+/// round robin, a connection whose entry a flood evicted would be given the next turn, another
+/// target, which resets it; built with `LB_TEST_NO_FLOOD_GUARD=1`, lb fails this test so.
+#[test]
+fn a_syn_flood_from_random_sources_with_a_reload_resets_no_established_connection() -> Result<()> {
+    let name = "lbflood";
+    let mut lab = Lab::new(name, 3)?;
+    lab.prepare_targets("dsr", &[VIP])?;
+    lab.start_tcp_servers(80, 64)?;
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(&config, flood_config(2))?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
+    for i in 0..2 {
+        let target = format!("{}:80 in web", target_addr(i));
+        balancer.wait_for_log(&[&target, "-> healthy"], Duration::from_secs(10))?;
+    }
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let mut c = Connection::open(&lab, VIP, 80)?;
+        let target = c.request()?;
+        held.push((c, target));
+    }
+
+    let before = new_flows(&lab)?;
+    let started = Instant::now();
+    let mut flood = Flood::start(&lab, 20)?;
+    // Mid-flood: once it has turned the table over 20 times, a third target is added.
+    while new_flows(&lab)? < before + 20 * 1024 {
+        ensure!(flood.running()?, "hping3 ended early");
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "no flood reached lb"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&config, flood_config(3))?;
+    balancer.mark();
+    lab.lb("lb", &["reload", "-i", IFACE])?;
+    balancer.wait_for_log(&["reloaded"], Duration::from_secs(10))?;
+    let third = format!("{}:80 in web", target_addr(2));
+    balancer.wait_for_log(&[&third, "-> healthy"], Duration::from_secs(10))?;
+    ensure!(
+        flood.running()?,
+        "the flood ended before the reload was done"
+    );
+    while flood.running()? {
+        ensure!(
+            started.elapsed() < Duration::from_secs(40),
+            "hping3 outlived its timeout"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let flooded = new_flows(&lab)? - before;
+    ensure!(
+        flooded > 100 * 1024,
+        "only {flooded} new flows in 20 s: too few to turn the table over"
+    );
+
+    let mut lost = Vec::new();
+    for (i, (c, target)) in held.iter_mut().enumerate() {
+        match c.request() {
+            Ok(now) if now == *target => {}
+            Ok(now) => lost.push(format!("{i}: {target} -> {now}")),
+            Err(e) => lost.push(format!("{i} (on {target}): {e}")),
+        }
+    }
+    if !lost.is_empty() {
+        bail!(
+            "{} of 100 connections lost after {flooded} flood flows: {lost:?}",
+            lost.len()
+        );
+    }
+    // The third target takes new flows.
+    let mut fresh = Vec::new();
+    for _ in 0..3 {
+        fresh.push(Connection::open(&lab, VIP, 80)?.request()?);
+    }
+    ensure!(
+        fresh.iter().any(|t| t == "t3"),
+        "new flows after the flood: {fresh:?}"
     );
     let _ = std::fs::remove_file(config);
     Ok(())

@@ -66,6 +66,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("bird", "bird2"),
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
+    ("hping3", "hping3"),
 ];
 
 fn main() -> Result<()> {

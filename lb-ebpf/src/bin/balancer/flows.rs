@@ -84,7 +84,7 @@ fn rank(seen: u64) -> u64 {
         0
     } else if seen & (FLOW_ENDED | FLOW_CLOSING) != 0 {
         1
-    } else if seen & FLOW_EMBRYONIC != 0 {
+    } else if seen & FLOW_EMBRYONIC != 0 || !FLOOD_GUARD {
         2
     } else {
         3
@@ -94,6 +94,11 @@ fn rank(seen: u64) -> u64 {
 }
 
 const RANK_ESTABLISHED: u64 = 3 << 62;
+
+/// Whether established flows are kept from new ones. Off only in a test build (the data plane
+/// compiled with `LB_TEST_NO_FLOOD_GUARD` set), where every flow ranks as embryonic once more,
+/// the oldest giving way first: the build that shows the flood test failing without the guard.
+const FLOOD_GUARD: bool = option_env!("LB_TEST_NO_FLOOD_GUARD").is_none();
 
 /// In `bucket`: the entry that holds `key`, and `true`; or else the entry a new flow would take,
 /// the lowest `rank`, and `false`; and how many entries are empty.
