@@ -478,6 +478,16 @@ fn corrections(before: &[u64], truth: &HashMap<u32, u64>) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// The part of two errors of one count, found by consecutive passes, that both show: none if
+/// they differ in sign, else the smaller.
+fn agreed(last: i64, now: i64) -> i64 {
+    if last.signum() == now.signum() {
+        now.signum() * last.abs().min(now.abs())
+    } else {
+        0
+    }
+}
+
 /// Fresh random words from the kernel, for the connection table's hash.
 fn random_words() -> Result<[u64; 5]> {
     let mut words = [0u64; 5];
@@ -527,6 +537,9 @@ pub struct Dataplane {
     flows: Mapped<FlowBucket>,
     /// Active connections per target id, mapped into this process.
     active: Mapped<u64>,
+    /// By target id: the error its count showed in the last pass of `reconcile_connections`
+    /// and that was not corrected.
+    unconfirmed: std::sync::Mutex<HashMap<u32, i64>>,
 }
 
 impl Dataplane {
@@ -640,6 +653,7 @@ impl Dataplane {
             flow_table,
             flows,
             active,
+            unconfirmed: Default::default(),
         })
     }
 
@@ -923,18 +937,30 @@ impl Dataplane {
     /// connection table says. The data plane counts as flows start and end; only the table
     /// knows of flows that went idle, or whose target or listener went, and races between CPUs
     /// may miss a step. Those flows are marked ended here (so that nothing counts them twice),
-    /// and each count is moved by its error: a flow that starts or ends while the table is read
-    /// may leave one off, until the next pass, but no error outlives it.
+    /// and each count is moved by the error that this pass and the one before agree on: a flow
+    /// that starts or ends while the table is read shows an error of one in one pass only
+    /// (which, corrected, would send least connections' next pick astray), while a real error
+    /// stays until corrected, one pass later.
     pub fn reconcile_connections(&self, state: &MapState) {
         let before: Vec<u64> = (0..MAX_TARGETS)
             .filter_map(|id| self.active.get(id))
             .collect();
         let truth = self.survey(state, true).connections;
+        let mut unconfirmed = self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut left = HashMap::new();
         for (id, error) in corrections(&before, &truth) {
-            if let Some(word) = self.active.at(id) {
-                atomic(word).fetch_add(error, Ordering::Relaxed);
+            let error = error as i64;
+            let confirmed = agreed(unconfirmed.get(&id).copied().unwrap_or(0), error);
+            if confirmed != 0
+                && let Some(word) = self.active.at(id)
+            {
+                atomic(word).fetch_add(confirmed as u64, Ordering::Relaxed);
+            }
+            if error != confirmed {
+                left.insert(id, error - confirmed);
             }
         }
+        *unconfirmed = left;
     }
 
     /// Active connections of target `id`, as the data plane counts them: what least
@@ -1211,6 +1237,16 @@ mod tests {
             let after = before[id as usize].wrapping_add(fix);
             assert_eq!(after, truth.get(&id).copied().unwrap_or(0));
         }
+    }
+
+    #[test]
+    fn a_correction_is_what_two_passes_agree_on() {
+        assert_eq!(agreed(0, 1), 0, "an error seen once, a race");
+        assert_eq!(agreed(1, 0), 0, "a race, gone");
+        assert_eq!(agreed(-3, -3), -3);
+        assert_eq!(agreed(-3, -2), -2);
+        assert_eq!(agreed(2, 5), 2);
+        assert_eq!(agreed(2, -1), 0);
     }
 
     #[test]
