@@ -7,6 +7,8 @@
 //! - `test`: formatting, clippy, unit tests, XDP tests on crafted frames and the end-to-end lab.
 //! - `demo`: builds and runs the namespace lab with its embedded config.
 //! - `bench`: measures lb and writes BENCHMARKS.md.
+//! - `fuzz`: the data plane against its reference model, 1,000,000 frames (the test suite
+//!   sends 100,000); prints the seed, which `--seed` replays.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -45,6 +47,16 @@ enum Task {
         /// Run only these sections (1-5, comma-separated), e.g. while working on one of them.
         #[arg(long, value_name = "SECTIONS")]
         only: Option<String>,
+    },
+    /// Send random and mutated frames through the data plane and compare each outcome with
+    /// the reference model in tests/tests/fuzz.rs (needs root).
+    Fuzz {
+        /// How many frames.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Replay the run that printed this seed [default: a new one].
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -105,6 +117,19 @@ fn main() -> Result<()> {
                 bench.arg("--only").arg(only);
             }
             run(&mut bench)
+        }
+        Task::Fuzz { frames, seed } => {
+            setup()?;
+            build()?;
+            require_root("the fuzzer")?;
+            let mut fuzz = Command::new("cargo");
+            fuzz.args(["test", "--release", "-p", "lb-tests", "--test", "fuzz"])
+                .args(["--", "--nocapture"])
+                .env("LB_FUZZ_FRAMES", frames.to_string());
+            if let Some(seed) = seed {
+                fuzz.env("LB_FUZZ_SEED", seed.to_string());
+            }
+            run(&mut fuzz)
         }
         Task::Demo => {
             setup()?;
