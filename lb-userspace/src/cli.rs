@@ -62,7 +62,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: ModeChoice,
         /// Where to pin the maps and the XDP links (a BPF filesystem; /sys/fs/bpf is mounted if
-        /// needed) [default: /sys/fs/bpf/lb/IFACE, after the first interface]
+        /// needed) [default: /sys/fs/bpf/lb/NETNS/IFACE: the network namespace's inode number and
+        /// the first interface]
         #[arg(long, value_name = "DIR")]
         pin_dir: Option<PathBuf>,
         /// Where to serve Prometheus metrics (/metrics) and the status lb status reads (/status).

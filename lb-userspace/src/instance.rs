@@ -31,12 +31,17 @@ fn path_for(iface: &str) -> PathBuf {
     state_file(iface, "instance")
 }
 
+/// This process's network namespace: the inode number of /proc/self/ns/net. Interfaces of the
+/// same name in two namespaces are two interfaces, each with its own lb.
+pub fn netns_id() -> u64 {
+    std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
 /// A file of lb's about `iface` under /run/lb, one per network namespace and interface.
 pub fn state_file(iface: &str, kind: &str) -> PathBuf {
-    let netns = std::fs::metadata("/proc/self/ns/net")
-        .map(|m| m.ino())
-        .unwrap_or(0);
-    PathBuf::from(format!("/run/lb/{kind}-{netns}-{iface}.json"))
+    PathBuf::from(format!("/run/lb/{kind}-{}-{iface}.json", netns_id()))
 }
 
 /// Sends `signal` to `pid` and waits up to `timeout` for it to exit.
@@ -108,10 +113,7 @@ impl Drop for Instance {
 
 /// Every live instance in this network namespace, with the first of its interfaces.
 pub fn all() -> Vec<(String, InstanceInfo)> {
-    let netns = std::fs::metadata("/proc/self/ns/net")
-        .map(|m| m.ino())
-        .unwrap_or(0);
-    let prefix = format!("instance-{netns}-");
+    let prefix = format!("instance-{}-", netns_id());
     let Ok(dir) = std::fs::read_dir("/run/lb") else {
         return Vec::new();
     };

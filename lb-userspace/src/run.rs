@@ -50,9 +50,13 @@ const ARP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a predecessor may take to hand over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where lb pins its maps and XDP links unless told otherwise: named after its first interface.
+/// Where lb pins its maps and XDP links unless told otherwise: named after its network
+/// namespace and first interface, so that lbs on `eth0` in two namespaces sharing one BPF
+/// filesystem never meet.
 pub fn default_pin_dir(interface: &str) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/lb").join(interface)
+    PathBuf::from("/sys/fs/bpf/lb")
+        .join(instance::netns_id().to_string())
+        .join(interface)
 }
 
 pub fn run(
@@ -145,6 +149,21 @@ impl Controller {
         let predecessor = predecessor(&names)?;
         xdp::prepare_pin_dir(pin_dir)?;
         let pinned = pinned_links(pin_dir);
+        // Adopt only what an lb on these very interfaces left: a link pinned for `eth0` that is
+        // attached to another interface means another lb's pins (one given the same --pin-dir).
+        for iface in ifaces.iter().filter(|i| pinned.contains(&i.name)) {
+            let pin = link_pin(pin_dir, &iface.name);
+            let on = xdp::pinned_link_ifindex(&pin)?;
+            if on != 0 && on != iface.index {
+                bail!(
+                    "the XDP link pinned at {} is attached to interface index {on}, not to {} (index {}): the pins in {} belong to another lb; give this one its own --pin-dir",
+                    pin.display(),
+                    iface.name,
+                    iface.index,
+                    pin_dir.display()
+                );
+            }
+        }
         let adopting = !pinned.is_empty();
         let stale_links: Vec<String> = pinned.into_iter().filter(|i| !names.contains(i)).collect();
         let mut hops = HashMap::new();
@@ -293,6 +312,12 @@ impl Controller {
         }
         Dataplane::unpin(&self.pin_dir)?;
         let _ = std::fs::remove_dir(&self.pin_dir);
+        // The default's namespace directory goes with its last interface's.
+        if self.pin_dir == default_pin_dir(&self.ifaces[0].name)
+            && let Some(netns_dir) = self.pin_dir.parent()
+        {
+            let _ = std::fs::remove_dir(netns_dir);
+        }
         let _ = std::fs::remove_file(&self.snapshot_path);
         info!("detached from {}", self.names().join(", "));
         Ok(())

@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::fd::AsFd as _,
     path::PathBuf,
     process::Command,
 };
@@ -603,10 +603,7 @@ struct SavedFile {
 
 impl SavedState {
     fn load(iface: &str) -> Result<Self> {
-        let netns = std::fs::metadata("/proc/self/ns/net")
-            .map(|m| m.ino())
-            .unwrap_or(0);
-        let path = PathBuf::from(format!("/run/lb/target-{netns}-{iface}.json"));
+        let path = crate::instance::state_file(iface, "target");
         let file: SavedFile = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
             Err(_) => SavedFile::default(),

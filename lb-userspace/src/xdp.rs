@@ -89,6 +89,79 @@ pub fn attach_pinned(
     Ok(Attachment::New(attached))
 }
 
+/// The index of the interface that the XDP link pinned at `pin` is attached to; 0 once that
+/// interface is gone. aya does not expose a link's XDP fields, so this asks the kernel itself:
+/// `BPF_OBJ_GET` for a descriptor of the pin, `BPF_OBJ_GET_INFO_BY_FD` for its `bpf_link_info`.
+pub fn pinned_link_ifindex(pin: &Path) -> Result<u32> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    /// `union bpf_attr` for `BPF_OBJ_GET`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    /// `struct bpf_link_info` up to its XDP member (the union starts 8-byte aligned), and room
+    /// for the largest member.
+    #[repr(C)]
+    struct LinkInfo {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        pad: u32,
+        ifindex: u32,
+        rest: [u32; 31],
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) reads `get` (whose path outlives the call) and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get, size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("opening {}", pin.display()));
+    }
+    // SAFETY: a descriptor the kernel just gave this process, owned here alone.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: all-zero is a valid `LinkInfo`.
+    let mut info: LinkInfo = unsafe { std::mem::zeroed() };
+    let query = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: bpf(2) writes at most `info_len` bytes into `info`.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &query,
+            size_of::<InfoByFd>(),
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("reading {}", pin.display()));
+    }
+    if info.link_type != BPF_LINK_TYPE_XDP {
+        return Err(anyhow!("{} is not an XDP link", pin.display()));
+    }
+    Ok(info.ifindex)
+}
+
 /// Detaches the program whose link is pinned at `pin`, and removes the pin.
 pub fn detach_pinned(pin: &Path) -> Result<()> {
     let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;

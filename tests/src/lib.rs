@@ -326,10 +326,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Where the lab's balancers pin their maps and link: on the host's BPF filesystem, one
-    /// directory per lab, removed with the lab.
+    /// Where the lab's balancers pin their maps and link: lb's default on the host's BPF
+    /// filesystem, a directory for the balancer's network namespace (removed with the lab).
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/bpf").join(&self.prefix)
+        let netns = std::fs::metadata(format!("/var/run/netns/{}", self.ns("lb")))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0);
+        PathBuf::from("/sys/fs/bpf/lb")
+            .join(netns.to_string())
+            .join(IFACE)
     }
 
     /// Starts `lb run` in the balancer namespace and waits until it says it forwards.
@@ -343,8 +348,7 @@ impl Lab {
             .arg(lb_binary())
             .args(["run", "-c"])
             .arg(config)
-            .args(["-i", IFACE, "--pin-dir"])
-            .arg(self.pin_dir())
+            .args(["-i", IFACE])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -549,6 +553,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        let pins = self.pin_dir();
         for mut child in self.balancers.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
@@ -560,7 +565,9 @@ impl Drop for Lab {
             let _ = ip(&["netns", "del", &ns]);
         }
         // Left only by a balancer that did not shut down (killed, or a failed test).
-        let _ = std::fs::remove_dir_all(self.pin_dir());
+        if let Some(netns_dir) = pins.parent() {
+            let _ = std::fs::remove_dir_all(netns_dir);
+        }
     }
 }
 
