@@ -252,8 +252,14 @@ fn reload(interface: &str) -> Result<bool> {
     let config = config::load(&instance.config)?;
     // SAFETY: plain kill(2).
     if unsafe { libc::kill(instance.pid as i32, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("signalling lb (pid {})", instance.pid));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            bail!(
+                "lb (pid {}) runs as another user: only root, or that user, may reload it",
+                instance.pid
+            );
+        }
+        return Err(e).with_context(|| format!("signalling lb (pid {})", instance.pid));
     }
     println!(
         "asked lb (pid {}) to reload {}: {}",

@@ -69,6 +69,8 @@ pub fn run(
     let config = config::load(config_path)?;
     config.log_warnings();
     xdp::check_kernel()?;
+    xdp::check_privileges("lb run")?;
+    xdp::raise_memlock_limit();
     let ifaces = lookup_interfaces(interfaces)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

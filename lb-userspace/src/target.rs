@@ -278,6 +278,9 @@ impl Step {
 /// earlier run set up that the plan no longer has are undone (or with --check, reported).
 pub fn run(iface: &str, plan: &Plan, action: Action, converge: bool) -> Result<bool> {
     Interface::lookup(iface)?;
+    if action != Action::Check {
+        crate::xdp::check_privileges("lb target")?;
+    }
     if plan.nat {
         println!(
             "nat: targets of nat groups need no VIP, agent or sysctl from lb; their route to the clients must go through the balancer (make it their default gateway)"

@@ -295,7 +295,7 @@ pub fn explain_load_error(e: EbpfError) -> Error {
     }
     match os_error(&e) {
         Some(libc::EPERM) => anyhow!(
-            "permission denied creating BPF maps: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+            "the kernel refused to create the BPF maps (permission denied): with root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, that is RLIMIT_MEMLOCK on a kernel before 5.11; raise it (ulimit -l unlimited, LimitMEMLOCK=infinity)"
         ),
         Some(libc::ENOMEM) => anyhow!(
             "not enough memory for the BPF maps: lower settings.connection_table_size or settings.max_target_groups"
@@ -311,6 +311,53 @@ pub fn explain_program_error(e: ProgramError) -> Error {
             "permission denied loading the XDP program: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
         ),
         _ => anyhow!("the kernel refused the XDP program: {e:#}"),
+    }
+}
+
+/// Checks that this process may load and attach XDP programs (root, or CAP_NET_ADMIN with
+/// CAP_BPF and CAP_PERFMON), before anything fails less clearly; `what` is the command.
+pub fn check_privileges(what: &str) -> Result<()> {
+    const NET_ADMIN: u32 = 12;
+    const SYS_ADMIN: u32 = 21;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no CapEff in /proc/self/status")?;
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let missing: Vec<&str> = [
+        ("CAP_NET_ADMIN", has(NET_ADMIN)),
+        ("CAP_BPF", has(BPF) || has(SYS_ADMIN)),
+        ("CAP_PERFMON", has(PERFMON) || has(SYS_ADMIN)),
+    ]
+    .into_iter()
+    .filter(|&(_, held)| !held)
+    .map(|(name, _)| name)
+    .collect();
+    if !missing.is_empty() {
+        return Err(anyhow!(
+            "{what} needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; this process lacks {}",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it (64 KiB by default, far
+/// too little), later ones to the memory cgroup. A limit lb may not raise is left as it is;
+/// on such a kernel its maps are then refused with a sentence that says so.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("cannot lift RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
     }
 }
 

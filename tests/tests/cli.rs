@@ -185,3 +185,46 @@ fn systemd_unit_verifies() -> Result<()> {
     );
     Ok(())
 }
+
+/// What the host lacks is one sentence too: a kernel without BTF (here, a private mount
+/// namespace where /sys/kernel/btf is empty), a pin directory that is not on a BPF filesystem.
+#[test]
+fn a_host_that_cannot_run_lb_is_one_sentence() -> Result<()> {
+    let config = example("lb.yaml");
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg("mount -t tmpfs none /sys/kernel/btf && exec \"$0\" run -c \"$1\" -i lo")
+        .arg(lb_binary())
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && stderr.trim()
+                == "lb: this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): lb needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (5.10 or newer)",
+        "{out:?}"
+    );
+    let dir = std::env::temp_dir().join("lb-not-bpffs");
+    std::fs::create_dir_all(&dir)?;
+    let out = lb(&[
+        "run",
+        "-c",
+        &config,
+        "-i",
+        "lo",
+        "--pin-dir",
+        &dir.display().to_string(),
+    ])?;
+    let _ = std::fs::remove_dir(&dir);
+    ensure!(
+        out.code == Some(1)
+            && out.stderr.trim()
+                == format!(
+                    "lb: {} is not on a BPF filesystem (mount -t bpf bpf DIR)",
+                    dir.display()
+                ),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}

@@ -1,9 +1,17 @@
-//! lb in an environment it does not own: other lbs on the same host. Needs root.
+//! lb in an environment it does not own: other lbs on the same host, users without
+//! privileges. Needs root.
 
-use std::time::Duration;
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Output},
+    time::Duration,
+};
 
 use anyhow::{Result, ensure};
-use lb_tests::{FAST_TCP_CHECK, Lab, VIP, serving_lab, share, tcp_clients};
+use lb_tests::{
+    FAST_TCP_CHECK, LB_ADDR, Lab, VIP, in_netns, lb_binary, serving_lab, share, tcp_clients,
+};
 
 /// The share of 30 connections through `lab`'s balancer, each target answering.
 fn answered(lab: &Lab) -> Result<usize> {
@@ -57,5 +65,92 @@ fn two_lbs_on_eth0_in_two_namespaces_each_forward_their_own_traffic() -> Result<
         netns_dir.as_ref().is_some_and(|d| !d.exists()),
         "pins left in {netns_dir:?}"
     );
+    Ok(())
+}
+
+/// `request` to the admin endpoint of `lab`'s lb, from inside its namespace; the answer.
+fn admin(lab: &Lab, request: &'static str) -> Result<String> {
+    in_netns(&lab.ns("lb"), move || -> Result<String> {
+        let mut stream = TcpStream::connect("127.0.0.1:9617")?;
+        stream.write_all(request.as_bytes())?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })?
+}
+
+/// What a local user without privileges can do with a running lb: read its status and
+/// metrics; not reload it, not start another, and nothing through the admin endpoint but
+/// read, which other hosts cannot reach at all.
+#[test]
+fn an_unprivileged_user_reads_status_and_metrics_and_changes_nothing() -> Result<()> {
+    let (mut lab, config) = serving_lab("lbuser", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
+    balancer.wait_all_healthy(3, Duration::from_secs(10))?;
+    let as_nobody = |args: &[&str]| -> Result<Output> {
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", lab.ns("lb")))
+            .args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .arg(lb_binary())
+            .args(args)
+            .output()?)
+    };
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+
+    let status = as_nobody(&["status", "-i", "eth0"])?;
+    ensure!(
+        status.status.success() && text(&status.stdout).contains("198.51.100.11:80"),
+        "lb status as nobody: {status:?}"
+    );
+    let reload = as_nobody(&["reload", "-i", "eth0"])?;
+    ensure!(
+        reload.status.code() == Some(1)
+            && text(&reload.stderr)
+                == format!(
+                    "lb: lb (pid {}) runs as another user: only root, or that user, may reload it",
+                    balancer.pid
+                ),
+        "lb reload as nobody: {reload:?}"
+    );
+    let config = config.display().to_string();
+    let run = as_nobody(&["run", "-c", &config, "-i", "eth0"])?;
+    ensure!(
+        run.status.code() == Some(1)
+            && text(&run.stderr)
+                == "lb: lb run needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; this process lacks CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON",
+        "lb run as nobody: {run:?}"
+    );
+
+    // The endpoint answers GET /metrics and /status, nothing else.
+    let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    ensure!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("lb_listener_packets_total"));
+    for request in [
+        "POST /status HTTP/1.0\r\n\r\n",
+        "PUT /metrics HTTP/1.0\r\n\r\n",
+        "GET /reload HTTP/1.0\r\n\r\n",
+    ] {
+        let answer = admin(&lab, request)?;
+        ensure!(answer.starts_with("HTTP/1.1 404"), "{request:?}: {answer}");
+    }
+    // Only on loopback: the client, one hop away, cannot connect.
+    let from_client = in_netns(&lab.ns("client"), || {
+        TcpStream::connect_timeout(&SocketAddr::from((LB_ADDR, 9617)), Duration::from_secs(1))
+    })?;
+    ensure!(
+        from_client.is_err(),
+        "the admin endpoint answers other hosts"
+    );
+    // Nothing changed: no reload was tried, and lb forwards.
+    let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    for result in ["success", "failure"] {
+        let line = format!("lb_config_reloads_total{{result=\"{result}\"}} 0");
+        ensure!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+    ensure!(answered(&lab)? == 30);
     Ok(())
 }
