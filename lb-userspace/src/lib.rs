@@ -12,6 +12,7 @@ pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod net;
+pub mod next_hop;
 pub mod round_robin;
 pub mod run;
 pub mod target;

@@ -71,6 +71,10 @@ const MAPS: [(&str, usize); 21] = [
     ("LISTENER_REFUSED", size_of::<u64>()),
 ];
 
+/// The MAC of a target whose next hop is not known: no frame is ever sent to it, since such a
+/// target takes no flows, but the maps hold this until the MAC is learnt.
+pub const UNRESOLVED_MAC: [u8; 6] = [0; 6];
+
 /// Where the frames for a target go: out of which of the balancer's interfaces (an index into
 /// the list `lb run` was given), to which MAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,12 +121,13 @@ pub struct GroupState {
 
 impl MapState {
     /// The maps for `config`, with the ids and states of `registry` (which must be in sync with
-    /// it), for a balancer on `interfaces`. `next_hop` says where a target's frames are sent.
+    /// it), for a balancer on `interfaces`. `next_hop` says where a target's frames are sent:
+    /// a target without one (its MAC is not known) takes no new flows.
     pub fn build(
         config: &Config,
         registry: &Registry,
         interfaces: &[Interface],
-        mut next_hop: impl FnMut(&TargetKey, Forwarding) -> Result<NextHop>,
+        next_hop: impl Fn(&TargetKey) -> Option<NextHop>,
     ) -> Result<Self> {
         if interfaces.len() > MAX_INTERFACES {
             return Err(anyhow!(
@@ -161,6 +166,7 @@ impl MapState {
                 .ok_or_else(|| anyhow!("target group {} has no id", group.name))?;
             let usable: Vec<(&TargetKey, u32, u32)> = registry
                 .usable(&group.name)
+                .filter(|(k, _)| next_hop(k).is_some())
                 .map(|(k, e)| (k, e.id, e.weight))
                 .collect();
             let usable_ids: HashSet<u32> = usable.iter().map(|&(_, id, _)| id).collect();
@@ -170,7 +176,10 @@ impl MapState {
                     _ if usable_ids.contains(&entry.id) => TARGET_ACTIVE,
                     _ => TARGET_UNHEALTHY,
                 };
-                let hop = next_hop(key, group.forwarding)?;
+                let hop = next_hop(key).unwrap_or(NextHop {
+                    interface: 0,
+                    mac: UNRESOLVED_MAC,
+                });
                 if hop.interface >= interfaces.len() {
                     return Err(anyhow!(
                         "{key} is sent out of interface {} of {}",

@@ -68,6 +68,10 @@ pub struct TargetStatus {
     /// connections compares.
     #[serde(default)]
     pub active_connections: u64,
+    /// The MAC its frames go to (its own, or its gateway's); none while the kernel does not
+    /// know it, when the target takes no new flows.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// Counters since the listener or target appeared, and flows seen within their idle timeout.
@@ -136,6 +140,12 @@ impl Status {
                         active.targets.get(&entry.id).copied().unwrap_or(0),
                     ),
                     active_connections: dataplane.active_connections(entry.id),
+                    mac: state
+                        .targets
+                        .get(&entry.id)
+                        .map(|t| t.mac)
+                        .filter(|mac| *mac != crate::maps::UNRESOLVED_MAC)
+                        .map(|mac| crate::net::format_mac(&mac)),
                 });
             }
             target_groups.push(GroupStatus {
@@ -322,6 +332,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         "Connections the clients have not ended (TCP: no FIN or RST yet; UDP: not idle), per target: what least connections compares.",
         &["target_group", "target"],
     )?;
+    let resolved = gauge(
+        "lb_target_next_hop_resolved",
+        "1 if the MAC the target's frames go to is known, else 0 (it then takes no new flows).",
+        &["target_group", "target"],
+    )?;
     let fail_open = gauge(
         "lb_target_group_fail_open",
         "1 while the group has no healthy target and sends new flows to all.",
@@ -364,6 +379,9 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
             connections
                 .with_label_values(&[&g.name, &target])
                 .set(t.active_connections as i64);
+            resolved
+                .with_label_values(&[&g.name, &target])
+                .set(t.mac.is_some() as i64);
             healthy
                 .with_label_values(&[&g.name, &target])
                 .set((t.state == TargetState::Healthy.name()) as i64);
@@ -499,7 +517,11 @@ pub fn table(status: &Status, rates: &Rates) -> String {
                 .unwrap_or_default();
             rows.push(vec![
                 t.target.to_string(),
-                t.state.clone(),
+                if t.mac.is_some() {
+                    t.state.clone()
+                } else {
+                    format!("{} (no MAC)", t.state)
+                },
                 t.weight.to_string(),
                 t.traffic.active_flows.to_string(),
                 t.active_connections.to_string(),
@@ -603,6 +625,7 @@ mod tests {
                             active_flows: 2,
                         },
                         active_connections: 1,
+                        mac: Some("02:00:c6:33:64:0b".into()),
                     },
                     TargetStatus {
                         target: "198.51.100.12:80".parse().unwrap(),
@@ -610,6 +633,7 @@ mod tests {
                         weight: 2,
                         traffic: Traffic::default(),
                         active_connections: 0,
+                        mac: Some("02:00:c6:33:64:0b".into()),
                     },
                 ],
             }],

@@ -1,11 +1,7 @@
-//! What lb needs to know of the host's network: interfaces, routes and neighbours (ARP).
+//! What lb needs to know of its own interfaces, and socket helpers. Routes and neighbours are
+//! `next_hop`'s.
 
-use std::{
-    ffi::CString,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{ffi::CString, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
@@ -111,101 +107,6 @@ fn ipv4_addresses(name: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
-/// How the kernel would reach `dst`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub dev: String,
-    pub gateway: Option<Ipv4Addr>,
-}
-
-impl Route {
-    /// The address whose MAC a frame towards the destination carries.
-    pub fn next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
-        self.gateway.unwrap_or(dst)
-    }
-}
-
-pub fn route_to(dst: Ipv4Addr) -> Result<Route> {
-    let out = Command::new("ip")
-        .args(["-j", "-4", "route", "get", &dst.to_string()])
-        .output()
-        .context("running `ip route get` (is iproute2 installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "no route to {dst}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let routes: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).context("reading `ip -j route get`")?;
-    let route = routes.first().ok_or_else(|| anyhow!("no route to {dst}"))?;
-    Ok(Route {
-        dev: route["dev"].as_str().unwrap_or_default().to_owned(),
-        gateway: route["gateway"].as_str().and_then(|g| g.parse().ok()),
-    })
-}
-
-/// The MAC of `addr` on `dev`, from the neighbour table; asks the kernel to resolve it (by
-/// sending one empty UDP datagram to the discard port) when it is not known yet.
-pub fn resolve_mac(addr: Ipv4Addr, dev: &str, timeout: Duration) -> Result<[u8; 6]> {
-    let deadline = Instant::now() + timeout;
-    let mut next_probe = Instant::now();
-    loop {
-        if let Some(mac) = neighbour(addr, dev)? {
-            return Ok(mac);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            bail!(
-                "no ARP reply from {addr} on {dev} within {}s: is it up and on this segment?",
-                timeout.as_secs()
-            );
-        }
-        if now >= next_probe {
-            probe(addr, dev);
-            next_probe = now + Duration::from_millis(500);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn probe(addr: Ipv4Addr, dev: &str) {
-    if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
-        let _ = set_socket_option(&socket, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev);
-        let _ = socket.send_to(&[], SocketAddrV4::new(addr, 9));
-    }
-}
-
-/// A complete entry of the neighbour table (`/proc/net/arp` is per network namespace).
-fn neighbour(addr: Ipv4Addr, dev: &str) -> Result<Option<[u8; 6]>> {
-    let table = std::fs::read_to_string("/proc/net/arp").context("reading /proc/net/arp")?;
-    Ok(parse_arp_table(&table, addr, dev))
-}
-
-fn parse_arp_table(table: &str, addr: Ipv4Addr, dev: &str) -> Option<[u8; 6]> {
-    const ATF_COM: u32 = 0x2;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [ip, _hw_type, flags, mac, _mask, device] = f[..] else {
-            return None;
-        };
-        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
-        if ip.parse::<Ipv4Addr>().ok()? != addr || device != dev || flags & ATF_COM == 0 {
-            return None;
-        }
-        parse_mac(mac)
-    })
-}
-
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -244,33 +145,5 @@ pub fn set_socket_option<T: ?Sized>(
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arp_table_lookup_wants_a_complete_entry_on_the_right_device() {
-        let table = "IP address       HW type     Flags       HW address            Mask     Device\n\
-                     198.51.100.11    0x1         0x2         aa:bb:cc:dd:ee:01     *        eth0\n\
-                     198.51.100.12    0x1         0x0         00:00:00:00:00:00     *        eth0\n\
-                     198.51.100.13    0x1         0x2         aa:bb:cc:dd:ee:03     *        eth1\n";
-        let ip = |s: &str| s.parse().unwrap();
-        assert_eq!(
-            parse_arp_table(table, ip("198.51.100.11"), "eth0"),
-            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01])
-        );
-        assert_eq!(parse_arp_table(table, ip("198.51.100.12"), "eth0"), None);
-        assert_eq!(parse_arp_table(table, ip("198.51.100.13"), "eth0"), None);
-    }
-
-    #[test]
-    fn mac_round_trip() {
-        let mac = [0x02, 0, 0xff, 0x10, 0xab, 0x01];
-        assert_eq!(parse_mac(&format_mac(&mac)), Some(mac));
-        assert_eq!(parse_mac("02:00"), None);
-        assert_eq!(parse_mac("02:00:00:00:00:00:00"), None);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -23,9 +23,10 @@ use crate::{
     health::{self, HealthCheck, ProbeResult, TargetState},
     instance::{self, Instance},
     lifecycle::{Registry, TargetKey, Transition},
-    maps::{Dataplane, MapState, NextHop},
+    maps::{Dataplane, MapState},
     metrics::{self, Status, Telemetry},
-    net::{self, Interface},
+    net::{Interface, format_mac},
+    next_hop::{self, NextHops},
     xdp::{self, Attachment, ModeChoice},
 };
 
@@ -44,7 +45,8 @@ fn pinned_links(pin_dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// How long to wait for a target's (or gateway's) ARP reply.
+/// How long `lb run` waits at start for the MACs of its targets (or gateways), so that they
+/// take flows from the first moment; those that come later join when they come.
 const ARP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a predecessor may take to hand over.
@@ -85,6 +87,12 @@ pub fn run(
                 info!("handing over: exiting without detaching; the data plane keeps forwarding for the next lb");
                 Ok(())
             }
+            Ok(Exit::InterfaceGone(name)) => {
+                controller.shut_down()?;
+                Err(anyhow!(
+                    "interface {name} was removed: lb detached and stopped; start it again once the interface is back"
+                ))
+            }
             Err(e) => {
                 // Keep forwarding: a restarted lb adopts the pinned data plane.
                 error!("the controller failed; the data plane keeps forwarding and the next `lb run` adopts it");
@@ -100,6 +108,8 @@ enum Exit {
     Shutdown,
     /// SIGUSR2 from a successor that adopts the pinned data plane.
     Handover,
+    /// One of lb's interfaces was removed.
+    InterfaceGone(String),
 }
 
 struct Controller {
@@ -115,8 +125,12 @@ struct Controller {
     registry: Registry,
     /// What the maps hold now.
     state: MapState,
-    /// Next hop of each target address, resolved once.
-    hops: HashMap<Ipv4Addr, NextHop>,
+    /// Each target's interface and MAC, as the kernel says.
+    next_hops: NextHops,
+    /// The kernel's neighbour and link changes.
+    network: mpsc::UnboundedReceiver<next_hop::Event>,
+    /// Per interface: whether it was up (with a carrier) when last heard of.
+    links_up: Vec<bool>,
     probes: HashMap<TargetKey, Probe>,
     results_tx: mpsc::Sender<ProbeResult<TargetKey>>,
     results_rx: mpsc::Receiver<ProbeResult<TargetKey>>,
@@ -168,8 +182,10 @@ impl Controller {
         }
         let adopting = !pinned.is_empty();
         let stale_links: Vec<String> = pinned.into_iter().filter(|i| !names.contains(i)).collect();
-        let mut hops = HashMap::new();
-        resolve_next_hops(&config, &ifaces, &mut hops)?;
+        let (mut next_hops, mut network) = NextHops::connect()?;
+        next_hops.route(&config, &ifaces).await?;
+        next_hops.learn(&ifaces).await?;
+        wait_for_macs(&mut next_hops, &mut network, &ifaces).await;
         forward_for_nat(&config, &ifaces)?;
 
         let now = std::time::Instant::now();
@@ -203,7 +219,7 @@ impl Controller {
         } else {
             MapState::default()
         };
-        let state = MapState::build(&config, &registry, &ifaces, cached_hop(&hops))?;
+        let state = MapState::build(&config, &registry, &ifaces, |k| next_hops.get(k.addr.ip()))?;
         dataplane.apply(&current, &state)?;
         if let Some(old) = &predecessor {
             instance::signal_and_wait(old.pid, libc::SIGUSR2, HANDOVER_TIMEOUT)
@@ -247,6 +263,7 @@ impl Controller {
                 "TCP health checks connect instead of sending half-open handshakes: raw socket: {why}"
             );
         }
+        let links_up = vec![true; ifaces.len()];
         let mut controller = Controller {
             config_path: config_path.to_owned(),
             config,
@@ -256,7 +273,9 @@ impl Controller {
             dataplane,
             registry,
             state,
-            hops,
+            next_hops,
+            network,
+            links_up,
             probes: HashMap::new(),
             results_tx,
             results_rx,
@@ -289,11 +308,17 @@ impl Controller {
                 _ = interrupt.recv() => return Ok(Exit::Shutdown),
                 _ = terminate.recv() => return Ok(Exit::Shutdown),
                 _ = handover.recv() => return Ok(Exit::Handover),
-                _ = hangup.recv() => self.reload(),
+                _ = hangup.recv() => self.reload().await,
+                Some(event) = self.network.recv() => {
+                    if let Some(exit) = self.on_network(event)? {
+                        return Ok(exit);
+                    }
+                }
                 Some(request) = self.admin_rx.recv() => self.answer(request),
                 Some(result) = self.results_rx.recv() => self.on_probe(result)?,
                 _ = reconcile.tick() => self.dataplane.reconcile_connections(&self.state),
                 _ = tick.tick() => {
+                    self.next_hops.probe_unknown(&self.ifaces);
                     let expired = self.registry.expire(std::time::Instant::now());
                     if !expired.is_empty() {
                         self.refresh()?;
@@ -344,6 +369,54 @@ impl Controller {
         }
     }
 
+    /// A change of the network the kernel announced: a neighbour's MAC (written to the maps at
+    /// once), an interface going down or up, or going away (which stops lb).
+    fn on_network(&mut self, event: next_hop::Event) -> Result<Option<Exit>> {
+        use next_hop::Event;
+        match event {
+            Event::Neighbour { ifindex, addr, mac } => {
+                if self.next_hops.on_event(&self.ifaces, &event) {
+                    let dev = self.iface_name(ifindex);
+                    match mac {
+                        Some(mac) => info!("{addr} on {dev} is at {} now", format_mac(&mac)),
+                        None => warn!(
+                            "{addr} on {dev} no longer answers ARP: the targets behind it take no new flows until it does"
+                        ),
+                    }
+                    self.refresh()?;
+                }
+            }
+            Event::Link { ifindex, up } => {
+                if let Some(i) = self.ifaces.iter().position(|f| f.index == ifindex)
+                    && self.links_up[i] != up
+                {
+                    self.links_up[i] = up;
+                    let name = &self.ifaces[i].name;
+                    if up {
+                        info!("{name} is up again");
+                        self.next_hops.probe_unknown(&self.ifaces);
+                    } else {
+                        warn!("{name} is down: nothing is forwarded on it until it is up again");
+                    }
+                }
+            }
+            Event::LinkRemoved { ifindex } => {
+                if let Some(iface) = self.ifaces.iter().find(|f| f.index == ifindex) {
+                    return Ok(Some(Exit::InterfaceGone(iface.name.clone())));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The name of lb's interface `ifindex`.
+    fn iface_name(&self, ifindex: u32) -> &str {
+        self.ifaces
+            .iter()
+            .find(|f| f.index == ifindex)
+            .map_or("?", |f| f.name.as_str())
+    }
+
     fn on_probe(&mut self, result: ProbeResult<TargetKey>) -> Result<()> {
         let Some(group) = self.config.target_group(&result.target.group) else {
             return Ok(());
@@ -364,6 +437,9 @@ impl Controller {
             self.refresh()?;
             let why = result.error.map(|e| format!(" ({e})")).unwrap_or_default();
             info!("target {}: {} -> {}{why}", t.target, t.from, t.to);
+            if t.to == TargetState::Unhealthy {
+                self.next_hops.recheck(t.target.addr.ip(), &self.ifaces);
+            }
             // A group starts failing open only when its last healthy target stops being healthy,
             // so only such a transition needs a look at the group.
             if t.from == TargetState::Healthy && self.registry.fails_open(&t.target.group) {
@@ -396,10 +472,11 @@ impl Controller {
     }
 
     /// Applies a new config from the same file; an invalid one changes nothing.
-    fn reload(&mut self) {
-        let result = config::load(&self.config_path)
-            .map_err(|e| anyhow!("{e}"))
-            .and_then(|new| self.apply_config(new));
+    async fn reload(&mut self) {
+        let result = match config::load(&self.config_path) {
+            Ok(new) => self.apply_config(new).await,
+            Err(e) => Err(anyhow!("{e}")),
+        };
         let outcome = if result.is_ok() {
             metrics::RELOAD_SUCCESS
         } else {
@@ -419,7 +496,7 @@ impl Controller {
         }
     }
 
-    fn apply_config(&mut self, new: Config) -> Result<()> {
+    async fn apply_config(&mut self, new: Config) -> Result<()> {
         for (what, old, now) in [
             (
                 "maglev_table_size",
@@ -441,8 +518,10 @@ impl Controller {
                 bail!("settings.{what} changed from {old} to {now}: that needs a restart of lb");
             }
         }
-        // Everything that can fail comes before anything changes.
-        resolve_next_hops(&new, &self.ifaces, &mut self.hops)?;
+        // Everything that can fail comes before anything changes. New targets' MACs are asked
+        // for, not waited for: each joins when the kernel has it.
+        self.next_hops.route(&new, &self.ifaces).await?;
+        self.next_hops.learn(&self.ifaces).await?;
         forward_for_nat(&new, &self.ifaces)?;
         let transitions = self
             .registry
@@ -457,12 +536,10 @@ impl Controller {
 
     /// Rebuilds the map contents and writes what changed.
     fn refresh(&mut self) -> Result<()> {
-        let new = MapState::build(
-            &self.config,
-            &self.registry,
-            &self.ifaces,
-            cached_hop(&self.hops),
-        )?;
+        let next_hops = &self.next_hops;
+        let new = MapState::build(&self.config, &self.registry, &self.ifaces, |k| {
+            next_hops.get(k.addr.ip())
+        })?;
         self.dataplane.apply(&self.state, &new)?;
         self.state = new;
         self.save_snapshot();
@@ -571,17 +648,6 @@ fn predecessor(names: &[String]) -> Result<Option<instance::InstanceInfo>> {
     Ok(found.map(|(_, info)| info))
 }
 
-/// A next-hop lookup for [`MapState::build`] from next hops resolved beforehand.
-fn cached_hop(
-    hops: &HashMap<Ipv4Addr, NextHop>,
-) -> impl FnMut(&TargetKey, Forwarding) -> Result<NextHop> + '_ {
-    move |key, _| {
-        hops.get(key.addr.ip())
-            .copied()
-            .ok_or_else(|| anyhow!("no next hop known for {key}"))
-    }
-}
-
 /// With a nat group, the balancer is a router: its FIB lookups (and the kernel, for a packet
 /// whose next hop is not known yet) forward only on interfaces where IPv4 forwarding is on.
 fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
@@ -605,56 +671,30 @@ fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
     Ok(())
 }
 
-/// Resolves the next hop of every target of `config` not known yet: which of lb's interfaces
-/// reaches it, and the MAC of the target itself (dsr) or of the gateway towards it (ipip,
-/// nat). Each next hop is asked once.
-fn resolve_next_hops(
-    config: &Config,
+/// Waits up to `ARP_TIMEOUT` until the kernel has told the MAC of every neighbour lb needs,
+/// asking again every half second; then says which it still lacks.
+async fn wait_for_macs(
+    hops: &mut NextHops,
+    network: &mut mpsc::UnboundedReceiver<next_hop::Event>,
     ifaces: &[Interface],
-    hops: &mut HashMap<Ipv4Addr, NextHop>,
-) -> Result<()> {
-    let mut asked: HashMap<(usize, Ipv4Addr), [u8; 6]> = HashMap::new();
-    for group in &config.target_groups {
-        for target in &group.targets {
-            if hops.contains_key(&target.address) {
-                continue;
+) {
+    let deadline = tokio::time::sleep(ARP_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut retry = tokio::time::interval(Duration::from_millis(500));
+    while !hops.unknown().is_empty() {
+        tokio::select! {
+            _ = &mut deadline => break,
+            _ = retry.tick() => hops.probe_unknown(ifaces),
+            Some(event) = network.recv() => {
+                hops.on_event(ifaces, &event);
             }
-            let route = net::route_to(target.address)?;
-            let Some(interface) = ifaces.iter().position(|i| i.name == route.dev) else {
-                let names: Vec<&str> = ifaces.iter().map(|i| i.name.as_str()).collect();
-                bail!(
-                    "target {} of group {} is reached through {}, which is not one of lb's interfaces ({}): run lb on it too (-i {}), or route the target through one of them",
-                    target.address,
-                    group.name,
-                    route.dev,
-                    names.join(", "),
-                    route.dev
-                );
-            };
-            let iface = &ifaces[interface];
-            if group.forwarding == Forwarding::Dsr
-                && let Some(gw) = route.gateway
-            {
-                bail!(
-                    "target {} of group {} is behind gateway {gw}: dsr needs targets on the same layer-2 segment as {}; use `forwarding: ipip` for routed targets",
-                    target.address,
-                    group.name,
-                    iface.name
-                );
-            }
-            let hop = route.next_hop(target.address);
-            let mac = match asked.get(&(interface, hop)) {
-                Some(mac) => *mac,
-                None => net::resolve_mac(hop, &iface.name, ARP_TIMEOUT).with_context(|| {
-                    format!(
-                        "resolving the MAC of target {} of group {}",
-                        target.address, group.name
-                    )
-                })?,
-            };
-            asked.insert((interface, hop), mac);
-            hops.insert(target.address, NextHop { interface, mac });
         }
     }
-    Ok(())
+    for (interface, neighbour) in hops.unknown() {
+        warn!(
+            "no ARP reply from {neighbour} on {} within {}s: the targets behind it take no new flows until it answers",
+            ifaces[interface].name,
+            ARP_TIMEOUT.as_secs()
+        );
+    }
 }

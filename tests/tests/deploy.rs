@@ -102,6 +102,7 @@ fn exported_names() -> Result<BTreeSet<String>> {
                 weight: 1,
                 traffic,
                 active_connections: 1,
+                mac: Some("02:00:c6:33:64:0b".into()),
             }],
         }],
         drops: [("malformed".to_owned(), 1)].into(),

@@ -154,3 +154,177 @@ fn an_unprivileged_user_reads_status_and_metrics_and_changes_nothing() -> Result
     ensure!(answered(&lab)? == 30);
     Ok(())
 }
+
+/// Runs `ip` with `args`; fails unless it succeeds.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    ensure!(out.status.success(), "ip {args:?}: {out:?}");
+    Ok(())
+}
+
+/// Whether the client's connections reach every target again within `timeout`, asking every
+/// 200 ms.
+fn all_answer_within(lab: &Lab, timeout: Duration) -> Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok((answers, _)) = tcp_clients(lab, VIP, 80, 30, 1)
+            && share(&answers).len() == lab.targets
+        {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(false)
+}
+
+/// A target replaced by a host with the same address and another MAC, which announces
+/// nothing: lb's health check finds it gone, lb has the kernel ask for its MAC afresh, and it
+/// takes traffic again within seconds, without a reload; status and metrics show the MAC.
+#[test]
+fn a_target_whose_mac_changes_gets_traffic_again_without_a_reload() -> Result<()> {
+    let (mut lab, config) = serving_lab("lbmac", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
+    balancer.wait_all_healthy(3, Duration::from_secs(10))?;
+    ensure!(all_answer_within(&lab, Duration::from_secs(1))?);
+    let new_mac = "02:00:00:00:aa:01";
+    balancer.mark();
+    let changed = std::time::Instant::now();
+    ip(&[
+        "-n",
+        &lab.target_ns(0),
+        "link",
+        "set",
+        "eth0",
+        "address",
+        new_mac,
+    ])?;
+    balancer.wait_for_log(
+        &["198.51.100.11 on eth0 is at 02:00:00:00:aa:01"],
+        Duration::from_secs(15),
+    )?;
+    ensure!(
+        all_answer_within(&lab, Duration::from_secs(10))?,
+        "t1 does not answer through lb"
+    );
+    let took = changed.elapsed();
+    ensure!(took < Duration::from_secs(15), "back after {took:?}");
+    let status = lab.status()?;
+    let t1 = status
+        .target_groups
+        .iter()
+        .flat_map(|g| &g.targets)
+        .find(|t| t.target.ip().octets()[3] == 11)
+        .map(|t| t.mac.clone());
+    ensure!(t1 == Some(Some(new_mac.to_owned())), "status shows {t1:?}");
+    let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    ensure!(metrics.contains(
+        "lb_target_next_hop_resolved{target=\"198.51.100.11:80\",target_group=\"web\"} 1"
+    ));
+    ensure!(metrics.contains("lb_config_reloads_total{result=\"success\"} 0"));
+    Ok(())
+}
+
+/// lb's interface going down and up: lb says so and forwards again once it is up; removed:
+/// lb says so in one sentence, removes its pins and exits 1.
+#[test]
+fn an_interface_that_goes_down_and_up_or_away_is_followed() -> Result<()> {
+    let (mut lab, config) = serving_lab("lblink", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
+    balancer.wait_all_healthy(3, Duration::from_secs(10))?;
+    let lb_ns = lab.ns("lb");
+    ip(&["-n", &lb_ns, "link", "set", "eth0", "down"])?;
+    balancer.wait_for_log(&["eth0 is down"], Duration::from_secs(5))?;
+    ip(&["-n", &lb_ns, "link", "set", "eth0", "up"])?;
+    balancer.wait_for_log(&["eth0 is up again"], Duration::from_secs(5))?;
+    ensure!(
+        all_answer_within(&lab, Duration::from_secs(10))?,
+        "lb does not forward after eth0 came back"
+    );
+
+    ip(&["-n", &lb_ns, "link", "del", "eth0"])?;
+    let (status, lines) = balancer.wait_exit(&mut lab, Duration::from_secs(10))?;
+    ensure!(
+        status.code() == Some(1),
+        "lb exited with {status}: {lines:?}"
+    );
+    ensure!(
+        lines.last().is_some_and(|l| l
+            == "lb: interface eth0 was removed: lb detached and stopped; start it again once the interface is back"),
+        "{lines:?}"
+    );
+    let netns_dir = lab.pin_dir().parent().map(|d| d.to_owned());
+    ensure!(
+        netns_dir.as_ref().is_some_and(|d| !d.exists()),
+        "pins left in {netns_dir:?}"
+    );
+    Ok(())
+}
+
+/// A reload that adds a target nobody answers ARP for is done at once (nothing waits for the
+/// reply); the target is shown without a MAC in `lb status` and the metrics, and takes no
+/// flows. When a host takes its address, lb learns the MAC and the target joins.
+#[test]
+fn a_target_without_a_mac_is_shown_and_joins_once_it_answers() -> Result<()> {
+    let (mut lab, config) = serving_lab("lbarp", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
+    let mut balancer = lab.start_balancer(&config, &[])?;
+    balancer.wait_all_healthy(3, Duration::from_secs(10))?;
+    let absent = "198.51.100.14";
+    let text = std::fs::read_to_string(&config)?.replacen(
+        "  - name: game",
+        &format!("      - {{address: {absent}, port: 80}}\n  - name: game"),
+        1,
+    );
+    std::fs::write(&config, text)?;
+    balancer.mark();
+    let asked = std::time::Instant::now();
+    lab.lb("lb", &["reload", "-i", "eth0"])?;
+    balancer.wait_for_log(&["reloaded"], Duration::from_secs(5))?;
+    let took = asked.elapsed();
+    ensure!(took < Duration::from_secs(1), "the reload took {took:?}");
+
+    let status = lab.status()?;
+    let row = status
+        .target_groups
+        .iter()
+        .flat_map(|g| &g.targets)
+        .find(|t| t.target.to_string() == format!("{absent}:80"))
+        .cloned();
+    ensure!(
+        row.as_ref().is_some_and(|t| t.mac.is_none()),
+        "status: {row:?}"
+    );
+    let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    let unresolved =
+        format!("lb_target_next_hop_resolved{{target=\"{absent}:80\",target_group=\"web\"}} 0");
+    ensure!(metrics.contains(&unresolved), "no {unresolved}");
+    let (answers, _) = tcp_clients(&lab, VIP, 80, 30, 1)?;
+    ensure!(share(&answers).values().sum::<usize>() == 30);
+
+    // A host takes the address: within seconds lb has its MAC, and its check passes.
+    ip(&[
+        "-n",
+        &lab.target_ns(2),
+        "addr",
+        "add",
+        &format!("{absent}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    balancer.wait_for_log(
+        &[&format!("{absent} on eth0 is at")],
+        Duration::from_secs(5),
+    )?;
+    balancer.wait_for_log(
+        &[&format!("{absent}:80 in web"), "-> healthy"],
+        Duration::from_secs(10),
+    )?;
+    let status = lab.status()?;
+    ensure!(
+        status
+            .target_groups
+            .iter()
+            .flat_map(|g| &g.targets)
+            .all(|t| t.mac.is_some())
+    );
+    Ok(())
+}

@@ -167,10 +167,10 @@ fn targets_behind_another_interface_get_frames_redirected_there() -> Result<()> 
         ipv4: vec![INT_ADDR],
     };
     let (config, registry) = registered(CONFIG)?;
-    let state = MapState::build(&config, &registry, &[test_interface(), internal], |k, f| {
-        Ok(lb::maps::NextHop {
+    let state = MapState::build(&config, &registry, &[test_interface(), internal], |k| {
+        Some(lb::maps::NextHop {
             interface: 1,
-            ..next_hop_of(k, f)?
+            ..next_hop_of(k)?
         })
     })?;
     let mut dp = Dataplane::load(&config.settings, None)?;

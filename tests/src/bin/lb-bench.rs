@@ -1172,18 +1172,13 @@ fn balanced_lab(
         config_text += &format!("      - {{address: {}, port: {port}}}\n", target_addr(i));
     }
     let (config, registry) = registered(&config_text)?;
-    let state = MapState::build(
-        &config,
-        &registry,
-        std::slice::from_ref(&lb_iface),
-        |k, _| {
-            let i = (k.addr.ip().octets()[3] - 11) as usize;
-            Ok(lb::maps::NextHop {
-                interface: 0,
-                mac: target_macs[i],
-            })
-        },
-    )?;
+    let state = MapState::build(&config, &registry, std::slice::from_ref(&lb_iface), |k| {
+        let i = (k.addr.ip().octets()[3] - 11) as usize;
+        Some(lb::maps::NextHop {
+            interface: 0,
+            mac: target_macs[i],
+        })
+    })?;
     let mut balancer = lb::maps::Dataplane::load(&config.settings, None)?;
     balancer.apply(&MapState::default(), &state)?;
     Ok((lab, lb_iface, balancer))

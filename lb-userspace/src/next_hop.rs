@@ -1,0 +1,383 @@
+//! Next hops: which of lb's interfaces reaches each target, and the MAC its frames carry (the
+//! target's own, or that of the gateway towards it). Learnt from the kernel over netlink (its
+//! routes and neighbour table) and kept up to date by the kernel's events: a target replaced by
+//! a host with another MAC gets traffic again as soon as the kernel learns the new MAC, without
+//! a reload. A target whose MAC is not known takes no new flows, and `lb status` says so.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    constants::{RTMGRP_LINK, RTMGRP_NEIGH},
+    new_connection,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        link::{LinkFlags, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute},
+    },
+    sys::{AsyncSocket as _, SocketAddr},
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::{Config, Forwarding},
+    maps::NextHop,
+    net::{Interface, set_socket_option},
+};
+
+/// A change the kernel announced that matters to lb.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Neighbour `addr` on interface `ifindex` has this MAC now, or none (it does not answer, or
+    /// its entry is gone).
+    Neighbour {
+        ifindex: u32,
+        addr: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+    },
+    /// Interface `ifindex` is up and has a carrier, or not.
+    Link { ifindex: u32, up: bool },
+    /// Interface `ifindex` is gone.
+    LinkRemoved { ifindex: u32 },
+}
+
+pub struct NextHops {
+    handle: Handle,
+    /// Per target address: the interface that reaches it (an index into lb's) and the neighbour
+    /// whose MAC its frames carry.
+    routes: HashMap<Ipv4Addr, (usize, Ipv4Addr)>,
+    /// The MAC of each neighbour lb sends to, as the kernel last said.
+    macs: HashMap<(usize, Ipv4Addr), [u8; 6]>,
+}
+
+impl NextHops {
+    /// Connects to the kernel (within a tokio runtime): one netlink socket for questions, one
+    /// that hears neighbour and link changes, which arrive on the returned channel.
+    pub fn connect() -> Result<(Self, mpsc::UnboundedReceiver<Event>)> {
+        let (connection, handle, _) = new_connection().context("opening a netlink socket")?;
+        tokio::spawn(connection);
+        let (mut connection, _, mut messages) =
+            new_connection().context("opening a netlink socket")?;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, RTMGRP_NEIGH | RTMGRP_LINK))
+            .context("subscribing to the kernel's neighbour and link changes")?;
+        tokio::spawn(connection);
+        let (events, received) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some((message, _)) = messages.next().await {
+                let NetlinkPayload::InnerMessage(message) = message.payload else {
+                    continue;
+                };
+                if let Some(event) = event_of(message)
+                    && events.send(event).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let hops = NextHops {
+            handle,
+            routes: HashMap::new(),
+            macs: HashMap::new(),
+        };
+        Ok((hops, received))
+    }
+
+    /// Finds the route to every target of `config` not routed yet: which of `ifaces` reaches it,
+    /// and through which neighbour. A target that lb cannot reach as its group forwards is an
+    /// error of the config.
+    pub async fn route(&mut self, config: &Config, ifaces: &[Interface]) -> Result<()> {
+        for group in &config.target_groups {
+            for target in &group.targets {
+                let addr = target.address;
+                if self.routes.contains_key(&addr) {
+                    continue;
+                }
+                let (ifindex, gateway) = self.route_to(addr).await?;
+                let Some(interface) = ifaces.iter().position(|i| i.index == ifindex) else {
+                    let names: Vec<&str> = ifaces.iter().map(|i| i.name.as_str()).collect();
+                    let dev = interface_name(ifindex);
+                    bail!(
+                        "target {addr} of group {} is reached through {dev}, which is not one of lb's interfaces ({}): run lb on it too (-i {dev}), or route the target through one of them",
+                        group.name,
+                        names.join(", "),
+                    );
+                };
+                if group.forwarding == Forwarding::Dsr
+                    && let Some(gw) = gateway
+                {
+                    bail!(
+                        "target {addr} of group {} is behind gateway {gw}: dsr needs targets on the same layer-2 segment as {}; use `forwarding: ipip` for routed targets",
+                        group.name,
+                        ifaces[interface].name
+                    );
+                }
+                self.routes
+                    .insert(addr, (interface, gateway.unwrap_or(addr)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's route to `dst`: the interface index and the gateway, if any.
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>)> {
+        let question = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let route = self
+            .handle
+            .route()
+            .get(question)
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| anyhow!("no route to {dst}: {e}"))?
+            .ok_or_else(|| anyhow!("no route to {dst}"))?;
+        let mut found = (None, None);
+        for attribute in route.attributes {
+            match attribute {
+                RouteAttribute::Oif(index) => found.0 = Some(index),
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => found.1 = Some(gw),
+                _ => {}
+            }
+        }
+        let ifindex = found
+            .0
+            .ok_or_else(|| anyhow!("the route to {dst} leaves through no interface"))?;
+        Ok((ifindex, found.1))
+    }
+
+    /// Learns the MACs not known yet from the kernel's neighbour table, and asks the kernel to
+    /// resolve those it does not have (see [`NextHops::probe_unknown`]).
+    pub async fn learn(&mut self, ifaces: &[Interface]) -> Result<()> {
+        let mut table = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(entry) = table
+            .try_next()
+            .await
+            .context("reading the neighbour table")?
+        {
+            if let Some(Event::Neighbour { ifindex, addr, mac }) = neighbour_event(entry, false) {
+                self.learnt(ifaces, ifindex, addr, mac);
+            }
+        }
+        self.probe_unknown(ifaces);
+        Ok(())
+    }
+
+    /// Has the kernel resolve every neighbour whose MAC lb needs and does not know, by sending
+    /// it an empty UDP datagram (to the discard port): the kernel answers with its neighbour
+    /// table's event once it knows.
+    pub fn probe_unknown(&self, ifaces: &[Interface]) {
+        for (interface, neighbour) in self.unknown() {
+            if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
+                let dev = ifaces[interface].name.as_str();
+                let _ = set_socket_option(&socket, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev);
+                let _ = socket.send_to(&[], SocketAddrV4::new(neighbour, 9));
+            }
+        }
+    }
+
+    /// Has the kernel resolve `target`'s MAC afresh, when the target stopped answering: it may
+    /// have been replaced by a host with the same address and another MAC, which the kernel's
+    /// neighbour table would otherwise notice only after its reachable time (up to 45 s) and
+    /// its probes. Its entry is deleted; the next packet to the target asks for the MAC again.
+    /// Only for a target that is its own next hop: a gateway serves other targets too.
+    pub fn recheck(&self, target: &Ipv4Addr, ifaces: &[Interface]) {
+        let Some(&(interface, neighbour)) = self.routes.get(target) else {
+            return;
+        };
+        if neighbour != *target {
+            return;
+        }
+        let mut entry = NeighbourMessage::default();
+        entry.header.family = AddressFamily::Inet;
+        entry.header.ifindex = ifaces[interface].index;
+        entry
+            .attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                neighbour,
+            )));
+        let request = self.handle.neighbours().del(entry).execute();
+        tokio::spawn(async move {
+            if let Err(e) = request.await {
+                tracing::debug!("deleting the neighbour entry of {neighbour}: {e}");
+            }
+        });
+    }
+
+    /// The neighbours lb needs whose MAC it does not know.
+    pub fn unknown(&self) -> Vec<(usize, Ipv4Addr)> {
+        let mut unknown: Vec<(usize, Ipv4Addr)> = self
+            .routes
+            .values()
+            .filter(|hop| !self.macs.contains_key(hop))
+            .copied()
+            .collect();
+        unknown.sort();
+        unknown.dedup();
+        unknown
+    }
+
+    /// The next hop of a target, if its MAC is known.
+    pub fn get(&self, target: &Ipv4Addr) -> Option<NextHop> {
+        let &(interface, neighbour) = self.routes.get(target)?;
+        let mac = *self.macs.get(&(interface, neighbour))?;
+        Some(NextHop { interface, mac })
+    }
+
+    /// Records a neighbour event; whether it changed the MAC of a neighbour lb needs.
+    pub fn on_event(&mut self, ifaces: &[Interface], event: &Event) -> bool {
+        match *event {
+            Event::Neighbour { ifindex, addr, mac } => self.learnt(ifaces, ifindex, addr, mac),
+            _ => false,
+        }
+    }
+
+    fn learnt(
+        &mut self,
+        ifaces: &[Interface],
+        ifindex: u32,
+        addr: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+    ) -> bool {
+        let Some(interface) = ifaces.iter().position(|i| i.index == ifindex) else {
+            return false;
+        };
+        let key = (interface, addr);
+        if !self.routes.values().any(|hop| *hop == key) {
+            return false;
+        }
+        match mac {
+            Some(mac) => self.macs.insert(key, mac) != Some(mac),
+            None => self.macs.remove(&key).is_some(),
+        }
+    }
+}
+
+/// The name of interface `index`, or the index if it has none.
+fn interface_name(index: u32) -> String {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL-terminated, into `name`.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return format!("interface {index}");
+    }
+    // SAFETY: filled and NUL-terminated just above.
+    unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// What a message of the kernel's means to lb, if anything.
+fn event_of(message: RouteNetlinkMessage) -> Option<Event> {
+    match message {
+        RouteNetlinkMessage::NewNeighbour(n) => neighbour_event(n, false),
+        RouteNetlinkMessage::DelNeighbour(n) => neighbour_event(n, true),
+        RouteNetlinkMessage::NewLink(LinkMessage { header, .. }) => Some(Event::Link {
+            ifindex: header.index,
+            up: header.flags.contains(LinkFlags::Up | LinkFlags::LowerUp),
+        }),
+        RouteNetlinkMessage::DelLink(LinkMessage { header, .. }) => Some(Event::LinkRemoved {
+            ifindex: header.index,
+        }),
+        _ => None,
+    }
+}
+
+/// An IPv4 neighbour entry as an event: its MAC while the kernel holds one it trusts (a stale
+/// entry still carries the last MAC that answered), none once resolution failed or the entry
+/// went.
+fn neighbour_event(n: NeighbourMessage, deleted: bool) -> Option<Event> {
+    if n.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let (mut addr, mut lladdr) = (None, None);
+    for attribute in n.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(a),
+            NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = <[u8; 6]>::try_from(bytes).ok(),
+            _ => {}
+        }
+    }
+    let usable = matches!(
+        n.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+    );
+    Some(Event::Neighbour {
+        ifindex: n.header.ifindex,
+        addr: addr?,
+        mac: lladdr.filter(|_| usable && !deleted),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: NeighbourState, mac: Option<[u8; 6]>) -> NeighbourMessage {
+        let mut n = NeighbourMessage::default();
+        n.header.family = AddressFamily::Inet;
+        n.header.ifindex = 2;
+        n.header.state = state;
+        n.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                Ipv4Addr::new(198, 51, 100, 11),
+            )));
+        if let Some(mac) = mac {
+            n.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        }
+        n
+    }
+
+    /// A stale entry still carries the MAC that last answered; a failed or incomplete one, or
+    /// one that went, carries none.
+    #[test]
+    fn a_neighbour_entry_gives_a_mac_only_while_the_kernel_trusts_it() {
+        let mac = [2, 0, 0, 0, 0, 0x11];
+        let event = |n, deleted| match neighbour_event(n, deleted) {
+            Some(Event::Neighbour { mac, .. }) => mac,
+            other => panic!("{other:?}"),
+        };
+        for state in [
+            NeighbourState::Reachable,
+            NeighbourState::Stale,
+            NeighbourState::Delay,
+            NeighbourState::Probe,
+            NeighbourState::Permanent,
+        ] {
+            assert_eq!(
+                event(entry(state, Some(mac)), false),
+                Some(mac),
+                "{state:?}"
+            );
+        }
+        assert_eq!(
+            event(entry(NeighbourState::Reachable, Some(mac)), true),
+            None
+        );
+        assert_eq!(event(entry(NeighbourState::Failed, Some(mac)), false), None);
+        assert_eq!(event(entry(NeighbourState::Incomplete, None), false), None);
+        let mut v6 = entry(NeighbourState::Reachable, Some(mac));
+        v6.header.family = AddressFamily::Inet6;
+        assert_eq!(neighbour_event(v6, false), None);
+    }
+}
