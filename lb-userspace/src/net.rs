@@ -1,9 +1,17 @@
-//! What lb needs to know of its own interfaces, and socket helpers. Routes and neighbours are
-//! `next_hop`'s.
+//! What lb needs to know of its own interfaces, the netlink conversations with the kernel that
+//! are not `next_hop`'s (an interface's XDP program, addresses), and socket helpers.
 
-use std::{ffi::CString, net::Ipv4Addr};
+use std::{
+    ffi::CString,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    Handle,
+    packet_route::link::{LinkAttribute, LinkXdp},
+};
 
 /// A network interface as the data plane needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +113,79 @@ fn ipv4_addresses(name: &str) -> Result<Vec<Ipv4Addr>> {
         libc::freeifaddrs(head);
     }
     Ok(out)
+}
+
+/// A netlink handle to the kernel, whose connection runs as a task of the current runtime.
+pub fn netlink() -> Result<Handle> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+/// Runs `talk` with a netlink handle, from code that is not async (`lb target`).
+pub fn with_netlink<T>(talk: impl AsyncFnOnce(&Handle) -> Result<T>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for netlink")?
+        .block_on(async { talk(&netlink()?).await })
+}
+
+/// The id of the XDP program attached to interface `index`, if any.
+pub async fn xdp_program(handle: &Handle, index: u32) -> Result<Option<u32>> {
+    let link = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("reading interface {index}"))?
+        .with_context(|| format!("no interface {index}"))?;
+    Ok(link
+        .attributes
+        .into_iter()
+        .find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.into_iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) => Some(id),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .filter(|&id| id != 0))
+}
+
+/// Adds `addr`/32 to interface `index`, or removes it.
+pub async fn set_host_address(
+    handle: &Handle,
+    index: u32,
+    addr: Ipv4Addr,
+    present: bool,
+) -> Result<()> {
+    if present {
+        return handle
+            .address()
+            .add(index, IpAddr::V4(addr), 32)
+            .execute()
+            .await
+            .with_context(|| format!("adding {addr}/32 to interface {index}"));
+    }
+    let mut found = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .set_address_filter(IpAddr::V4(addr))
+        .execute();
+    while let Some(entry) = found.try_next().await? {
+        handle
+            .address()
+            .del(entry)
+            .execute()
+            .await
+            .with_context(|| format!("removing {addr} from interface {index}"))?;
+    }
+    Ok(())
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {

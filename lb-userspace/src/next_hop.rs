@@ -58,11 +58,9 @@ pub struct NextHops {
 }
 
 impl NextHops {
-    /// Connects to the kernel (within a tokio runtime): one netlink socket for questions, one
-    /// that hears neighbour and link changes, which arrive on the returned channel.
-    pub fn connect() -> Result<(Self, mpsc::UnboundedReceiver<Event>)> {
-        let (connection, handle, _) = new_connection().context("opening a netlink socket")?;
-        tokio::spawn(connection);
+    /// Asks the kernel through `handle`, and opens a second netlink socket (within a tokio
+    /// runtime) that hears neighbour and link changes, which arrive on the returned channel.
+    pub fn connect(handle: Handle) -> Result<(Self, mpsc::UnboundedReceiver<Event>)> {
         let (mut connection, _, mut messages) =
             new_connection().context("opening a netlink socket")?;
         connection

@@ -25,7 +25,7 @@ use crate::{
     lifecycle::{Registry, TargetKey, Transition},
     maps::{Dataplane, MapState},
     metrics::{self, Status, Telemetry},
-    net::{Interface, format_mac},
+    net::{self, Interface, format_mac},
     next_hop::{self, NextHops},
     xdp::{self, Attachment, ModeChoice},
 };
@@ -165,24 +165,26 @@ impl Controller {
         let predecessor = predecessor(&names)?;
         xdp::prepare_pin_dir(pin_dir)?;
         let pinned = pinned_links(pin_dir);
-        // Adopt only what an lb on these very interfaces left: a link pinned for `eth0` that is
-        // attached to another interface means another lb's pins (one given the same --pin-dir).
+        let netlink = net::netlink()?;
+        // Adopt only what an lb on these very interfaces left: a link pinned for `eth0` whose
+        // program is not the one attached to this namespace's eth0 is another lb's (one given
+        // the same --pin-dir, here or in another namespace).
         for iface in ifaces.iter().filter(|i| pinned.contains(&i.name)) {
             let pin = link_pin(pin_dir, &iface.name);
-            let on = xdp::pinned_link_ifindex(&pin)?;
-            if on != 0 && on != iface.index {
+            let link = xdp::pinned_link(&pin)?;
+            let attached = net::xdp_program(&netlink, iface.index).await?;
+            if link.ifindex != 0 && attached != Some(link.program) {
                 bail!(
-                    "the XDP link pinned at {} is attached to interface index {on}, not to {} (index {}): the pins in {} belong to another lb; give this one its own --pin-dir",
+                    "the XDP link pinned at {} is not the program attached to {}: the pins in {} belong to another lb; give this one its own --pin-dir",
                     pin.display(),
                     iface.name,
-                    iface.index,
                     pin_dir.display()
                 );
             }
         }
         let adopting = !pinned.is_empty();
         let stale_links: Vec<String> = pinned.into_iter().filter(|i| !names.contains(i)).collect();
-        let (mut next_hops, mut network) = NextHops::connect()?;
+        let (mut next_hops, mut network) = NextHops::connect(netlink)?;
         next_hops.route(&config, &ifaces).await?;
         next_hops.learn(&ifaces).await?;
         wait_for_macs(&mut next_hops, &mut network, &ifaces).await;

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{Config, Forwarding, protocol_name},
     maps::be,
-    net::Interface,
+    net::{self, Interface},
     xdp::{XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, netlink_set_xdp},
 };
 
@@ -235,7 +235,7 @@ impl Step {
 
     fn apply(&self, saved: &mut SavedState) -> Result<()> {
         match self {
-            Step::VipOnLoopback(vip) => ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"]),
+            Step::VipOnLoopback(vip) => vip_on_loopback(*vip, true),
             Step::Sysctl { key, want } => {
                 saved.remember(key)?;
                 write_sysctl(key, want)
@@ -262,7 +262,7 @@ impl Step {
 
     fn undo(&self, saved: &SavedState) -> Result<()> {
         match self {
-            Step::VipOnLoopback(vip) => ip(&["addr", "del", &format!("{vip}/32"), "dev", "lo"]),
+            Step::VipOnLoopback(vip) => vip_on_loopback(*vip, false),
             Step::Sysctl { key, .. } => saved.restore(key),
             Step::RpFilterLoose(iface) => {
                 saved.restore(&format!("net.ipv4.conf.{iface}.rp_filter"))
@@ -389,35 +389,22 @@ fn effective_rp_filter(iface: &str) -> Result<String> {
     Ok(all.max(dev))
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (is iproute2 installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// Adds `vip`/32 to the loopback interface, or removes it.
+fn vip_on_loopback(vip: Ipv4Addr, present: bool) -> Result<()> {
+    let lo = Interface::lookup("lo")?.index;
+    net::with_netlink(async |handle| net::set_host_address(handle, lo, vip, present).await)
 }
 
 /// Name of the XDP program attached to `iface`, if any.
 fn attached_program(iface: &str) -> Result<Option<String>> {
-    let out = Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", iface])
-        .output()
-        .context("running `ip link show`")?;
-    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let xdp = links.first().map(|l| &l["xdp"]);
-    Ok(xdp.and_then(|x| {
-        x["prog"]["name"]
-            .as_str()
-            .or_else(|| x["attached"][0]["prog"]["name"].as_str())
-            .map(str::to_owned)
-    }))
+    let index = Interface::lookup(iface)?.index;
+    let Some(id) = net::with_netlink(async |handle| net::xdp_program(handle, index).await)? else {
+        return Ok(None);
+    };
+    Ok(aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned)))
 }
 
 /// Loads the decap object, tells it this host's addresses, and attaches it through netlink so

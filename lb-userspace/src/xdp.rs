@@ -89,10 +89,18 @@ pub fn attach_pinned(
     Ok(Attachment::New(attached))
 }
 
-/// The index of the interface that the XDP link pinned at `pin` is attached to; 0 once that
-/// interface is gone. aya does not expose a link's XDP fields, so this asks the kernel itself:
-/// `BPF_OBJ_GET` for a descriptor of the pin, `BPF_OBJ_GET_INFO_BY_FD` for its `bpf_link_info`.
-pub fn pinned_link_ifindex(pin: &Path) -> Result<u32> {
+/// An XDP link as the kernel describes it.
+pub struct LinkInfo {
+    /// The interface it is attached to, in its network namespace; 0 once the interface is gone.
+    pub ifindex: u32,
+    /// The program it runs.
+    pub program: u32,
+}
+
+/// The XDP link pinned at `pin`. aya does not expose a link's XDP fields, so this asks the
+/// kernel itself: `BPF_OBJ_GET` for a descriptor of the pin, `BPF_OBJ_GET_INFO_BY_FD` for its
+/// `bpf_link_info`.
+pub fn pinned_link(pin: &Path) -> Result<LinkInfo> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -114,7 +122,7 @@ pub fn pinned_link_ifindex(pin: &Path) -> Result<u32> {
     /// `struct bpf_link_info` up to its XDP member (the union starts 8-byte aligned), and room
     /// for the largest member.
     #[repr(C)]
-    struct LinkInfo {
+    struct BpfLinkInfo {
         link_type: u32,
         id: u32,
         prog_id: u32,
@@ -136,11 +144,11 @@ pub fn pinned_link_ifindex(pin: &Path) -> Result<u32> {
     }
     // SAFETY: a descriptor the kernel just gave this process, owned here alone.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: all-zero is a valid `LinkInfo`.
-    let mut info: LinkInfo = unsafe { std::mem::zeroed() };
+    // SAFETY: all-zero is a valid `BpfLinkInfo`.
+    let mut info: BpfLinkInfo = unsafe { std::mem::zeroed() };
     let query = InfoByFd {
         bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<LinkInfo>() as u32,
+        info_len: size_of::<BpfLinkInfo>() as u32,
         info: &raw mut info as u64,
     };
     // SAFETY: bpf(2) writes at most `info_len` bytes into `info`.
@@ -159,7 +167,10 @@ pub fn pinned_link_ifindex(pin: &Path) -> Result<u32> {
     if info.link_type != BPF_LINK_TYPE_XDP {
         return Err(anyhow!("{} is not an XDP link", pin.display()));
     }
-    Ok(info.ifindex)
+    Ok(LinkInfo {
+        ifindex: info.ifindex,
+        program: info.prog_id,
+    })
 }
 
 /// Detaches the program whose link is pinned at `pin`, and removes the pin.

@@ -21,12 +21,33 @@ fn answered(lab: &Lab) -> Result<usize> {
 
 /// Two lbs on `eth0` in two network namespaces, started as the README says (`nsenter --net`,
 /// the host's BPF filesystem): each attaches to its own interface, pins in its own directory,
-/// and forwards its own clients' traffic; stopping one leaves the other forwarding.
+/// and forwards its own clients' traffic; stopping one leaves the other forwarding. Given the
+/// other's pin directory, one refuses to start.
 #[test]
 fn two_lbs_on_eth0_in_two_namespaces_each_forward_their_own_traffic() -> Result<()> {
     let (mut first, first_config) = serving_lab("lbnsa", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
     let (mut second, second_config) = serving_lab("lbnsb", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
     let mut a = first.start_balancer(&first_config, &[])?;
+    // Given the first one's pin directory, the second refuses to adopt what is not its own.
+    let shared = first.pin_dir();
+    let refused = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", second.ns("lb")))
+        .arg(lb_binary())
+        .args(["run", "-c"])
+        .arg(&second_config)
+        .args(["-i", "eth0", "--pin-dir"])
+        .arg(&shared)
+        .output()?;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    let want = format!(
+        "lb: the XDP link pinned at {} is not the program attached to eth0: the pins in {} belong to another lb; give this one its own --pin-dir",
+        shared.join("link-eth0").display(),
+        shared.display()
+    );
+    ensure!(
+        refused.status.code() == Some(1) && said.lines().last() == Some(want.as_str()),
+        "{said}"
+    );
     let mut b = second.start_balancer(&second_config, &[])?;
     for (balancer, lab) in [(&mut a, &first), (&mut b, &second)] {
         let line = balancer.wait_for_log(&["forwarding on"], Duration::from_secs(1))?;
