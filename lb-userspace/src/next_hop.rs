@@ -192,26 +192,22 @@ impl NextHops {
     /// Has the kernel resolve `target`'s MAC afresh, when the target stopped answering: it may
     /// have been replaced by a host with the same address and another MAC, which the kernel's
     /// neighbour table would otherwise notice only after its reachable time (up to 45 s) and
-    /// its probes. Its entry is deleted; the next packet to the target asks for the MAC again.
+    /// its probes. Its entry is deleted, if it still holds the MAC lb uses (the kernel may have
+    /// learnt the new one meanwhile); the next packet to the target asks for the MAC again.
     /// Only for a target that is its own next hop: a gateway serves other targets too.
     pub fn recheck(&self, target: &Ipv4Addr, ifaces: &[Interface]) {
         let Some(&(interface, neighbour)) = self.routes.get(target) else {
             return;
         };
+        let Some(&used) = self.macs.get(&(interface, neighbour)) else {
+            return;
+        };
         if neighbour != *target {
             return;
         }
-        let mut entry = NeighbourMessage::default();
-        entry.header.family = AddressFamily::Inet;
-        entry.header.ifindex = ifaces[interface].index;
-        entry
-            .attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                neighbour,
-            )));
-        let request = self.handle.neighbours().del(entry).execute();
+        let (handle, ifindex) = (self.handle.clone(), ifaces[interface].index);
         tokio::spawn(async move {
-            if let Err(e) = request.await {
+            if let Err(e) = forget_if_still(&handle, ifindex, neighbour, used).await {
                 tracing::debug!("deleting the neighbour entry of {neighbour}: {e}");
             }
         });
@@ -264,6 +260,32 @@ impl NextHops {
             None => self.macs.remove(&key).is_some(),
         }
     }
+}
+
+/// Deletes the kernel's neighbour entry for `addr` on `ifindex` if it still holds `mac`.
+async fn forget_if_still(
+    handle: &Handle,
+    ifindex: u32,
+    addr: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<(), rtnetlink::Error> {
+    let mut table = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    while let Some(entry) = table.try_next().await? {
+        let holds = neighbour_event(entry.clone(), false)
+            == Some(Event::Neighbour {
+                ifindex,
+                addr,
+                mac: Some(mac),
+            });
+        if holds {
+            return handle.neighbours().del(entry).execute().await;
+        }
+    }
+    Ok(())
 }
 
 /// The name of interface `index`, or the index if it has none.

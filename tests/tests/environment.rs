@@ -236,7 +236,12 @@ fn a_target_whose_mac_changes_gets_traffic_again_without_a_reload() -> Result<()
         .flat_map(|g| &g.targets)
         .find(|t| t.target.ip().octets()[3] == 11)
         .map(|t| t.mac.clone());
-    ensure!(t1 == Some(Some(new_mac.to_owned())), "status shows {t1:?}");
+    balancer.mark();
+    ensure!(
+        t1 == Some(Some(new_mac.to_owned())),
+        "status shows {t1:?}; lb said:\n{}",
+        balancer.log.join("\n")
+    );
     let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
     ensure!(metrics.contains(
         "lb_target_next_hop_resolved{target=\"198.51.100.11:80\",target_group=\"web\"} 1"
