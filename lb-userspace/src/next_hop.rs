@@ -5,7 +5,7 @@
 //! a reload. A target whose MAC is not known takes no new flows, and `lb status` says so.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
 };
 
@@ -55,6 +55,10 @@ pub struct NextHops {
     routes: HashMap<Ipv4Addr, (usize, Ipv4Addr)>,
     /// The MAC of each neighbour lb sends to, as the kernel last said.
     macs: HashMap<(usize, Ipv4Addr), [u8; 6]>,
+    /// Neighbours whose entry lb had the kernel drop to ask for their MAC afresh: they keep
+    /// their MAC until the kernel has an answer, so that a target that merely failed a check
+    /// (still serving a group that fails open) never loses it for the time of an ARP.
+    rechecking: HashSet<(usize, Ipv4Addr)>,
 }
 
 impl NextHops {
@@ -86,6 +90,7 @@ impl NextHops {
             handle,
             routes: HashMap::new(),
             macs: HashMap::new(),
+            rechecking: HashSet::new(),
         };
         Ok((hops, received))
     }
@@ -181,11 +186,7 @@ impl NextHops {
     /// table's event once it knows.
     pub fn probe_unknown(&self, ifaces: &[Interface]) {
         for (interface, neighbour) in self.unknown() {
-            if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
-                let dev = ifaces[interface].name.as_str();
-                let _ = set_socket_option(&socket, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev);
-                let _ = socket.send_to(&[], SocketAddrV4::new(neighbour, 9));
-            }
+            probe(&ifaces[interface].name, neighbour);
         }
     }
 
@@ -193,9 +194,9 @@ impl NextHops {
     /// have been replaced by a host with the same address and another MAC, which the kernel's
     /// neighbour table would otherwise notice only after its reachable time (up to 45 s) and
     /// its probes. Its entry is deleted, if it still holds the MAC lb uses (the kernel may have
-    /// learnt the new one meanwhile); the next packet to the target asks for the MAC again.
-    /// Only for a target that is its own next hop: a gateway serves other targets too.
-    pub fn recheck(&self, target: &Ipv4Addr, ifaces: &[Interface]) {
+    /// learnt the new one meanwhile), and the kernel asked for the MAC again at once. Only for
+    /// a target that is its own next hop: a gateway serves other targets too.
+    pub fn recheck(&mut self, target: &Ipv4Addr, ifaces: &[Interface]) {
         let Some(&(interface, neighbour)) = self.routes.get(target) else {
             return;
         };
@@ -205,10 +206,12 @@ impl NextHops {
         if neighbour != *target {
             return;
         }
-        let (handle, ifindex) = (self.handle.clone(), ifaces[interface].index);
+        self.rechecking.insert((interface, neighbour));
+        let (handle, iface) = (self.handle.clone(), ifaces[interface].clone());
         tokio::spawn(async move {
-            if let Err(e) = forget_if_still(&handle, ifindex, neighbour, used).await {
-                tracing::debug!("deleting the neighbour entry of {neighbour}: {e}");
+            match forget_if_still(&handle, iface.index, neighbour, used).await {
+                Ok(()) => probe(&iface.name, neighbour),
+                Err(e) => tracing::debug!("deleting the neighbour entry of {neighbour}: {e}"),
             }
         });
     }
@@ -256,9 +259,22 @@ impl NextHops {
             return false;
         }
         match mac {
-            Some(mac) => self.macs.insert(key, mac) != Some(mac),
+            Some(mac) => {
+                self.rechecking.remove(&key);
+                self.macs.insert(key, mac) != Some(mac)
+            }
+            None if self.rechecking.contains(&key) => false,
             None => self.macs.remove(&key).is_some(),
         }
+    }
+}
+
+/// Has the kernel resolve `neighbour`'s MAC on `dev` by sending it an empty UDP datagram (to
+/// the discard port).
+fn probe(dev: &str, neighbour: Ipv4Addr) {
+    if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
+        let _ = set_socket_option(&socket, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev);
+        let _ = socket.send_to(&[], SocketAddrV4::new(neighbour, 9));
     }
 }
 
