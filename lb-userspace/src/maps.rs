@@ -171,12 +171,15 @@ impl MapState {
                 .collect();
             let usable_ids: HashSet<u32> = usable.iter().map(|&(_, id, _)| id).collect();
             for (key, entry) in registry.targets().filter(|(k, _)| k.group == group.name) {
+                let known = next_hop(key);
+                // Without a MAC, not even a draining target's established flows may go on.
                 let state_flag = match entry.state() {
+                    _ if known.is_none() => TARGET_UNHEALTHY,
                     TargetState::Draining => TARGET_DRAINING,
                     _ if usable_ids.contains(&entry.id) => TARGET_ACTIVE,
                     _ => TARGET_UNHEALTHY,
                 };
-                let hop = next_hop(key).unwrap_or(NextHop {
+                let hop = known.unwrap_or(NextHop {
                     interface: 0,
                     mac: UNRESOLVED_MAC,
                 });
@@ -1123,6 +1126,77 @@ mod tests {
             layout: MAP_LAYOUT,
             hasher: FlowHasher::from_seed(7),
         }
+    }
+
+    /// A target whose MAC is not known is written unhealthy and left out of its group's table,
+    /// healthy or draining: no frame of a new or an established flow may go to no MAC.
+    #[test]
+    fn a_target_without_a_next_hop_takes_no_flow_whatever_its_state() {
+        let text = |targets: &str| {
+            format!(
+                "listeners:\n  - {{name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}}\n\
+                 target_groups:\n  - name: web\n    targets: [{targets}]\n"
+            )
+        };
+        let parse = |t: &str| config::parse(Path::new("t.yaml"), t).expect("a valid config");
+        let both = parse(&text(
+            "{address: 198.51.100.11, port: 80}, {address: 198.51.100.12, port: 80}",
+        ));
+        let mut registry = Registry::new(
+            lb_common::MAX_LISTENERS,
+            both.settings.max_target_groups,
+            MAX_TARGETS,
+        );
+        let now = std::time::Instant::now();
+        registry.sync(&both, now).expect("in sync");
+        let keys: Vec<TargetKey> = registry.targets().map(|(k, _)| k.clone()).collect();
+        for key in &keys {
+            for _ in 0..2 {
+                registry.record(key, true, 2, 2);
+            }
+        }
+        let iface = Interface {
+            name: "eth0".into(),
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            ipv4: vec![Ipv4Addr::new(198, 51, 100, 3)],
+        };
+        let unknown = Ipv4Addr::new(198, 51, 100, 12);
+        let known = NextHop {
+            interface: 0,
+            mac: [2, 0, 0, 0, 0, 0x11],
+        };
+        let hop = |k: &TargetKey| (*k.addr.ip() != unknown).then_some(known);
+        let entry = |state: &MapState| {
+            state
+                .targets
+                .iter()
+                .find(|(_, t)| t.addr == be(unknown))
+                .map(|(&id, &t)| (id, t))
+                .expect("the target")
+        };
+        let state =
+            MapState::build(&both, &registry, std::slice::from_ref(&iface), hop).expect("built");
+        let (id, target) = entry(&state);
+        assert_eq!(
+            (target.state, target.mac),
+            (TARGET_UNHEALTHY, UNRESOLVED_MAC)
+        );
+        assert!(state.groups.values().all(|g| !g.table.contains(&id)));
+        assert!(state.groups.values().all(|g| !g.table.is_empty()));
+
+        // Removed from the config, it drains: with its MAC, and never without.
+        let one = parse(&text("{address: 198.51.100.11, port: 80}"));
+        registry.sync(&one, now).expect("in sync");
+        let state =
+            MapState::build(&one, &registry, std::slice::from_ref(&iface), hop).expect("built");
+        assert_eq!(entry(&state).1.state, TARGET_UNHEALTHY);
+        let state = MapState::build(&one, &registry, std::slice::from_ref(&iface), |_| {
+            Some(known)
+        })
+        .expect("built");
+        assert_eq!(entry(&state).1.state, TARGET_DRAINING);
     }
 
     #[test]

@@ -115,6 +115,11 @@ fn ipv4_addresses(name: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// The position in `ifaces` of the interface with index `ifindex`.
+pub fn position_of(ifaces: &[Interface], ifindex: u32) -> Option<usize> {
+    ifaces.iter().position(|i| i.index == ifindex)
+}
+
 /// A netlink handle to the kernel, whose connection runs as a task of the current runtime.
 pub fn netlink() -> Result<Handle> {
     let (connection, handle, _) =

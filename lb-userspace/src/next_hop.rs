@@ -1,8 +1,9 @@
 //! Next hops: which of lb's interfaces reaches each target, and the MAC its frames carry (the
-//! target's own, or that of the gateway towards it). Learnt from the kernel over netlink (its
-//! routes and neighbour table) and kept up to date by the kernel's events: a target replaced by
-//! a host with another MAC gets traffic again as soon as the kernel learns the new MAC, without
-//! a reload. A target whose MAC is not known takes no new flows, and `lb status` says so.
+//! target's own, or that of the gateway towards it). Learnt from the kernel over netlink: the
+//! routes at each start and reload, the MACs from its neighbour table and then from its events,
+//! so that a target replaced by a host with another MAC gets traffic again as soon as the
+//! kernel learns the new MAC, without a reload. A target whose MAC is not known takes no flows,
+//! and `lb status` says so.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,30 +30,36 @@ use tokio::sync::mpsc;
 use crate::{
     config::{Config, Forwarding},
     maps::NextHop,
-    net::{Interface, set_socket_option},
+    net::{Interface, position_of, set_socket_option},
 };
+
+/// Per target address: the interface that reaches it (an index into lb's) and the neighbour
+/// whose MAC its frames carry.
+pub type Routes = HashMap<Ipv4Addr, (usize, Ipv4Addr)>;
 
 /// A change the kernel announced that matters to lb.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Neighbour `addr` on interface `ifindex` has this MAC now, or none (it does not answer, or
-    /// its entry is gone).
+    /// Neighbour `addr` on interface `ifindex` has this MAC now, or none: its entry is gone or
+    /// not resolved yet, or resolution `failed` (no answer).
     Neighbour {
         ifindex: u32,
         addr: Ipv4Addr,
         mac: Option<[u8; 6]>,
+        failed: bool,
     },
     /// Interface `ifindex` is up and has a carrier, or not.
     Link { ifindex: u32, up: bool },
     /// Interface `ifindex` is gone.
     LinkRemoved { ifindex: u32 },
+    /// The kernel had more to say than lb's socket could hold: some events were lost, and the
+    /// neighbour table is to be read again.
+    Lost,
 }
 
 pub struct NextHops {
     handle: Handle,
-    /// Per target address: the interface that reaches it (an index into lb's) and the neighbour
-    /// whose MAC its frames carry.
-    routes: HashMap<Ipv4Addr, (usize, Ipv4Addr)>,
+    routes: Routes,
     /// The MAC of each neighbour lb sends to, as the kernel last said.
     macs: HashMap<(usize, Ipv4Addr), [u8; 6]>,
     /// Neighbours whose entry lb had the kernel drop to ask for their MAC afresh: they keep
@@ -76,10 +83,12 @@ impl NextHops {
         let (events, received) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some((message, _)) = messages.next().await {
-                let NetlinkPayload::InnerMessage(message) = message.payload else {
-                    continue;
+                let event = match message.payload {
+                    NetlinkPayload::InnerMessage(message) => event_of(message),
+                    NetlinkPayload::Overrun(_) => Some(Event::Lost),
+                    _ => None,
                 };
-                if let Some(event) = event_of(message)
+                if let Some(event) = event
                     && events.send(event).is_err()
                 {
                     break;
@@ -95,18 +104,15 @@ impl NextHops {
         Ok((hops, received))
     }
 
-    /// Finds the route to every target of `config` not routed yet: which of `ifaces` reaches it,
-    /// and through which neighbour. A target that lb cannot reach as its group forwards is an
-    /// error of the config.
-    pub async fn route(&mut self, config: &Config, ifaces: &[Interface]) -> Result<()> {
+    /// The routes to every target of `config`: which of `ifaces` reaches it, and through which
+    /// neighbour. A target that lb cannot reach as its group forwards is an error of the config.
+    pub async fn route(&self, config: &Config, ifaces: &[Interface]) -> Result<Routes> {
+        let mut routes = Routes::new();
         for group in &config.target_groups {
             for target in &group.targets {
                 let addr = target.address;
-                if self.routes.contains_key(&addr) {
-                    continue;
-                }
                 let (ifindex, gateway) = self.route_to(addr).await?;
-                let Some(interface) = ifaces.iter().position(|i| i.index == ifindex) else {
+                let Some(interface) = position_of(ifaces, ifindex) else {
                     let names: Vec<&str> = ifaces.iter().map(|i| i.name.as_str()).collect();
                     let dev = interface_name(ifindex);
                     bail!(
@@ -124,11 +130,19 @@ impl NextHops {
                         ifaces[interface].name
                     );
                 }
-                self.routes
-                    .insert(addr, (interface, gateway.unwrap_or(addr)));
+                routes.insert(addr, (interface, gateway.unwrap_or(addr)));
             }
         }
-        Ok(())
+        Ok(routes)
+    }
+
+    /// Uses `routes` (of the config now in force) from now on; forgets neighbours no route
+    /// goes through any more.
+    pub fn use_routes(&mut self, routes: Routes) {
+        self.routes = routes;
+        let needed: HashSet<(usize, Ipv4Addr)> = self.routes.values().copied().collect();
+        self.macs.retain(|hop, _| needed.contains(hop));
+        self.rechecking.retain(|hop| needed.contains(hop));
     }
 
     /// The kernel's route to `dst`: the interface index and the gateway, if any.
@@ -173,8 +187,8 @@ impl NextHops {
             .await
             .context("reading the neighbour table")?
         {
-            if let Some(Event::Neighbour { ifindex, addr, mac }) = neighbour_event(entry, false) {
-                self.learnt(ifaces, ifindex, addr, mac);
+            if let Some(event) = neighbour_event(entry, false) {
+                self.on_event(ifaces, &event);
             }
         }
         self.probe_unknown(ifaces);
@@ -238,20 +252,16 @@ impl NextHops {
 
     /// Records a neighbour event; whether it changed the MAC of a neighbour lb needs.
     pub fn on_event(&mut self, ifaces: &[Interface], event: &Event) -> bool {
-        match *event {
-            Event::Neighbour { ifindex, addr, mac } => self.learnt(ifaces, ifindex, addr, mac),
-            _ => false,
-        }
-    }
-
-    fn learnt(
-        &mut self,
-        ifaces: &[Interface],
-        ifindex: u32,
-        addr: Ipv4Addr,
-        mac: Option<[u8; 6]>,
-    ) -> bool {
-        let Some(interface) = ifaces.iter().position(|i| i.index == ifindex) else {
+        let Event::Neighbour {
+            ifindex,
+            addr,
+            mac,
+            failed,
+        } = *event
+        else {
+            return false;
+        };
+        let Some(interface) = position_of(ifaces, ifindex) else {
             return false;
         };
         let key = (interface, addr);
@@ -263,8 +273,12 @@ impl NextHops {
                 self.rechecking.remove(&key);
                 self.macs.insert(key, mac) != Some(mac)
             }
-            None if self.rechecking.contains(&key) => false,
-            None => self.macs.remove(&key).is_some(),
+            // Deleted by lb's recheck, and being resolved again: the old MAC holds meanwhile.
+            None if !failed && self.rechecking.contains(&key) => false,
+            None => {
+                self.rechecking.remove(&key);
+                self.macs.remove(&key).is_some()
+            }
         }
     }
 }
@@ -296,6 +310,7 @@ async fn forget_if_still(
                 ifindex,
                 addr,
                 mac: Some(mac),
+                failed: false,
             });
         if holds {
             return handle.neighbours().del(entry).execute().await;
@@ -361,6 +376,7 @@ fn neighbour_event(n: NeighbourMessage, deleted: bool) -> Option<Event> {
         ifindex: n.header.ifindex,
         addr: addr?,
         mac: lladdr.filter(|_| usable && !deleted),
+        failed: !deleted && n.header.state == NeighbourState::Failed,
     })
 }
 

@@ -185,7 +185,8 @@ impl Controller {
         let adopting = !pinned.is_empty();
         let stale_links: Vec<String> = pinned.into_iter().filter(|i| !names.contains(i)).collect();
         let (mut next_hops, mut network) = NextHops::connect(netlink)?;
-        next_hops.route(&config, &ifaces).await?;
+        let routes = next_hops.route(&config, &ifaces).await?;
+        next_hops.use_routes(routes);
         next_hops.learn(&ifaces).await?;
         wait_for_macs(&mut next_hops, &mut network, &ifaces).await;
         forward_for_nat(&config, &ifaces)?;
@@ -312,7 +313,7 @@ impl Controller {
                 _ = handover.recv() => return Ok(Exit::Handover),
                 _ = hangup.recv() => self.reload().await,
                 Some(event) = self.network.recv() => {
-                    if let Some(exit) = self.on_network(event)? {
+                    if let Some(exit) = self.on_network(event).await? {
                         return Ok(exit);
                     }
                 }
@@ -373,23 +374,32 @@ impl Controller {
 
     /// A change of the network the kernel announced: a neighbour's MAC (written to the maps at
     /// once), an interface going down or up, or going away (which stops lb).
-    fn on_network(&mut self, event: next_hop::Event) -> Result<Option<Exit>> {
+    async fn on_network(&mut self, event: next_hop::Event) -> Result<Option<Exit>> {
         use next_hop::Event;
         match event {
-            Event::Neighbour { ifindex, addr, mac } => {
+            Event::Neighbour {
+                ifindex, addr, mac, ..
+            } => {
                 if self.next_hops.on_event(&self.ifaces, &event) {
                     let dev = self.iface_name(ifindex);
                     match mac {
                         Some(mac) => info!("{addr} on {dev} is at {} now", format_mac(&mac)),
                         None => warn!(
-                            "{addr} on {dev} no longer answers ARP: the targets behind it take no new flows until it does"
+                            "{addr} on {dev}: its MAC is no longer known (no ARP answer, or flushed): the targets behind it take no new flows until it answers"
                         ),
                     }
                     self.refresh()?;
                 }
             }
+            Event::Lost => {
+                warn!(
+                    "the kernel's neighbour events overflowed lb's socket: reading its neighbour table again"
+                );
+                self.next_hops.learn(&self.ifaces).await?;
+                self.refresh()?;
+            }
             Event::Link { ifindex, up } => {
-                if let Some(i) = self.ifaces.iter().position(|f| f.index == ifindex)
+                if let Some(i) = net::position_of(&self.ifaces, ifindex)
                     && self.links_up[i] != up
                 {
                     self.links_up[i] = up;
@@ -403,8 +413,8 @@ impl Controller {
                 }
             }
             Event::LinkRemoved { ifindex } => {
-                if let Some(iface) = self.ifaces.iter().find(|f| f.index == ifindex) {
-                    return Ok(Some(Exit::InterfaceGone(iface.name.clone())));
+                if let Some(i) = net::position_of(&self.ifaces, ifindex) {
+                    return Ok(Some(Exit::InterfaceGone(self.ifaces[i].name.clone())));
                 }
             }
         }
@@ -413,10 +423,7 @@ impl Controller {
 
     /// The name of lb's interface `ifindex`.
     fn iface_name(&self, ifindex: u32) -> &str {
-        self.ifaces
-            .iter()
-            .find(|f| f.index == ifindex)
-            .map_or("?", |f| f.name.as_str())
+        net::position_of(&self.ifaces, ifindex).map_or("?", |i| self.ifaces[i].name.as_str())
     }
 
     fn on_probe(&mut self, result: ProbeResult<TargetKey>) -> Result<()> {
@@ -522,13 +529,16 @@ impl Controller {
         }
         // Everything that can fail comes before anything changes. New targets' MACs are asked
         // for, not waited for: each joins when the kernel has it.
-        self.next_hops.route(&new, &self.ifaces).await?;
-        self.next_hops.learn(&self.ifaces).await?;
+        let routes = self.next_hops.route(&new, &self.ifaces).await?;
         forward_for_nat(&new, &self.ifaces)?;
         let transitions = self
             .registry
             .sync(&new, std::time::Instant::now())
             .map_err(|e| anyhow!(e))?;
+        self.next_hops.use_routes(routes);
+        if let Err(e) = self.next_hops.learn(&self.ifaces).await {
+            warn!("{e:#}: the new targets' MACs come with the kernel's events instead");
+        }
         self.config = new;
         self.refresh()?;
         log_transitions(&transitions);

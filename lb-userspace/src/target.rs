@@ -401,10 +401,13 @@ fn attached_program(iface: &str) -> Result<Option<String>> {
     let Some(id) = net::with_netlink(async |handle| net::xdp_program(handle, index).await)? else {
         return Ok(None);
     };
-    Ok(aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .and_then(|p| p.name_as_str().map(str::to_owned)))
+    for program in aya::programs::loaded_programs() {
+        let program = program.context("listing the kernel's BPF programs")?;
+        if program.id() == id {
+            return Ok(program.name_as_str().map(str::to_owned));
+        }
+    }
+    Ok(None)
 }
 
 /// Loads the decap object, tells it this host's addresses, and attaches it through netlink so

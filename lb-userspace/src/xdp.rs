@@ -306,7 +306,7 @@ pub fn explain_load_error(e: EbpfError) -> Error {
     }
     match os_error(&e) {
         Some(libc::EPERM) => anyhow!(
-            "the kernel refused to create the BPF maps (permission denied): with root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, that is RLIMIT_MEMLOCK on a kernel before 5.11; raise it (ulimit -l unlimited, LimitMEMLOCK=infinity)"
+            "the kernel refused to create the BPF maps (permission denied): on a kernel before 5.11 that is RLIMIT_MEMLOCK, which lb could not lift; raise it (ulimit -l unlimited, LimitMEMLOCK=infinity)"
         ),
         Some(libc::ENOMEM) => anyhow!(
             "not enough memory for the BPF maps: lower settings.connection_table_size or settings.max_target_groups"

@@ -163,8 +163,10 @@ fn an_unprivileged_user_reads_status_and_metrics_and_changes_nothing() -> Result
         TcpStream::connect_timeout(&SocketAddr::from((LB_ADDR, 9617)), Duration::from_secs(1))
     })?;
     ensure!(
-        from_client.is_err(),
-        "the admin endpoint answers other hosts"
+        from_client
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the admin endpoint from another host: {from_client:?}"
     );
     // Nothing changed: no reload was tried, and lb forwards.
     let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
@@ -305,8 +307,12 @@ fn a_target_without_a_mac_is_shown_and_joins_once_it_answers() -> Result<()> {
     let asked = std::time::Instant::now();
     lab.lb("lb", &["reload", "-i", "eth0"])?;
     balancer.wait_for_log(&["reloaded"], Duration::from_secs(5))?;
+    // Including `lb reload` itself; waiting for the ARP reply would take 3 s.
     let took = asked.elapsed();
-    ensure!(took < Duration::from_secs(1), "the reload took {took:?}");
+    ensure!(
+        took < Duration::from_millis(2500),
+        "the reload took {took:?}"
+    );
 
     let status = lab.status()?;
     let row = status
