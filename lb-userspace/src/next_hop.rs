@@ -104,9 +104,16 @@ impl NextHops {
         Ok((hops, received))
     }
 
-    /// The routes to every target of `config`: which of `ifaces` reaches it, and through which
-    /// neighbour. A target that lb cannot reach as its group forwards is an error of the config.
-    pub async fn route(&self, config: &Config, ifaces: &[Interface]) -> Result<Routes> {
+    /// The routes to every target of `config`, and to the `draining` ones that it no longer
+    /// has: which of `ifaces` reaches each, and through which neighbour. A target of `config`
+    /// that lb cannot reach as its group forwards is an error of the config; a draining one
+    /// without a route is left out (its flows then move).
+    pub async fn route(
+        &self,
+        config: &Config,
+        draining: &[Ipv4Addr],
+        ifaces: &[Interface],
+    ) -> Result<Routes> {
         let mut routes = Routes::new();
         for group in &config.target_groups {
             for target in &group.targets {
@@ -130,6 +137,13 @@ impl NextHops {
                         ifaces[interface].name
                     );
                 }
+                routes.insert(addr, (interface, gateway.unwrap_or(addr)));
+            }
+        }
+        for &addr in draining {
+            if let Ok((ifindex, gateway)) = self.route_to(addr).await
+                && let Some(interface) = position_of(ifaces, ifindex)
+            {
                 routes.insert(addr, (interface, gateway.unwrap_or(addr)));
             }
         }

@@ -185,11 +185,6 @@ impl Controller {
         let adopting = !pinned.is_empty();
         let stale_links: Vec<String> = pinned.into_iter().filter(|i| !names.contains(i)).collect();
         let (mut next_hops, mut network) = NextHops::connect(netlink)?;
-        let routes = next_hops.route(&config, &ifaces).await?;
-        next_hops.use_routes(routes);
-        next_hops.learn(&ifaces).await?;
-        wait_for_macs(&mut next_hops, &mut network, &ifaces).await;
-        forward_for_nat(&config, &ifaces)?;
 
         let now = std::time::Instant::now();
         let limits = (
@@ -215,6 +210,14 @@ impl Controller {
             }
         };
         let transitions = registry.sync(&config, now).map_err(|e| anyhow!(e))?;
+        // With the targets still draining from a predecessor's config.
+        let routes = next_hops
+            .route(&config, &not_in(&registry, &config), &ifaces)
+            .await?;
+        next_hops.use_routes(routes);
+        next_hops.learn(&ifaces).await?;
+        wait_for_macs(&mut next_hops, &mut network, &ifaces).await;
+        forward_for_nat(&config, &ifaces)?;
 
         let mut dataplane = Dataplane::load(&config.settings, Some(pin_dir))?;
         let current = if adopting {
@@ -529,7 +532,11 @@ impl Controller {
         }
         // Everything that can fail comes before anything changes. New targets' MACs are asked
         // for, not waited for: each joins when the kernel has it.
-        let routes = self.next_hops.route(&new, &self.ifaces).await?;
+        // Targets the new config drops drain, and keep their routes meanwhile.
+        let routes = self
+            .next_hops
+            .route(&new, &not_in(&self.registry, &new), &self.ifaces)
+            .await?;
         forward_for_nat(&new, &self.ifaces)?;
         let transitions = self
             .registry
@@ -681,6 +688,21 @@ fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The addresses of the targets `registry` holds that `config` does not: those that drain.
+fn not_in(registry: &Registry, config: &Config) -> Vec<std::net::Ipv4Addr> {
+    let configured: std::collections::HashSet<std::net::Ipv4Addr> = config
+        .target_groups
+        .iter()
+        .flat_map(|g| &g.targets)
+        .map(|t| t.address)
+        .collect();
+    registry
+        .targets()
+        .map(|(k, _)| *k.addr.ip())
+        .filter(|a| !configured.contains(a))
+        .collect()
 }
 
 /// Waits up to `ARP_TIMEOUT` until the kernel has told the MAC of every neighbour lb needs,

@@ -157,6 +157,54 @@ fn bad_flags_are_usage_errors() -> Result<()> {
         "{}",
         out.stderr
     );
+    let config = example("lb.yaml");
+    for (args, what) in [
+        (
+            vec![
+                "run",
+                "-c",
+                &config,
+                "-i",
+                "lo",
+                "--metrics-listen",
+                "nonsense",
+            ],
+            "invalid value 'nonsense' for '--metrics-listen <ADDR>'",
+        ),
+        (vec!["run", "-i", "lo"], "--config <FILE>"),
+        (vec!["run", "-c", &config], "--interface <IFACE>"),
+        (vec!["status", "--bogus"], "unexpected argument '--bogus'"),
+        (
+            vec![
+                "target",
+                "-i",
+                "lo",
+                "--mode",
+                "dsr",
+                "--vip",
+                "203.0.113.10",
+                "--port",
+                "80",
+            ],
+            "is not LISTENER:TARGET",
+        ),
+    ] {
+        let out = lb(&args)?;
+        ensure!(
+            out.code == Some(2) && out.stderr.contains(what) && !out.stderr.contains("panicked"),
+            "lb {args:?}: {}",
+            out.stderr
+        );
+    }
+    // Nothing running: one sentence.
+    for command in ["status", "reload"] {
+        let out = lb(&[command, "-i", "nosuchif0"])?;
+        ensure!(
+            out.code == Some(1) && out.stderr.trim() == "lb: no lb is running on nosuchif0",
+            "lb {command}: {}",
+            out.stderr
+        );
+    }
     Ok(())
 }
 
