@@ -658,24 +658,21 @@ impl Validator<'_> {
                 format!("hash_seed {seed} must be between 0 and {}", u32::MAX),
             );
         }
-        let conns = raw
-            .connection_table_size
-            .unwrap_or(DEFAULT_CONNECTION_TABLE_SIZE as i64);
-        if !(1024..=100_000_000).contains(&conns) {
-            self.error(
-                "settings.connection_table_size",
-                format!("connection_table_size {conns} must be between 1024 and 100000000"),
-            );
-        }
-        let groups = raw
-            .max_target_groups
-            .unwrap_or(DEFAULT_MAX_TARGET_GROUPS as i64);
-        if !(1..=4096).contains(&groups) {
-            self.error(
-                "settings.max_target_groups",
-                format!("max_target_groups {groups} must be between 1 and 4096"),
-            );
-        } else if (groups as u64) * 2 * (size.max(0) as u64) > u32::MAX as u64 {
+        let conns = self.setting(
+            "connection_table_size",
+            raw.connection_table_size,
+            DEFAULT_CONNECTION_TABLE_SIZE,
+            1024..=100_000_000,
+        );
+        let groups = self.setting(
+            "max_target_groups",
+            raw.max_target_groups,
+            DEFAULT_MAX_TARGET_GROUPS,
+            1..=4096,
+        );
+        if (1..=4096).contains(&groups)
+            && (groups as u64) * 2 * (size.max(0) as u64) > u32::MAX as u64
+        {
             self.error(
                 "settings.max_target_groups",
                 format!(
@@ -683,24 +680,18 @@ impl Validator<'_> {
                 ),
             );
         }
-        let sticky = raw
-            .stickiness_table_size
-            .unwrap_or(DEFAULT_STICKINESS_TABLE_SIZE as i64);
-        if !(1024..=10_000_000).contains(&sticky) {
-            self.error(
-                "settings.stickiness_table_size",
-                format!("stickiness_table_size {sticky} must be between 1024 and 10000000"),
-            );
-        }
-        let sources = raw
-            .rate_limited_sources
-            .unwrap_or(DEFAULT_RATE_LIMITED_SOURCES as i64);
-        if !(1024..=10_000_000).contains(&sources) {
-            self.error(
-                "settings.rate_limited_sources",
-                format!("rate_limited_sources {sources} must be between 1024 and 10000000"),
-            );
-        }
+        let sticky = self.setting(
+            "stickiness_table_size",
+            raw.stickiness_table_size,
+            DEFAULT_STICKINESS_TABLE_SIZE,
+            1024..=10_000_000,
+        );
+        let sources = self.setting(
+            "rate_limited_sources",
+            raw.rate_limited_sources,
+            DEFAULT_RATE_LIMITED_SOURCES,
+            1024..=10_000_000,
+        );
         (self.errors.len() == before).then_some(Settings {
             maglev_table_size: size as u32,
             hash_seed: seed as u32,
@@ -709,6 +700,28 @@ impl Validator<'_> {
             stickiness_table_size: sticky as u32,
             rate_limited_sources: sources as u32,
         })
+    }
+
+    /// `settings.<name>` as given, or `default`; an error unless it is within `range`.
+    fn setting(
+        &mut self,
+        name: &str,
+        value: Option<i64>,
+        default: u32,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
+        let value = value.unwrap_or(default as i64);
+        if !range.contains(&value) {
+            self.error(
+                &format!("settings.{name}"),
+                format!(
+                    "{name} {value} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+        value
     }
 
     fn target_group(&mut self, at: &str, g: &RawTargetGroup) -> TargetGroup {
