@@ -508,7 +508,8 @@ pub struct Settings {
     /// Whether the global deny-list (`DENIED_SOURCES`) holds any prefix: only then is the
     /// source of a packet for a listener looked up in it.
     pub denied_sources: u32,
-    pub pad: u32,
+    /// Whether echo requests to a VIP are answered (`settings.answer_ping`).
+    pub answer_ping: u32,
     /// The interfaces the program is attached to, first the one named first; a target's
     /// `egress` is an index into them.
     pub interfaces: [Egress; MAX_INTERFACES],

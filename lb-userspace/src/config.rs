@@ -67,6 +67,8 @@ pub struct Settings {
     pub stickiness_table_size: u32,
     /// How many sources the per-source rate limits track at once.
     pub rate_limited_sources: u32,
+    /// Whether the data plane answers echo requests to a VIP.
+    pub answer_ping: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,6 +352,7 @@ struct RawSettings {
     max_target_groups: Option<i64>,
     stickiness_table_size: Option<i64>,
     rate_limited_sources: Option<i64>,
+    answer_ping: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -634,6 +637,7 @@ impl Validator<'_> {
                 max_target_groups: DEFAULT_MAX_TARGET_GROUPS,
                 stickiness_table_size: DEFAULT_STICKINESS_TABLE_SIZE,
                 rate_limited_sources: DEFAULT_RATE_LIMITED_SOURCES,
+                answer_ping: true,
             }),
             listeners,
             target_groups: groups,
@@ -699,6 +703,7 @@ impl Validator<'_> {
             max_target_groups: groups as u32,
             stickiness_table_size: sticky as u32,
             rate_limited_sources: sources as u32,
+            answer_ping: raw.answer_ping.unwrap_or(true),
         })
     }
 

@@ -207,7 +207,7 @@ mod tests {
             maglev_size: 65537,
             nat: 0,
             denied_sources: 0,
-            pad: 0,
+            answer_ping: 0,
             interfaces: Default::default(),
             pick: lb_common::FlowHasher::from_seed(0),
         };

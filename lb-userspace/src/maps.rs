@@ -47,7 +47,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
 /// Every map of the balancer and the size of its values: all are pinned, so that a successor
 /// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 21] = [
+const MAPS: [(&str, usize); 22] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
@@ -69,6 +69,7 @@ const MAPS: [(&str, usize); 21] = [
     ("TARGET_STATS", size_of::<Counters>()),
     ("DROPS", size_of::<u64>()),
     ("LISTENER_REFUSED", size_of::<u64>()),
+    ("ECHOES", size_of::<u64>()),
 ];
 
 /// The MAC of a target whose next hop is not known: no frame is ever sent to it, since such a
@@ -152,7 +153,7 @@ impl MapState {
                 .iter()
                 .any(|g| g.forwarding == Forwarding::Nat) as u32,
             denied_sources: !config.denied_sources.is_empty() as u32,
-            pad: 0,
+            answer_ping: config.settings.answer_ping as u32,
             interfaces: egress,
             pick: FlowHasher::from_seed(config.settings.hash_seed),
         };
@@ -1071,6 +1072,12 @@ impl Dataplane {
             .iter()
             .map(|&r| Ok((r, drops.get(&(r as u32), 0)?.iter().sum())))
             .collect()
+    }
+
+    /// Echo requests to a VIP that the data plane answered, summed over CPUs.
+    pub fn echoes_answered(&self) -> Result<u64> {
+        let echoes: PerCpuArray<&MapData, u64> = self.map_ref("ECHOES")?;
+        Ok(echoes.get(&0, 0)?.iter().sum())
     }
 
     /// New flows that listener `id`'s rate limits refused, per limit, summed over CPUs.

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use anyhow::Result;
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +29,9 @@ pub struct Status {
     pub target_groups: Vec<GroupStatus>,
     /// Drops by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Echo requests to a VIP answered by the data plane.
+    #[serde(default)]
+    pub echo_replies: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -167,6 +170,7 @@ impl Status {
             listeners,
             target_groups,
             drops,
+            echo_replies: dataplane.echoes_answered()?,
         })
     }
 }
@@ -302,6 +306,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         "Packets to a VIP that were dropped, by reason.",
         &["reason"],
     )?;
+    let echoes = IntCounter::new(
+        "lb_icmp_echo_replies_total",
+        "Echo requests to a VIP that the data plane answered (settings.answer_ping).",
+    )?;
+    registry.register(Box::new(echoes.clone()))?;
     let refused = counter(
         "lb_listener_refused_new_flows_total",
         "New flows the listener's rate limits dropped, by limit (listener_rate_limit, source_rate_limit); only for listeners with limits.",
@@ -395,6 +404,7 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
     for (reason, n) in &status.drops {
         drops.with_label_values(&[reason]).inc_by(*n);
     }
+    echoes.inc_by(status.echo_replies);
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
     let mut out = Vec::new();
@@ -638,6 +648,7 @@ mod tests {
                 ],
             }],
             drops: [("no_listener".to_owned(), 4)].into(),
+            echo_replies: 2,
         }
     }
 
@@ -689,6 +700,7 @@ DROPPED PACKETS: no_listener 4
             "lb_target_state{state=\"unhealthy\",target=\"198.51.100.12:80\",target_group=\"web\"} 1",
             "lb_healthy_targets{target_group=\"web\"} 1",
             "lb_dropped_packets_total{reason=\"no_listener\"} 4",
+            "lb_icmp_echo_replies_total 2",
             "lb_listener_refused_new_flows_total{listener=\"web\",reason=\"listener_rate_limit\",target_group=\"web\"} 7",
             "lb_build_info{version=",
         ] {

@@ -106,6 +106,7 @@ fn exported_names() -> Result<BTreeSet<String>> {
             }],
         }],
         drops: [("malformed".to_owned(), 1)].into(),
+        echo_replies: 1,
     };
     let telemetry = Telemetry::default();
     telemetry

@@ -360,3 +360,37 @@ fn a_target_without_a_mac_is_shown_and_joins_once_it_answers() -> Result<()> {
     );
     Ok(())
 }
+
+/// `ping VIP` from a client: the balancer answers (no host holds the VIP), and counts it.
+#[test]
+fn ping_of_a_vip_is_answered_by_the_balancer() -> Result<()> {
+    let (mut lab, config) = serving_lab("lbping", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
+    let _balancer = lab.start_balancer(&config, &[])?;
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("client"),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+        ])
+        .arg(VIP.to_string())
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && said.contains("3 received"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    ensure!(
+        metrics.contains("lb_icmp_echo_replies_total 3"),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -24,6 +24,7 @@ use lb_tests::frames::{
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const PROTO_ICMP: u8 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
@@ -129,6 +130,38 @@ impl Model {
         self.config.listeners.iter().any(|l| l.address == addr)
     }
 
+    /// ICMP: a well-formed echo request to a VIP is answered from the balancer (type 0,
+    /// addresses and MACs swapped, TTL 64, checksums updated as RFC 1624 does); anything else
+    /// is left to the kernel (no NAT flow is ever quoted by a random error).
+    fn echo(&self, frame: &[u8]) -> Outcome {
+        let ip = &frame[14..];
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let well_formed = ip[0] >> 4 == 4
+            && ihl >= 20
+            && tot_len >= ihl + 8
+            && 14 + tot_len <= frame.len()
+            && u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0;
+        let icmp = 14 + ihl;
+        if !well_formed || frame[icmp] != 8 || frame[icmp + 1] != 0 || !self.is_vip(dst) {
+            return Outcome::Pass;
+        }
+        let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&frame[6..12]);
+        out[6..12].copy_from_slice(&frame[0..6]);
+        out[26..30].copy_from_slice(&frame[30..34]);
+        out[30..34].copy_from_slice(&frame[26..30]);
+        out[22] = 64;
+        let ip_check = incremental_checksum(word(frame, 24), word(frame, 22), word(&out, 22));
+        out[24..26].copy_from_slice(&ip_check.to_be_bytes());
+        out[icmp] = 0;
+        let icmp_check = incremental_checksum(word(frame, icmp + 2), 0x0800, 0);
+        out[icmp + 2..icmp + 4].copy_from_slice(&icmp_check.to_be_bytes());
+        Outcome::Tx(out)
+    }
+
     fn expect(&mut self, frame: &[u8]) -> Outcome {
         use Outcome::{Drop, Either, Pass, Rewritten, Tx};
         // Not IPv4 (or too short to be): not lb's to judge.
@@ -137,6 +170,9 @@ impl Model {
         }
         let ip = &frame[14..];
         let proto = ip[9];
+        if proto == PROTO_ICMP {
+            return self.echo(frame);
+        }
         if proto != PROTO_TCP && proto != PROTO_UDP {
             return Pass;
         }
@@ -297,9 +333,12 @@ fn incremental_checksum(check: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
-/// Where the model's flows go: each listener, a VIP's port without a listener, a listener's
-/// port over the other protocol, and addresses that are no VIP.
-const DESTINATIONS: [([u8; 4], u16, u8); 12] = [
+/// Where the model's flows go: pings to a VIP and elsewhere, each listener, a VIP's port
+/// without a listener, a listener's port over the other protocol, and addresses that are no
+/// VIP.
+const DESTINATIONS: [([u8; 4], u16, u8); 14] = [
+    ([203, 0, 113, 10], 0, PROTO_ICMP),
+    ([198, 51, 100, 11], 0, PROTO_ICMP),
     ([203, 0, 113, 13], 8080, PROTO_TCP),
     ([203, 0, 113, 13], 8080, PROTO_UDP),
     ([203, 0, 113, 10], 80, PROTO_TCP),
@@ -375,9 +414,21 @@ fn frame_of(rng: &mut Rng, flow: &Flow) -> Vec<u8> {
     };
     let payload: Vec<u8> = (0..payload_len).map(|_| rng.byte()).collect();
     let mut l4 = Vec::new();
+    if flow.proto == PROTO_ICMP {
+        // An echo request (its identifier and sequence in the ports), now and then another
+        // type, or another code.
+        let any = rng.byte();
+        l4.extend([
+            rng.pick(&[8, 8, 8, 0, 3, 11, any]),
+            rng.pick(&[0, 0, 0, 0, 1]),
+        ]);
+        l4.extend([0, 0]);
+    }
     l4.extend(flow.sport.to_be_bytes());
     l4.extend(flow.dport.to_be_bytes());
-    if flow.proto == PROTO_TCP {
+    if flow.proto == PROTO_ICMP {
+        // The checksum follows the header.
+    } else if flow.proto == PROTO_TCP {
         l4.extend(rng.next().to_be_bytes()); // sequence and acknowledgment numbers
         l4.push(5 << 4);
         // NAT flows without FIN or RST (but for mutations): a flow that may be ending is one
@@ -405,8 +456,15 @@ fn frame_of(rng: &mut Rng, flow: &Flow) -> Vec<u8> {
     ip.extend(&options);
     let check = checksum(&ip);
     ip[10..12].copy_from_slice(&check.to_be_bytes());
-    let at = if flow.proto == PROTO_TCP { 16 } else { 6 };
-    if flow.proto == PROTO_TCP || rng.percent(80) {
+    let at = match flow.proto {
+        PROTO_TCP => 16,
+        PROTO_ICMP => 2,
+        _ => 6,
+    };
+    if flow.proto == PROTO_ICMP {
+        let check = checksum(&l4);
+        l4[2..4].copy_from_slice(&check.to_be_bytes());
+    } else if flow.proto == PROTO_TCP || rng.percent(80) {
         let mut pseudo = Vec::new();
         pseudo.extend(flow.src);
         pseudo.extend(flow.dst);

@@ -21,8 +21,8 @@ use lb::{
 };
 use lb_common::DropReason;
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, checksum, dataplane_for, ethernet, l4_checksum_ok, mac_of,
-    next_hop_of, registered, run_xdp, test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, VIP, checksum, dataplane_for, ethernet, l4_checksum_ok,
+    mac_of, next_hop_of, registered, run_xdp, test_interface,
 };
 
 const XDP_DROP: u32 = 1;
@@ -1623,5 +1623,61 @@ fn new_flows_beyond_a_rate_limit_are_dropped_and_counted() -> Result<()> {
         )? == 200
     );
     ensure!(per_source(&mut dp, 200, 3000..3030)? == 30);
+    Ok(())
+}
+
+/// An ICMP echo request (`kind` 8) or another ICMP message from `src` to `dst`, with `ttl`.
+fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, kind: u8) -> Vec<u8> {
+    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
+    icmp.extend(b"abcdefghijklmnop");
+    let check = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([0x56, 0x78, 0x40, 0, ttl, 1, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let check = checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip.extend(icmp);
+    ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+}
+
+/// Ping: an echo request to a VIP is answered from the balancer, byte for byte what a host
+/// would send (addresses swapped, TTL 64, valid checksums), and counted; one to another address,
+/// or another ICMP message, passes untouched; with `answer_ping: false` the VIP's passes too.
+#[test]
+fn echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
+    let (mut dp, _) = load()?;
+    let client = lb_tests::frames::CLIENT;
+    let request = icmp_frame(client, VIP, 57, 8);
+    let (verdict, out) = run(&mut dp, &request)?;
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    let mut reply = icmp_frame(VIP, client, 64, 0);
+    reply[0..6].copy_from_slice(&CLIENT_MAC);
+    reply[6..12].copy_from_slice(&LB_MAC);
+    ensure!(out == reply, "\n{out:02x?}\n{reply:02x?}");
+    ensure!(checksum(&out[14..34]) == 0 && checksum(&out[34..]) == 0);
+    ensure!(dp.echoes_answered()? == 1);
+    for frame in [
+        icmp_frame(client, Ipv4Addr::new(198, 51, 100, 3), 57, 8),
+        icmp_frame(client, VIP, 57, 0),
+        icmp_frame(client, VIP, 57, 13),
+        request[..request.len() - 20].to_vec(),
+    ] {
+        let (verdict, out) = run(&mut dp, &frame)?;
+        ensure!(verdict == XDP_PASS && out == frame, "verdict {verdict}");
+    }
+    ensure!(dp.echoes_answered()? == 1);
+
+    let quiet = CONFIG.replace(
+        "  hash_seed: 42\n",
+        "  hash_seed: 42\n  answer_ping: false\n",
+    );
+    ensure!(quiet != CONFIG);
+    let (mut dp, _, _) = dataplane_for(&quiet)?;
+    let (verdict, out) = run(&mut dp, &request)?;
+    ensure!(verdict == XDP_PASS && out == request, "verdict {verdict}");
+    ensure!(dp.echoes_answered()? == 0);
     Ok(())
 }

@@ -79,6 +79,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
     ("hping3", "hping3"),
+    ("ping", "iputils-ping"),
 ];
 
 fn main() -> Result<()> {

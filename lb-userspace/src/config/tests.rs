@@ -681,3 +681,27 @@ fn rate_limits_on_new_flows() {
         "rate_limited_sources 10 must be between 1024 and 10000000",
     );
 }
+
+#[test]
+fn answer_ping_is_on_unless_turned_off() {
+    assert!(
+        parse(Path::new("lb.yaml"), VALID)
+            .unwrap()
+            .settings
+            .answer_ping
+    );
+    let off = format!("settings:\n  answer_ping: false\n{VALID}");
+    assert!(
+        !parse(Path::new("lb.yaml"), &off)
+            .unwrap()
+            .settings
+            .answer_ping
+    );
+    let bad = format!("settings:\n  answer_ping: sometimes\n{VALID}");
+    assert_eq!(errors(&bad).len(), 1, "{:?}", errors(&bad));
+    assert!(
+        errors(&bad)[0].starts_with("lb.yaml:2:"),
+        "{:?}",
+        errors(&bad)
+    );
+}

@@ -12,6 +12,10 @@ static TARGET_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_T
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
+/// Echo requests to a VIP that were answered.
+#[map]
+static ECHOES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// New flows each listener's rate limits refused: see `lb_common::refused_index`.
 #[map]
 static LISTENER_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_LISTENERS, 0);
@@ -44,6 +48,15 @@ pub fn refused(listener: u32, reason: DropReason) -> u32 {
         unsafe { *counter += 1 };
     }
     drop(reason)
+}
+
+/// Counts an answered echo request.
+#[inline(always)]
+pub fn echo_answered() {
+    if let Some(counter) = ECHOES.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no other writer.
+        unsafe { *counter += 1 };
+    }
 }
 
 /// Counts a dropped packet by reason; the verdict that drops it.

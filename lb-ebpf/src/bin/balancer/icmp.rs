@@ -9,8 +9,11 @@
 //!
 //! Which flow an error is about comes from the connection table, as for the replies; an error
 //! about no NAT flow is left to the kernel.
+//!
+//! And echo requests to a VIP, answered here: `ping VIP` works as it does for an NLB's
+//! addresses, though no host holds the VIP.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_action::XDP_TX, programs::XdpContext};
 use lb_common::{FORWARDING_NAT, FlowKey, ListenerKey, PROTO_TCP, PROTO_UDP};
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum_replace,
@@ -19,17 +22,89 @@ use lb_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    GROUPS, TARGETS, flows,
+    GROUPS, TARGETS, counters, flows,
     forward::{IP_DST, IP_SRC, set_address},
     listener, nat,
     parse::IP_MF_OFFSET_MASK,
 };
 
 const PROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+/// The TTL of an echo reply, as Linux sends its own.
+const ECHO_TTL: u8 = 64;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_HDR_LEN: usize = 8;
 const ICMP_CHECK_OFFSET: usize = 2;
+
+/// The echo reply, sent back, if the frame is a well-formed echo request to a VIP; `None` if
+/// not. The request becomes the reply in place: type 0, addresses and MACs swapped, a fresh
+/// TTL, both checksums updated incrementally.
+#[inline(always)]
+pub fn echo(ctx: &XdpContext) -> Option<u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
+    let (ether_type, vihl, proto, frags, tot_len, dst) = unsafe {
+        (
+            (*eth).ether_type,
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            u16::from_be_bytes((*ip).tot_len) as usize,
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
+    };
+    let ihl = (vihl & 0x0f) as usize * 4;
+    if ether_type != ETH_P_IP_BE
+        || proto != PROTO_ICMP
+        || vihl >> 4 != 4
+        || ihl < IPV4_LEN
+        || u16::from_be_bytes(frags) & IP_MF_OFFSET_MASK != 0
+    {
+        return None;
+    }
+    // The header checked against the frame's end first: a length test before it would let the
+    // compiler drop this check, which the verifier needs.
+    let icmp = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, ETH_LEN + (ihl & 0x3c))?;
+    if tot_len < ihl + ICMP_HDR_LEN || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
+        return None;
+    }
+    // SAFETY: as above.
+    if unsafe { (*icmp)[0] != ICMP_ECHO_REQUEST || (*icmp)[1] != 0 } || !listener::is_vip(dst) {
+        return None;
+    }
+    // SAFETY: as above; the frame keeps its size.
+    unsafe {
+        let kind = icmp as *mut u16;
+        let check = (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2);
+        let old_kind = kind.read_unaligned();
+        let new_kind = u16::from_ne_bytes([ICMP_ECHO_REPLY, 0]);
+        kind.write_unaligned(new_kind);
+        check.write_unaligned(checksum_replace(check.read_unaligned(), old_kind, new_kind));
+        // Swapped addresses leave the header's sum as it was; the TTL changes it.
+        let (src, ttl_proto) = (
+            (*ip).src_addr,
+            (&raw const (*ip).ttl as *const u16).read_unaligned(),
+        );
+        (*ip).src_addr = (*ip).dst_addr;
+        (*ip).dst_addr = src;
+        (*ip).ttl = ECHO_TTL;
+        let new_ttl_proto = (&raw const (*ip).ttl as *const u16).read_unaligned();
+        let ip_check = &raw mut (*ip).check as *mut u16;
+        ip_check.write_unaligned(checksum_replace(
+            ip_check.read_unaligned(),
+            ttl_proto,
+            new_ttl_proto,
+        ));
+        let client = (*eth).src_addr;
+        (*eth).src_addr = (*eth).dst_addr;
+        (*eth).dst_addr = client;
+    }
+    counters::echo_answered();
+    Some(XDP_TX)
+}
 
 /// The frame translated and sent on if it is an ICMP error about a NAT flow; `None` if not.
 #[inline(always)]

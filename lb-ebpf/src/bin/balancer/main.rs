@@ -13,7 +13,8 @@
 //! 6. `counters`: per-CPU counters of what was forwarded and dropped.
 //!
 //! A packet for no listener may be a NAT target's reply: `nat` looks for its flow. An ICMP error
-//! may be about a NAT flow: `icmp` translates it as the flow is translated.
+//! may be about a NAT flow: `icmp` translates it as the flow is translated; an echo request to a
+//! VIP is answered by `icmp` too.
 //!
 //! Anything not addressed to a VIP leaves untouched with `XDP_PASS`. Packets for a VIP that cannot
 //! be forwarded are dropped and counted by reason; nothing is logged per packet.
@@ -79,7 +80,13 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(packet) = parse::parse(ctx)? else {
-        if SETTINGS.get(SETTINGS_KEY).is_some_and(|s| s.nat != 0)
+        let settings = SETTINGS.get(SETTINGS_KEY);
+        if settings.is_some_and(|s| s.answer_ping != 0)
+            && let Some(action) = icmp::echo(ctx)
+        {
+            return Ok(action);
+        }
+        if settings.is_some_and(|s| s.nat != 0)
             && let Some(action) = icmp::nat_error(ctx, clock())
         {
             return Ok(action);
