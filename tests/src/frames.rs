@@ -20,6 +20,12 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 
+/// The verdicts of an XDP program (`enum xdp_action`), as `run_xdp` returns them.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
 /// The balancer's interface, as the tests pretend it is.
 pub fn test_interface() -> Interface {
     Interface {

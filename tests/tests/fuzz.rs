@@ -18,12 +18,10 @@ use lb::{
 };
 use lb_common::{DropReason, FlowKey, PROTO_TCP, PROTO_UDP, splitmix64};
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, checksum, dataplane_for, ethernet, run_xdp, test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, checksum, dataplane_for, ethernet,
+    run_xdp, test_interface,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const PROTO_ICMP: u8 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;

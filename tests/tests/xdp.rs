@@ -21,14 +21,10 @@ use lb::{
 };
 use lb_common::DropReason;
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, VIP, checksum, dataplane_for, ethernet, l4_checksum_ok,
-    mac_of, next_hop_of, registered, run_xdp, test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
+    dataplane_for, ethernet, l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp,
+    test_interface,
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const CONFIG: &str = "
 settings:
