@@ -324,7 +324,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 9;
+pub const MAP_LAYOUT: u32 = 10;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -566,7 +566,8 @@ pub enum DropReason {
     Fragment = 2,
     /// The listener's target group has no target.
     NoTarget = 3,
-    /// The encapsulated packet would exceed the interface MTU.
+    /// The encapsulated packet would exceed the interface MTU (with DF set, the client is told
+    /// so: `IcmpCounter::TooBigSent`).
     TooBig = 4,
     /// The kernel refused to grow the frame for the outer header.
     EncapFailed = 5,
@@ -578,10 +579,14 @@ pub enum DropReason {
     ListenerRateLimit = 8,
     /// A new flow beyond its listener's `max_new_flows_per_second_per_source` for its source.
     SourceRateLimit = 9,
+    /// An ICMP error to a VIP about no flow lb can place: it quotes no TCP or UDP packet from a
+    /// listener, or a flow the connection table does not hold under an algorithm that cannot
+    /// place it again (round robin, least connections).
+    IcmpUnmatched = 10,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::NoListener,
         Self::Malformed,
@@ -593,6 +598,7 @@ impl DropReason {
         Self::FlowTableFull,
         Self::ListenerRateLimit,
         Self::SourceRateLimit,
+        Self::IcmpUnmatched,
     ];
 
     /// The label operators see in metrics and `lb status`.
@@ -608,6 +614,41 @@ impl DropReason {
             Self::FlowTableFull => "flow_table_full",
             Self::ListenerRateLimit => "listener_rate_limit",
             Self::SourceRateLimit => "source_rate_limit",
+            Self::IcmpUnmatched => "icmp_unmatched",
+        }
+    }
+}
+
+/// ICMP messages the data plane sent, by kind. Indexes the `ICMP` counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpCounter {
+    /// Echo replies to echo requests for a VIP.
+    EchoReply = 0,
+    /// "Fragmentation needed" to a client whose packet would exceed the MTU once encapsulated.
+    TooBigSent = 1,
+    /// Errors about a flow's reply, sent to a VIP, forwarded to the flow's target.
+    ErrorToTarget = 2,
+    /// Errors about a NAT flow's request, from the target's side, forwarded to its client.
+    ErrorToClient = 3,
+}
+
+impl IcmpCounter {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [IcmpCounter; Self::COUNT as usize] = [
+        Self::EchoReply,
+        Self::TooBigSent,
+        Self::ErrorToTarget,
+        Self::ErrorToClient,
+    ];
+
+    /// The label operators see in metrics and `lb status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EchoReply => "echo_reply",
+            Self::TooBigSent => "too_big_sent",
+            Self::ErrorToTarget => "error_to_target",
+            Self::ErrorToClient => "error_to_client",
         }
     }
 }

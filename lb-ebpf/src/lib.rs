@@ -53,17 +53,24 @@ pub fn set_ipv4_checksum(ip: *mut Ipv4Hdr) {
     // SAFETY: the caller passes a pointer that has been bounds-checked for IPV4_LEN bytes.
     unsafe {
         (*ip).check = [0, 0];
-        let words = ip as *const [u8; 2];
-        let mut sum: u32 = 0;
-        let mut i = 0;
-        while i < IPV4_LEN / 2 {
-            sum += u16::from_ne_bytes(*words.add(i)) as u32;
-            i += 1;
-        }
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        (*ip).check = (!(sum as u16)).to_ne_bytes();
+        (*ip).check = checksum(ip as *const [u8; 2], IPV4_LEN / 2).to_ne_bytes();
     }
+}
+
+/// The Internet checksum of the `words` 16-bit words at `data` (a frame pointer bounds-checked
+/// for them), as it is written into the packet.
+#[inline(always)]
+pub fn checksum(data: *const [u8; 2], words: usize) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: the caller checked `words` words at `data`.
+        sum += u16::from_ne_bytes(unsafe { *data.add(i) }) as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// The Internet checksum `check` after a 16-bit word it covers changed from `old` to `new`

@@ -24,8 +24,8 @@ use lb_common::{
     ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP,
     Counters, DropReason, Egress, FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS,
     FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey,
-    FlowTable, Group, LISTENER_ALLOW_LIST, LISTENER_PROBES, LISTENER_RATE_LIMITED, LISTENER_SLOTS,
-    Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
+    FlowTable, Group, IcmpCounter, LISTENER_ALLOW_LIST, LISTENER_PROBES, LISTENER_RATE_LIMITED,
+    LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
     MAX_SOURCE_PREFIXES, MAX_TARGETS, NewFlowLimits, RateLimit, SETTINGS_KEY, Settings, SourceKey,
     Sticky, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
     refused_index,
@@ -69,7 +69,7 @@ const MAPS: [(&str, usize); 22] = [
     ("TARGET_STATS", size_of::<Counters>()),
     ("DROPS", size_of::<u64>()),
     ("LISTENER_REFUSED", size_of::<u64>()),
-    ("ECHOES", size_of::<u64>()),
+    ("ICMP", size_of::<u64>()),
 ];
 
 /// The MAC of a target whose next hop is not known: no frame is ever sent to it, since such a
@@ -1074,10 +1074,19 @@ impl Dataplane {
             .collect()
     }
 
-    /// Echo requests to a VIP that the data plane answered, summed over CPUs.
-    pub fn echoes_answered(&self) -> Result<u64> {
-        let echoes: PerCpuArray<&MapData, u64> = self.map_ref("ECHOES")?;
-        Ok(echoes.get(&0, 0)?.iter().sum())
+    /// ICMP messages the data plane sent, per kind, summed over CPUs.
+    pub fn icmp_sent(&self) -> Result<Vec<(IcmpCounter, u64)>> {
+        let icmp: PerCpuArray<&MapData, u64> = self.map_ref("ICMP")?;
+        IcmpCounter::ALL
+            .iter()
+            .map(|&k| Ok((k, icmp.get(&(k as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// ICMP messages of one kind the data plane sent, summed over CPUs.
+    pub fn icmp_sent_of(&self, kind: IcmpCounter) -> Result<u64> {
+        let icmp: PerCpuArray<&MapData, u64> = self.map_ref("ICMP")?;
+        Ok(icmp.get(&(kind as u32), 0)?.iter().sum())
     }
 
     /// New flows that listener `id`'s rate limits refused, per limit, summed over CPUs.

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use anyhow::Result;
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,9 +29,9 @@ pub struct Status {
     pub target_groups: Vec<GroupStatus>,
     /// Drops by reason.
     pub drops: BTreeMap<String, u64>,
-    /// Echo requests to a VIP answered by the data plane.
+    /// ICMP messages the data plane sent, by kind (`lb_common::IcmpCounter`).
     #[serde(default)]
-    pub echo_replies: u64,
+    pub icmp: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -170,7 +170,11 @@ impl Status {
             listeners,
             target_groups,
             drops,
-            echo_replies: dataplane.echoes_answered()?,
+            icmp: dataplane
+                .icmp_sent()?
+                .into_iter()
+                .map(|(kind, n)| (kind.name().to_owned(), n))
+                .collect(),
         })
     }
 }
@@ -306,11 +310,11 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
         "Packets to a VIP that were dropped, by reason.",
         &["reason"],
     )?;
-    let echoes = IntCounter::new(
-        "lb_icmp_echo_replies_total",
-        "Echo requests to a VIP that the data plane answered (settings.answer_ping).",
+    let icmp = counter(
+        "lb_icmp_sent_total",
+        "ICMP messages the data plane sent, by kind: echo_reply (settings.answer_ping), too_big_sent (fragmentation needed for a packet too big to encapsulate), error_to_target (an error about a reply, forwarded to the flow's target), error_to_client (an error about a NAT request, forwarded to its client).",
+        &["kind"],
     )?;
-    registry.register(Box::new(echoes.clone()))?;
     let refused = counter(
         "lb_listener_refused_new_flows_total",
         "New flows the listener's rate limits dropped, by limit (listener_rate_limit, source_rate_limit); only for listeners with limits.",
@@ -404,7 +408,9 @@ pub fn render(status: &Status, telemetry: &Telemetry) -> Result<String> {
     for (reason, n) in &status.drops {
         drops.with_label_values(&[reason]).inc_by(*n);
     }
-    echoes.inc_by(status.echo_replies);
+    for (kind, n) in &status.icmp {
+        icmp.with_label_values(&[kind]).inc_by(*n);
+    }
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
     let mut out = Vec::new();
@@ -548,6 +554,12 @@ pub fn table(status: &Status, rates: &Rates) -> String {
         .map(|(r, n)| format!("{r} {n}"))
         .collect();
     out += &format!("\nDROPPED PACKETS: {}\n", drops.join(", "));
+    let icmp: Vec<String> = status
+        .icmp
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    out += &format!("ICMP SENT: {}\n", icmp.join(", "));
     out
 }
 
@@ -648,7 +660,7 @@ mod tests {
                 ],
             }],
             drops: [("no_listener".to_owned(), 4)].into(),
-            echo_replies: 2,
+            icmp: [("echo_reply".to_owned(), 2)].into(),
         }
     }
 
@@ -680,6 +692,7 @@ TARGET            STATE      WEIGHT  ACTIVE FLOWS  CONNECTIONS  PACKETS/S  BYTES
 198.51.100.12:80  unhealthy       2             0            0        0.0      0 B          0
 
 DROPPED PACKETS: no_listener 4
+ICMP SENT: echo_reply 2
 ";
         assert_eq!(text, expected, "\n{text}");
     }
@@ -700,7 +713,7 @@ DROPPED PACKETS: no_listener 4
             "lb_target_state{state=\"unhealthy\",target=\"198.51.100.12:80\",target_group=\"web\"} 1",
             "lb_healthy_targets{target_group=\"web\"} 1",
             "lb_dropped_packets_total{reason=\"no_listener\"} 4",
-            "lb_icmp_echo_replies_total 2",
+            "lb_icmp_sent_total{kind=\"echo_reply\"} 2",
             "lb_listener_refused_new_flows_total{listener=\"web\",reason=\"listener_rate_limit\",target_group=\"web\"} 7",
             "lb_build_info{version=",
         ] {

@@ -106,7 +106,7 @@ fn exported_names() -> Result<BTreeSet<String>> {
             }],
         }],
         drops: [("malformed".to_owned(), 1)].into(),
-        echo_replies: 1,
+        icmp: [("echo_reply".to_owned(), 1)].into(),
     };
     let telemetry = Telemetry::default();
     telemetry

@@ -389,7 +389,7 @@ fn ping_of_a_vip_is_answered_by_the_balancer() -> Result<()> {
     );
     let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
     ensure!(
-        metrics.contains("lb_icmp_echo_replies_total 3"),
+        metrics.contains("lb_icmp_sent_total{kind=\"echo_reply\"} 3"),
         "{metrics}"
     );
     Ok(())

@@ -104,6 +104,8 @@ enum Outcome {
     Drop(DropReason),
     /// Sent back out, as this frame.
     Tx(Vec<u8>),
+    /// Dropped for this reason, and answered: this frame sent back out.
+    Answered(Vec<u8>, DropReason),
 }
 
 /// lb's data plane as its README and doc comments describe it, for `CONFIG`.
@@ -160,8 +162,132 @@ impl Model {
         Outcome::Tx(out)
     }
 
-    fn expect(&mut self, frame: &[u8]) -> Outcome {
+    /// ICMP: an echo request (`echo`) or an error; anything else is left to the kernel.
+    fn icmp(&mut self, frame: &[u8]) -> Outcome {
+        let ihl = (frame[14] & 0x0f) as usize * 4;
+        let icmp = 14 + ihl;
+        let error = frame[14] >> 4 == 4
+            && ihl >= 20
+            && u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff == 0
+            && frame.len() >= icmp + 8
+            && [3, 11, 12].contains(&frame[icmp]);
+        if error {
+            self.icmp_error(frame, icmp)
+        } else {
+            self.echo(frame)
+        }
+    }
+
+    /// An ICMP error (its header at `icmp`) goes to the host that sent the packet it quotes:
+    /// - about a reply (quoting VIP:listener-port → client, sent to that VIP): to the flow's
+    ///   target, the Maglev pick of the reversed quote; under DSR or IPIP with the quoted
+    ///   port made the target's, under NAT translated in both headers like the flow (and only
+    ///   for a flow the model has seen);
+    /// - about a NAT request (quoting client → target:port): to the client, from the VIP.
+    ///
+    /// An error that names nothing lb can place is dropped if it went to a VIP, else passed.
+    fn icmp_error(&mut self, frame: &[u8], icmp: usize) -> Outcome {
         use Outcome::{Drop, Either, Pass, Rewritten, Tx};
+        let addr =
+            |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+        let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+        let outer_dst = addr(30);
+        let unmatched = if self.is_vip(outer_dst) {
+            Drop(DropReason::IcmpUnmatched)
+        } else {
+            Pass
+        };
+        let q = icmp + 8;
+        if frame.len() < q + 20 {
+            return unmatched;
+        }
+        let qihl = (frame[q] & 0x0f) as usize * 4;
+        let proto = frame[q + 9];
+        let l4 = q + qihl;
+        if frame[q] >> 4 != 4
+            || qihl < 20
+            || (proto != PROTO_TCP && proto != PROTO_UDP)
+            || port(q + 6) & 0x3fff != 0
+            || frame.len() < l4 + 8
+        {
+            return unmatched;
+        }
+        let (src, dst, sport, dport) = (addr(q + 12), addr(q + 16), port(l4), port(l4 + 2));
+        let quote = Quote {
+            icmp,
+            ip: q,
+            l4,
+            proto,
+        };
+        let listener = self.config.listeners.iter().find(|l| {
+            l.address == src && l.port == sport && l.protocol.ip_protocols().contains(&proto)
+        });
+        if let Some(listener) = listener.filter(|_| outer_dst == src) {
+            let group = self
+                .config
+                .target_groups
+                .iter()
+                .find(|g| g.name == listener.target_group)
+                .expect("a listener's group");
+            let mut out = frame.to_vec();
+            if group.forwarding == Forwarding::Nat {
+                let Some(((target, ..), flow)) =
+                    self.nat.iter().find(|((_, client, _, cport, p), f)| {
+                        f.vip == src
+                            && f.port == sport
+                            && *client == dst
+                            && *cport == dport
+                            && *p == proto
+                    })
+                else {
+                    return unmatched;
+                };
+                quote.rewrite(&mut out, 12, *target, 0, NAT_TARGET_PORT);
+                set_outer_address(&mut out, 16, *target);
+                return if flow.ending {
+                    Either(Box::new(Rewritten(out)), Box::new(unmatched))
+                } else {
+                    Rewritten(out)
+                };
+            }
+            let key = FlowKey::new(be(dst), be(src), dport.to_be(), sport.to_be(), proto);
+            let target = self.maglev_target(&group.name, &key);
+            let target_port = u16::from_be(target.port);
+            if target_port != sport {
+                quote.rewrite(&mut out, 12, src, 0, target_port);
+            }
+            return match group.forwarding {
+                Forwarding::Ipip => encapsulated(&out, &target),
+                _ => {
+                    out[0..6].copy_from_slice(&target.mac);
+                    out[6..12].copy_from_slice(&LB_MAC);
+                    Tx(out)
+                }
+            };
+        }
+        let Some(flow) = self.nat.get(&(dst, src, dport, sport, proto)) else {
+            return unmatched;
+        };
+        let mut out = frame.to_vec();
+        quote.rewrite(&mut out, 16, flow.vip, 1, flow.port);
+        set_outer_address(&mut out, 12, flow.vip);
+        if flow.ending {
+            Either(Box::new(Rewritten(out)), Box::new(unmatched))
+        } else {
+            Rewritten(out)
+        }
+    }
+
+    /// The target the Maglev table of group `name` gives the flow `key`.
+    fn maglev_target(&self, name: &str, key: &FlowKey) -> lb_common::Target {
+        let gid = self.registry.group_id(name).expect("a group id");
+        let settings = self.state.settings.expect("settings");
+        let id = self.state.groups[&gid].table[settings.maglev_slot(key) as usize];
+        self.state.targets[&id]
+    }
+
+    fn expect(&mut self, frame: &[u8]) -> Outcome {
+        use Outcome::{Answered, Drop, Either, Pass, Rewritten, Tx};
         // Not IPv4 (or too short to be): not lb's to judge.
         if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
             return Pass;
@@ -169,7 +295,7 @@ impl Model {
         let ip = &frame[14..];
         let proto = ip[9];
         if proto == PROTO_ICMP {
-            return self.echo(frame);
+            return self.icmp(frame);
         }
         if proto != PROTO_TCP && proto != PROTO_UDP {
             return Pass;
@@ -225,10 +351,7 @@ impl Model {
             .expect("a listener's group");
         // Maglev: the slot the flow's hash chooses in the group's table.
         let key = FlowKey::new(be(src), be(dst), sport.to_be(), dport.to_be(), proto);
-        let gid = self.registry.group_id(&group.name).expect("a group id");
-        let settings = self.state.settings.expect("settings");
-        let id = self.state.groups[&gid].table[settings.maglev_slot(&key) as usize];
-        let target = self.state.targets[&id];
+        let target = self.maglev_target(&group.name, &key);
 
         let mut out = frame.to_vec();
         let target_port = u16::from_be(target.port);
@@ -264,23 +387,129 @@ impl Model {
                 out[6..12].copy_from_slice(&LB_MAC);
                 Tx(out)
             }
-            Forwarding::Ipip => {
-                if tot_len + 20 > test_interface().mtu as usize {
-                    return Drop(DropReason::TooBig);
+            Forwarding::Ipip if tot_len + 20 > test_interface().mtu as usize => {
+                // Before port translation: the answer quotes the packet as the client sent it.
+                if ip[6] & 0x40 != 0 {
+                    Answered(too_big(frame), DropReason::TooBig)
+                } else {
+                    Drop(DropReason::TooBig)
                 }
-                let mut outer = vec![0x45, ip[1]];
-                outer.extend(((tot_len + 20) as u16).to_be_bytes());
-                outer.extend([0, 0, ip[6] & 0x40, 0, ip[8], 4, 0, 0]);
-                outer.extend(LB_ADDR.octets());
-                outer.extend(target.addr.to_ne_bytes());
-                let check = checksum(&outer);
-                outer[10..12].copy_from_slice(&check.to_be_bytes());
-                outer.extend(&out[14..]);
-                Tx(ethernet(target.mac, LB_MAC, 0x0800, &outer))
             }
+            Forwarding::Ipip => encapsulated(&out, &target),
             Forwarding::Nat => unreachable!("translated above"),
         }
     }
+}
+
+/// The frame as IPIP sends it to `target`: an outer IPv4 header from the balancer, or a drop if
+/// it would then exceed the MTU.
+fn encapsulated(frame: &[u8], target: &lb_common::Target) -> Outcome {
+    let ip = &frame[14..];
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if tot_len + 20 > test_interface().mtu as usize {
+        return Outcome::Drop(DropReason::TooBig);
+    }
+    let mut outer = vec![0x45, ip[1]];
+    outer.extend(((tot_len + 20) as u16).to_be_bytes());
+    outer.extend([0, 0, ip[6] & 0x40, 0, ip[8], 4, 0, 0]);
+    outer.extend(LB_ADDR.octets());
+    outer.extend(target.addr.to_ne_bytes());
+    let check = checksum(&outer);
+    outer[10..12].copy_from_slice(&check.to_be_bytes());
+    outer.extend(ip);
+    Outcome::Tx(ethernet(target.mac, LB_MAC, 0x0800, &outer))
+}
+
+/// "Fragmentation needed" for a frame too big to encapsulate: from its destination to its
+/// sender, MACs swapped, the next-hop MTU the interface's less the outer header, quoting the
+/// first 64 bytes of its IPv4 packet.
+fn too_big(frame: &[u8]) -> Vec<u8> {
+    let mtu = (test_interface().mtu - 20) as u16;
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend(mtu.to_be_bytes());
+    icmp.extend(&frame[14..14 + 64]);
+    let check = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend(&frame[30..34]);
+    ip.extend(&frame[26..30]);
+    let check = checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip.extend(icmp);
+    let dst: [u8; 6] = frame[6..12].try_into().expect("a MAC");
+    let src: [u8; 6] = frame[0..6].try_into().expect("a MAC");
+    ethernet(dst, src, 0x0800, &ip)
+}
+
+/// Where in an ICMP error frame its header and the packet it quotes are.
+struct Quote {
+    icmp: usize,
+    ip: usize,
+    l4: usize,
+    proto: u8,
+}
+
+impl Quote {
+    /// Replaces the quoted packet's address at `at` (12 source, 16 destination) and its port
+    /// `which` (0 source, 1 destination), updating word by word as RFC 1624 does, in this
+    /// order, its IPv4 checksum, its TCP or UDP checksum if quoted (a UDP 0 stays 0; a
+    /// computed 0 goes out as 0xffff) and the ICMP checksum over all of it.
+    fn rewrite(&self, out: &mut [u8], at: usize, addr: Ipv4Addr, which: usize, port: u16) {
+        let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let put = |b: &mut [u8], i: usize, w: u16| b[i..i + 2].copy_from_slice(&w.to_be_bytes());
+        let udp = self.proto == PROTO_UDP;
+        let (old, new) = (out[self.ip + at..self.ip + at + 4].to_vec(), addr.octets());
+        let halves = [
+            (word(&old, 0), word(&new, 0)),
+            (word(&old, 2), word(&new, 2)),
+        ];
+        let mut icmp = word(out, self.icmp + 2);
+        let old_ip_check = word(out, self.ip + 10);
+        let mut ip_check = old_ip_check;
+        for (o, n) in halves {
+            icmp = incremental_checksum(icmp, o, n);
+            ip_check = incremental_checksum(ip_check, o, n);
+        }
+        out[self.ip + at..self.ip + at + 4].copy_from_slice(&new);
+        put(out, self.ip + 10, ip_check);
+        icmp = incremental_checksum(icmp, old_ip_check, ip_check);
+        let port_at = self.l4 + 2 * which;
+        let old_port = word(out, port_at);
+        put(out, port_at, port);
+        icmp = incremental_checksum(icmp, old_port, port);
+        let check_at = self.l4 + if udp { 6 } else { 16 };
+        if check_at + 2 <= out.len() {
+            let old = word(out, check_at);
+            if !(udp && old == 0) {
+                let mut new = old;
+                for (o, n) in halves {
+                    new = incremental_checksum(new, o, n);
+                }
+                new = incremental_checksum(new, old_port, port);
+                if udp && new == 0 {
+                    new = 0xffff;
+                }
+                put(out, check_at, new);
+                icmp = incremental_checksum(icmp, old, new);
+            }
+        }
+        put(out, self.icmp + 2, icmp);
+    }
+}
+
+/// Replaces the outer IPv4 header's address at `at` (12 source, 16 destination), updating its
+/// checksum word by word.
+fn set_outer_address(out: &mut [u8], at: usize, addr: Ipv4Addr) {
+    let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let (old, new) = (out[14 + at..14 + at + 4].to_vec(), addr.octets());
+    let mut check = word(out, 24);
+    for half in [0, 2] {
+        check = incremental_checksum(check, word(&old, half), word(&new, half));
+    }
+    out[14 + at..14 + at + 4].copy_from_slice(&new);
+    out[24..26].copy_from_slice(&check.to_be_bytes());
 }
 
 /// Rewrites port `which` (0 source, 1 destination) of the TCP or UDP header at `l4` to `port`
@@ -484,6 +713,53 @@ fn frame_of(rng: &mut Rng, flow: &Flow) -> Vec<u8> {
     ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
 }
 
+/// An ICMP error about `flow`: a router's about its reply (to the flow's destination, a VIP,
+/// now and then to the balancer instead), or for a NAT flow, a target's about its request (to
+/// the client). The quote is cut anywhere from 8 bytes past its IPv4 header on.
+fn error_about(rng: &mut Rng, flow: &Flow) -> Vec<u8> {
+    let about_request = flow.nat() && rng.percent(50);
+    let (quoted, src, dst) = if about_request {
+        let target = rng.pick(&NAT_TARGETS);
+        let request = Flow {
+            dst: target,
+            dport: NAT_TARGET_PORT,
+            ..*flow
+        };
+        (request, target, flow.src)
+    } else {
+        let reply = Flow {
+            src: flow.dst,
+            dst: flow.src,
+            sport: flow.dport,
+            dport: flow.sport,
+            proto: flow.proto,
+        };
+        let to = if rng.percent(90) {
+            flow.dst
+        } else {
+            LB_ADDR.octets()
+        };
+        (reply, [192, 0, 2, 1], to)
+    };
+    let packet = frame_of(rng, &quoted)[14..].to_vec();
+    let cut = 28 + rng.below(packet.len() - 27);
+    let (kind, code) = rng.pick(&[(3, 4), (3, 4), (3, 3), (3, 1), (11, 0), (12, 0)]);
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    icmp.extend(rng.pick(&[1280u16, 1400, 576]).to_be_bytes());
+    icmp.extend(&packet[..cut]);
+    let check = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([rng.byte(), rng.byte(), 0, 0, 64, PROTO_ICMP, 0, 0]);
+    ip.extend(src);
+    ip.extend(dst);
+    let check = checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip.extend(icmp);
+    ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+}
+
 /// One or more of: a cut at any length, a wrong version, header length, total length or
 /// checksum, a fragment, another protocol or EtherType, random bytes anywhere.
 fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
@@ -523,6 +799,7 @@ fn matching<'a>(want: &'a Outcome, got: &Outcome) -> Option<&'a Outcome> {
     match (want, got) {
         (Outcome::Either(a, b), _) => matching(a, got).or_else(|| matching(b, got)),
         (Outcome::Drop(_), Outcome::Drop(_)) => Some(want),
+        (Outcome::Answered(a, _), Outcome::Tx(b)) => (a == b).then_some(want),
         _ => (want == got).then_some(want),
     }
 }
@@ -608,7 +885,7 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         }] += 1;
         let want = model.expect(frame);
         match matching(&want, &got) {
-            Some(Outcome::Drop(reason)) => {
+            Some(Outcome::Drop(reason) | Outcome::Answered(_, reason)) => {
                 *expected_drops.entry(*reason as u32).or_default() += 1;
             }
             Some(_) => {}
@@ -621,7 +898,7 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         Ok(())
     };
     // Every cut of a few well-formed frames, then random and mutated ones: requests of flows
-    // that come back and of new ones, and replies to NAT requests.
+    // that come back and of new ones, replies to NAT requests, and ICMP errors about flows.
     for _ in 0..16 {
         let flow = rng.pick(&pool);
         let frame = frame_of(&mut rng, &flow);
@@ -631,12 +908,24 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         }
     }
     while sent < frames {
-        let flow = match rng.below(100) {
-            0..15 if !nat_requests.is_empty() => rng.pick(&nat_requests).reply(&mut rng),
-            15..70 => rng.pick(&pool),
-            _ => random_flow(&mut rng),
+        let mut frame = match rng.below(100) {
+            0..15 if !nat_requests.is_empty() => {
+                let reply = rng.pick(&nat_requests).reply(&mut rng);
+                frame_of(&mut rng, &reply)
+            }
+            15..62 => {
+                let flow = rng.pick(&pool);
+                frame_of(&mut rng, &flow)
+            }
+            62..70 => {
+                let flow = rng.pick(&pool);
+                error_about(&mut rng, &flow)
+            }
+            _ => {
+                let flow = random_flow(&mut rng);
+                frame_of(&mut rng, &flow)
+            }
         };
-        let mut frame = frame_of(&mut rng, &flow);
         if rng.percent(40) {
             mutate(&mut rng, &mut frame);
         }
@@ -652,9 +941,14 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         .collect();
     let [passed, sent_on, dropped] = outcomes;
     let translated = model.nat.len();
+    let icmp: BTreeMap<&str, u64> = dp
+        .icmp_sent()?
+        .into_iter()
+        .map(|(kind, n)| (kind.name(), n))
+        .collect();
     println!(
         "fuzz: {sent} frames: {passed} passed, {sent_on} sent on, {dropped} dropped (by reason \
-         {counted:?}); {translated} NAT flows; {} mismatches",
+         {counted:?}); {translated} NAT flows; ICMP sent {icmp:?}; {} mismatches",
         mismatches.len()
     );
     if !mismatches.is_empty() {
@@ -665,7 +959,7 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         "seed {seed}: drops counted {counted:?}, the model's {expected_drops:?}"
     );
     ensure!(
-        passed > 0 && sent_on > 0 && dropped > 0 && translated > 0,
+        passed > 0 && sent_on > 0 && dropped > 0 && translated > 0 && icmp.values().all(|&n| n > 0),
         "every outcome occurs"
     );
     Ok(())

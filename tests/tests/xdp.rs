@@ -19,7 +19,7 @@ use lb::{
     lifecycle::Registry,
     maps::{Dataplane, MapState},
 };
-use lb_common::DropReason;
+use lb_common::{DropReason, IcmpCounter};
 use lb_tests::frames::{
     CLIENT_MAC, LB_ADDR, LB_MAC, Packet, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
     dataplane_for, ethernet, l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp,
@@ -204,6 +204,7 @@ settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_grou
 listeners:
   - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: g1}
   - {name: game, address: 203.0.113.10, port: 6800, protocol: tcp_udp, target_group: g2}
+  - {name: turns, address: 203.0.113.10, port: 8080, protocol: tcp, target_group: turns}
 target_groups:
   - name: g1
     port: 30080
@@ -212,6 +213,9 @@ target_groups:
     forwarding: ipip
     port: 18600
     targets: [{address: 198.51.100.12}, {address: 198.51.100.13}]
+  - name: turns
+    algorithm: round_robin
+    targets: [{address: 198.51.100.11, port: 8080}, {address: 198.51.100.12, port: 8080}]
 ";
 
 /// The packet as the target must receive it: the same, to the target's port, with the checksum
@@ -928,36 +932,170 @@ fn nat_icmp_errors() -> Result<()> {
         ensure!(out[38..42] == mtu, "the MTU changed");
     }
 
-    // Errors about no flow are the kernel's: another client port, and a target that was
-    // never asked.
+    // Errors about no flow: one to a client (about a request to a target that was never
+    // asked) is the kernel's; one to the VIP (about a reply to another client port) is dropped
+    // and counted.
     let stray = Packet::udp(6800, 5199);
     let quote = Packet {
         dst: Ipv4Addr::new(198, 51, 100, 21),
         dport: 30080,
         ..stray.clone()
     };
-    for error in [
-        icmp_error(
-            quote.dst,
-            stray.src,
-            PORT_UNREACHABLE,
-            [0; 4],
-            &quote.ip_packet(),
-        ),
-        icmp_error(
-            router,
-            stray.dst,
-            FRAG_NEEDED,
-            [0; 4],
-            &reply_to(&stray, stray.dst, 6800, 0).ip_packet(),
-        ),
-    ] {
-        let (verdict, out) = run(&mut dp, &error)?;
-        ensure!(
-            verdict == XDP_PASS && out == error,
-            "an error about no flow was touched"
-        );
+    let to_client = icmp_error(
+        quote.dst,
+        stray.src,
+        PORT_UNREACHABLE,
+        [0; 4],
+        &quote.ip_packet(),
+    );
+    let (verdict, out) = run(&mut dp, &to_client)?;
+    ensure!(
+        verdict == XDP_PASS && out == to_client,
+        "an error to a client about no flow was touched"
+    );
+    let to_vip = icmp_error(
+        router,
+        stray.dst,
+        FRAG_NEEDED,
+        [0; 4],
+        &reply_to(&stray, stray.dst, 6800, 0).ip_packet(),
+    );
+    let (verdict, _) = run(&mut dp, &to_vip)?;
+    ensure!(verdict == XDP_DROP, "verdict {verdict}");
+    ensure!(drops(&dp, DropReason::IcmpUnmatched)? == 1);
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == 2);
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToClient)? == 4);
+    Ok(())
+}
+
+/// A router between a DSR or IPIP target and the client cannot pass a reply on: its error goes
+/// to the VIP (the reply's source), and the balancer sends it to the flow's target, whose
+/// stack then lowers its path MTU. Under port translation the quote is made to name the
+/// target's own port, as its socket knows it. An error about a flow the table does not hold
+/// goes where the hash places it; under round robin, which has no such place, it is dropped
+/// and counted, as is an error about no listener.
+#[test]
+fn icmp_errors_about_replies_go_to_the_flows_target() -> Result<()> {
+    const FRAG_NEEDED: [u8; 2] = [3, 4];
+    const MTU: [u8; 4] = [0, 0, 0x05, 0x00];
+    let (mut dp, state, _) = dataplane_for(TRANSLATED)?;
+    let router = Ipv4Addr::new(192, 0, 2, 1);
+    let mut long_reply = Packet::tcp(80, 0, 0x10);
+    long_reply.payload = vec![0x5a; 1400];
+    let cases = [
+        (Packet::tcp(80, 5000, 0x02), 0, 30080),
+        (Packet::tcp(6800, 5001, 0x02), 1, 18600),
+        (Packet::udp(6800, 5002), 1, 18600),
+    ];
+    let mut forwarded = 0;
+    for (request, group, target_port) in cases {
+        run(&mut dp, &request.frame())?;
+        let (_, target) = expected_target(&state, group, &request);
+        // The reply left the target from VIP:listener-port; the router quotes all of it, or
+        // only RFC 792's 8 bytes past the IPv4 header.
+        let reply = Packet {
+            payload: long_reply.payload.clone(),
+            ..reply_to(&request, VIP, request.dport, 0x10)
+        };
+        let as_target_knows = reply_to(&request, VIP, target_port, 0x10);
+        let as_target_knows = Packet {
+            payload: reply.payload.clone(),
+            ..as_target_knows
+        };
+        for cut in [reply.ip_packet().len(), 28] {
+            let error = icmp_error(router, VIP, FRAG_NEEDED, MTU, &reply.ip_packet()[..cut]);
+            let want = icmp_error(
+                router,
+                VIP,
+                FRAG_NEEDED,
+                MTU,
+                &as_target_knows.ip_packet()[..cut],
+            );
+            let (verdict, out) = run(&mut dp, &error)?;
+            ensure!(verdict == XDP_TX, "verdict {verdict}");
+            forwarded += 1;
+            let inner = if group == 0 {
+                ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC);
+                &out[14..]
+            } else {
+                ensure!(out[23] == 4 && out[30..34] == target.addr.to_ne_bytes());
+                ensure!(checksum(&out[14..34]) == 0, "outer IPv4 checksum");
+                &out[34..]
+            };
+            ensure!(
+                inner == &want[14..],
+                "{request:?} cut {cut}\ngot  {inner:02x?}\nwant {:02x?}",
+                &want[14..]
+            );
+            ensure!(checksum(&inner[20..]) == 0, "ICMP checksum");
+        }
     }
+
+    // A flow this balancer never saw (another node's, or one it forgot): the hash's target.
+    let unknown = Packet::tcp(80, 5100, 0x10);
+    let (_, target) = expected_target(&state, 0, &unknown);
+    let quote = reply_to(&unknown, VIP, 80, 0x10).ip_packet();
+    let (verdict, out) = run(&mut dp, &icmp_error(router, VIP, FRAG_NEEDED, MTU, &quote))?;
+    ensure!(
+        verdict == XDP_TX && out[0..6] == target.mac,
+        "verdict {verdict}"
+    );
+    forwarded += 1;
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == forwarded);
+
+    // Dropped and counted: under round robin, and about a port without a listener.
+    let turns = Packet::tcp(8080, 5200, 0x10);
+    let no_listener = Packet::tcp(8443, 5201, 0x10);
+    for unmatched in [turns, no_listener] {
+        let quote = reply_to(&unmatched, VIP, unmatched.dport, 0x10).ip_packet();
+        let (verdict, _) = run(&mut dp, &icmp_error(router, VIP, FRAG_NEEDED, MTU, &quote))?;
+        ensure!(verdict == XDP_DROP, "{unmatched:?}: verdict {verdict}");
+    }
+    ensure!(drops(&dp, DropReason::IcmpUnmatched)? == 2);
+    // Not sent to the VIP: the kernel's.
+    let error = icmp_error(router, LB_ADDR, FRAG_NEEDED, MTU, &quote);
+    ensure!(run(&mut dp, &error)? == (XDP_PASS, error.clone()));
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == forwarded);
+    Ok(())
+}
+
+/// A packet that would exceed the MTU once encapsulated, with DF set, is answered with
+/// "fragmentation needed" from the VIP, carrying the MTU less the outer header and quoting the
+/// packet as the client sent it (before port translation); without DF it is only dropped.
+#[test]
+fn packets_too_big_to_encapsulate_get_fragmentation_needed() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(TRANSLATED)?;
+    let mtu = test_interface().mtu as usize;
+    let mut big = Packet::tcp(6800, 6000, 0x10);
+    big.payload = vec![7; mtu - 20 - 40 + 1];
+    let sent = big.ip_packet();
+    ensure!(sent.len() == mtu - 20 + 1);
+    let (verdict, out) = run(&mut dp, &big.frame())?;
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    let next_hop_mtu = ((mtu - 20) as u16).to_be_bytes();
+    let mut want = icmp_error(
+        VIP,
+        big.src,
+        [3, 4],
+        [0, 0, next_hop_mtu[0], next_hop_mtu[1]],
+        &sent[..64],
+    );
+    want[0..6].copy_from_slice(&CLIENT_MAC);
+    want[6..12].copy_from_slice(&LB_MAC);
+    ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+    ensure!(checksum(&out[14..34]) == 0 && checksum(&out[34..]) == 0);
+    ensure!(dp.icmp_sent_of(IcmpCounter::TooBigSent)? == 1);
+    ensure!(drops(&dp, DropReason::TooBig)? == 1);
+
+    // Without DF: dropped, nothing sent. One byte less: encapsulated.
+    let mut udp = Packet::udp(6800, 6001);
+    udp.payload = vec![7; mtu - 20 - 28 + 1];
+    ensure!(run(&mut dp, &udp.frame())?.0 == XDP_DROP);
+    ensure!(dp.icmp_sent_of(IcmpCounter::TooBigSent)? == 1);
+    ensure!(drops(&dp, DropReason::TooBig)? == 2);
+    big.payload.pop();
+    let (verdict, out) = run(&mut dp, &big.frame())?;
+    ensure!(verdict == XDP_TX && out.len() == 14 + mtu && out[23] == 4);
     Ok(())
 }
 
@@ -1654,7 +1792,7 @@ fn echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
     reply[6..12].copy_from_slice(&LB_MAC);
     ensure!(out == reply, "\n{out:02x?}\n{reply:02x?}");
     ensure!(checksum(&out[14..34]) == 0 && checksum(&out[34..]) == 0);
-    ensure!(dp.echoes_answered()? == 1);
+    ensure!(dp.icmp_sent_of(IcmpCounter::EchoReply)? == 1);
     for frame in [
         icmp_frame(client, Ipv4Addr::new(198, 51, 100, 3), 57, 8),
         icmp_frame(client, VIP, 57, 0),
@@ -1664,7 +1802,7 @@ fn echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
         let (verdict, out) = run(&mut dp, &frame)?;
         ensure!(verdict == XDP_PASS && out == frame, "verdict {verdict}");
     }
-    ensure!(dp.echoes_answered()? == 1);
+    ensure!(dp.icmp_sent_of(IcmpCounter::EchoReply)? == 1);
 
     let quiet = CONFIG.replace(
         "  hash_seed: 42\n",
@@ -1674,6 +1812,6 @@ fn echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
     let (mut dp, _, _) = dataplane_for(&quiet)?;
     let (verdict, out) = run(&mut dp, &request)?;
     ensure!(verdict == XDP_PASS && out == request, "verdict {verdict}");
-    ensure!(dp.echoes_answered()? == 0);
+    ensure!(dp.icmp_sent_of(IcmpCounter::EchoReply)? == 0);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Counters, per CPU: what was forwarded per listener and per target, and what was dropped.
 
 use aya_ebpf::{bindings::xdp_action::XDP_DROP, macros::map, maps::PerCpuArray};
-use lb_common::{Counters, DropReason, MAX_LISTENERS, MAX_TARGETS, refused_index};
+use lb_common::{Counters, DropReason, IcmpCounter, MAX_LISTENERS, MAX_TARGETS, refused_index};
 
 #[map]
 static LISTENER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
@@ -12,9 +12,9 @@ static TARGET_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_T
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
-/// Echo requests to a VIP that were answered.
+/// ICMP messages sent, by kind (`IcmpCounter`).
 #[map]
-static ECHOES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static ICMP: PerCpuArray<u64> = PerCpuArray::with_max_entries(IcmpCounter::COUNT, 0);
 
 /// New flows each listener's rate limits refused: see `lb_common::refused_index`.
 #[map]
@@ -50,10 +50,10 @@ pub fn refused(listener: u32, reason: DropReason) -> u32 {
     drop(reason)
 }
 
-/// Counts an answered echo request.
+/// Counts an ICMP message sent.
 #[inline(always)]
-pub fn echo_answered() {
-    if let Some(counter) = ECHOES.get_ptr_mut(0) {
+pub fn icmp(kind: IcmpCounter) {
+    if let Some(counter) = ICMP.get_ptr_mut(kind as u32) {
         // SAFETY: per-CPU value, no other writer.
         unsafe { *counter += 1 };
     }

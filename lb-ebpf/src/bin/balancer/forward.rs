@@ -13,7 +13,7 @@ use lb_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{counters::drop, parse::Packet};
+use crate::{counters::drop, icmp, parse::Packet};
 
 const IP_DF: u8 = 0x40;
 
@@ -115,26 +115,63 @@ pub fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
     }
 }
 
-/// Direct server return on layer 2: the frame goes to the target's MAC, unchanged above it.
+/// Direct server return on layer 2: the frame (Ethernet header `eth`) goes to the target's
+/// MAC, unchanged above it.
 #[inline(always)]
-pub fn dsr(ctx: &XdpContext, packet: &Packet, target: &Target, settings: &Settings) -> u32 {
+pub fn dsr(ctx: &XdpContext, eth: *mut EthHdr, target: &Target, settings: &Settings) -> u32 {
     let out = egress(target, settings);
-    // SAFETY: `eth` was bounds-checked by the parse and the frame has not been resized since.
+    // SAFETY: the caller bounds-checked `eth` and has not resized the frame since.
     unsafe {
-        write_mac(&raw mut (*packet.eth).dst_addr, &target.mac);
-        write_mac(&raw mut (*packet.eth).src_addr, &out.mac);
+        write_mac(&raw mut (*eth).dst_addr, &target.mac);
+        write_mac(&raw mut (*eth).src_addr, &out.mac);
     }
     send_out(ctx, out, settings)
 }
 
-/// Prepends an outer IPv4 header (LB → target, protocol 4) and a fresh Ethernet header.
+/// The action for a packet that would exceed the MTU towards `target` once encapsulated, if it
+/// would: its sender is told the MTU it must fit if it forbids fragmenting (DF), as Katran does
+/// (`icmp::too_big`); it is dropped either way. Before any port translation, so that the
+/// message quotes the packet as its sender knows it.
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, packet: &Packet, target: &Target, settings: &Settings) -> u32 {
+pub fn too_big_to_encapsulate(
+    ctx: &XdpContext,
+    packet: &Packet,
+    target: &Target,
+    settings: &Settings,
+) -> Option<u32> {
     // SAFETY: `ip` was bounds-checked by the parse and the frame has not been resized since.
-    let inner = unsafe { *packet.ip };
+    let (tot_len, frags) = unsafe { ((*packet.ip).tot_len, (*packet.ip).frags) };
+    let mtu = egress(target, settings).mtu;
+    if fits(u16::from_be_bytes(tot_len), mtu) {
+        return None;
+    }
+    Some(if frags[0] & IP_DF != 0 {
+        icmp::too_big(ctx, (mtu - IPV4_LEN as u32) as u16)
+    } else {
+        drop(DropReason::TooBig)
+    })
+}
+
+/// Whether an IPv4 packet of `len` bytes fits an interface of MTU `mtu` once encapsulated.
+#[inline(always)]
+fn fits(len: u16, mtu: u32) -> bool {
+    len as u32 + IPV4_LEN as u32 <= mtu
+}
+
+/// Prepends an outer IPv4 header (LB → target, protocol 4) and a fresh Ethernet header to the
+/// packet whose IPv4 header is `ip`; drops it if it would then exceed the MTU.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    target: &Target,
+    settings: &Settings,
+) -> u32 {
+    // SAFETY: the caller bounds-checked `ip` and has not resized the frame since.
+    let inner = unsafe { *ip };
     let inner_len = u16::from_be_bytes(inner.tot_len) as u32;
     let out = egress(target, settings);
-    if inner_len + IPV4_LEN as u32 > out.mtu {
+    if !fits(inner_len as u16, out.mtu) {
         return drop(DropReason::TooBig);
     }
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {

@@ -1,40 +1,56 @@
-//! ICMP errors about NAT flows (destination unreachable, fragmentation needed, time exceeded),
-//! translated in both headers like the flow itself, so that they reach the host that sent the
-//! packet they quote: path MTU discovery and "port unreachable" work through NAT.
+//! ICMP, as an NLB's addresses answer it though no host holds the VIP:
 //!
-//! - From the target's side, about a request (quoting client → target:port): to the client, as
-//!   if from VIP:listener-port (the outer source and the quoted destination).
-//! - From the client's side, about a reply (quoting VIP:listener-port → client, sent to the VIP):
-//!   to the target (the outer destination and the quoted source).
+//! - Echo requests to a VIP are answered here: `ping VIP` works.
+//! - Errors (destination unreachable, "fragmentation needed" among them; time exceeded;
+//!   parameter problem) go to the host that sent the packet they quote, found through the
+//!   connection table:
+//!   - about a reply (quoting VIP:listener-port → client, so sent to the VIP): to the flow's
+//!     target. Under DSR the reply bypassed the balancer, and only this way does a router's
+//!     "fragmentation needed" reach the target, so that large replies over a smaller-MTU path
+//!     do not hang. Under NAT, translated in both headers like the flow itself (the outer
+//!     destination and the quoted source).
+//!   - from the target's side, about a NAT request (quoting client → target:port): to the
+//!     client, as if from VIP:listener-port (the outer source and the quoted destination).
 //!
-//! Which flow an error is about comes from the connection table, as for the replies; an error
-//! about no NAT flow is left to the kernel.
-//!
-//! And echo requests to a VIP, answered here: `ping VIP` works as it does for an NLB's
-//! addresses, though no host holds the VIP.
+//!   An error to a VIP that names no flow lb can place is dropped and counted
+//!   (`icmp_unmatched`); others are left to the kernel.
+//! - A packet too big to encapsulate is answered with "fragmentation needed" (`too_big`).
 
-use aya_ebpf::{bindings::xdp_action::XDP_TX, programs::XdpContext};
-use lb_common::{FORWARDING_NAT, FlowKey, ListenerKey, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::{
+    bindings::xdp_action::XDP_TX,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowTable, IcmpCounter, Listener,
+    ListenerKey, PROTO_TCP, PROTO_UDP, Settings,
+};
 use lb_ebpf::{
-    ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum_replace,
-    checksum_replace32, ptr_at,
+    ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum, checksum_replace,
+    checksum_replace32, ptr_at, set_ipv4_checksum, write_mac,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    GROUPS, TARGETS, counters, flows,
+    GROUPS, TARGETS,
+    counters::{self, drop},
+    flows, forward,
     forward::{IP_DST, IP_SRC, set_address},
     listener, nat,
     parse::IP_MF_OFFSET_MASK,
+    pick,
 };
 
 const PROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
-/// The TTL of an echo reply, as Linux sends its own.
+/// The TTL of what lb sends of its own (echo replies, errors), as Linux sends its own.
 const ECHO_TTL: u8 = 64;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// The code of destination unreachable that says "fragmentation needed and DF set".
+const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP_HDR_LEN: usize = 8;
 const ICMP_CHECK_OFFSET: usize = 2;
 
@@ -102,34 +118,97 @@ pub fn echo(ctx: &XdpContext) -> Option<u32> {
         (*eth).src_addr = (*eth).dst_addr;
         (*eth).dst_addr = client;
     }
-    counters::echo_answered();
+    counters::icmp(IcmpCounter::EchoReply);
     Some(XDP_TX)
 }
 
-/// The frame translated and sent on if it is an ICMP error about a NAT flow; `None` if not.
+/// The frame sent where it belongs if it is an ICMP error (destination unreachable, which
+/// includes "fragmentation needed"; time exceeded; parameter problem) about a flow through lb;
+/// `Ok(None)` if it is none. An error that names no flow lb can place gives its destination and
+/// `IcmpUnmatched`: dropped and counted if that is a VIP.
 #[inline(always)]
-pub fn nat_error(ctx: &XdpContext, now: u64) -> Option<u32> {
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+pub fn error(
+    ctx: &XdpContext,
+    settings: &Settings,
+    now: u64,
+) -> Result<Option<u32>, (u32, DropReason)> {
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)) else {
+        return Ok(None);
+    };
     // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
-    let (ether_type, vihl, proto, frags) =
-        unsafe { ((*eth).ether_type, (*ip).vihl, (*ip).proto, (*ip).frags) };
+    let (ether_type, vihl, proto, frags, outer_dst) = unsafe {
+        (
+            (*eth).ether_type,
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
+    };
     if ether_type != ETH_P_IP_BE
         || proto != PROTO_ICMP
         || vihl >> 4 != 4
+        || (vihl & 0x0f) < 5
         || u16::from_be_bytes(frags) & IP_MF_OFFSET_MASK != 0
     {
-        return None;
+        return Ok(None);
     }
     let icmp_off = ETH_LEN + ((vihl & 0x0f) as usize * 4 & 0x3c);
-    let icmp = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, icmp_off)?;
+    let Some(icmp) = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, icmp_off) else {
+        return Ok(None);
+    };
     let kind = unsafe { (*icmp)[0] };
-    if kind != ICMP_DEST_UNREACHABLE && kind != ICMP_TIME_EXCEEDED {
-        return None;
+    if kind != ICMP_DEST_UNREACHABLE && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROBLEM
+    {
+        return Ok(None);
     }
-    // The quoted packet: its IPv4 header and the first 8 bytes of its TCP or UDP header.
-    let inner_off = icmp_off + ICMP_HDR_LEN;
-    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_off)?;
+    let unmatched = (outer_dst, DropReason::IcmpUnmatched);
+    let (quoted, key) = quote(ctx, icmp, icmp_off + ICMP_HDR_LEN).ok_or(unmatched)?;
+    let table = flows::FLOW_TABLE.get(0).ok_or(unmatched)?;
+
+    // About a reply, which left from VIP:listener-port, so the error went to the VIP.
+    let listener_key = ListenerKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        pad: 0,
+    };
+    if outer_dst == key.dst
+        && let Some(slot) = listener::find_key(&listener_key)
+    {
+        let action = to_target(
+            ctx,
+            eth,
+            ip,
+            &quoted,
+            table,
+            &key,
+            &slot.listener,
+            settings,
+            now,
+        );
+        return action.map(Some).ok_or(unmatched);
+    }
+
+    // About a NAT request, which went to target:port: to the client, from VIP:listener-port.
+    if settings.nat == 0 {
+        return Err(unmatched);
+    }
+    let (_, slot) = nat::reverse_flow(table, &key, now).ok_or(unmatched)?;
+    quoted.rewrite(IP_DST, slot.key.addr, 1, slot.key.port);
+    // The outer source too: no pseudo-header covers it in ICMP.
+    set_address(ip as *mut u8, IP_SRC, slot.key.addr);
+    counters::icmp(IcmpCounter::ErrorToClient);
+    Ok(Some(nat::towards(ctx, eth, ip)))
+}
+
+/// The packet an ICMP error quotes from `off` on (`icmp` its header), and the quote reversed as
+/// a connection-table key: a flow's forward entry if the quote is a reply, its reverse entry if
+/// it is a NAT request. `None` if it quotes no whole TCP or UDP header start.
+#[inline(always)]
+fn quote(ctx: &XdpContext, icmp: *mut [u8; ICMP_HDR_LEN], off: usize) -> Option<(Quoted, FlowKey)> {
+    let inner = ptr_at::<Ipv4Hdr>(ctx, off)?;
+    // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
     let (inner_vihl, inner_proto, inner_frags) =
         unsafe { ((*inner).vihl, (*inner).proto, (*inner).frags) };
     let inner_ihl = (inner_vihl & 0x0f) as usize * 4;
@@ -140,7 +219,7 @@ pub fn nat_error(ctx: &XdpContext, now: u64) -> Option<u32> {
     {
         return None;
     }
-    let l4_off = inner_off + (inner_ihl & 0x3c);
+    let l4_off = off + (inner_ihl & 0x3c);
     // Every error quotes at least 8 bytes past the IPv4 header: the ports, and UDP's checksum.
     let l4 = ptr_at::<[u16; 4]>(ctx, l4_off)? as *mut u16;
     let (src, dst, sport, dport) = unsafe {
@@ -166,39 +245,136 @@ pub fn nat_error(ctx: &XdpContext, now: u64) -> Option<u32> {
         l4_check,
         udp: inner_proto == PROTO_UDP,
     };
-    let table = flows::FLOW_TABLE.get(0)?;
-    // The quote reversed: the flow's forward entry if it quotes a reply, its reverse entry if
-    // it quotes a request.
-    let key = FlowKey::new(dst, src, dport, sport, inner_proto);
+    Some((quoted, FlowKey::new(dst, src, dport, sport, inner_proto)))
+}
 
-    // About a reply, which left from VIP:listener-port: back to the target that sent it.
-    let listener_key = ListenerKey {
-        addr: src,
-        port: sport,
-        proto: inner_proto,
-        pad: 0,
+/// Sends an error about a reply of `listener`'s flow `key` (reversed from the quote) to the
+/// flow's target: the one the connection table remembers, or else where the group's hash
+/// places the flow (not under NAT, whose flows exist only in the table). The target's stack
+/// then acts on it as on any error: a "fragmentation needed" lowers its path MTU to the client,
+/// which is what makes path MTU discovery work for replies that bypass the balancer (DSR).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn to_target(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    quoted: &Quoted,
+    table: &FlowTable,
+    key: &FlowKey,
+    listener: &Listener,
+    settings: &Settings,
+    now: u64,
+) -> Option<u32> {
+    let group = GROUPS.get(listener.group)?;
+    let (entry, found, hash) = flows::lookup(table, key)?;
+    let remembered = if found {
+        flows::existing_target(entry, hash, listener, false, now)
+    } else {
+        None
     };
-    if let Some(slot) = listener::find_key(&listener_key) {
-        let listener = &slot.listener;
-        if GROUPS.get(listener.group)?.forwarding != FORWARDING_NAT {
-            return None;
+    let id = match remembered {
+        Some(id) => id,
+        None if group.forwarding != FORWARDING_NAT => {
+            pick::placed_by_hash(key, listener, group, settings)?
         }
-        let (entry, found, hash) = flows::lookup(table, &key)?;
-        if !found {
-            return None;
-        }
-        let target = TARGETS.get(flows::existing_target(entry, hash, listener, false, now)?)?;
+        None => return None,
+    };
+    let target = TARGETS.get(id)?;
+    counters::icmp(IcmpCounter::ErrorToTarget);
+    if group.forwarding == FORWARDING_NAT {
         quoted.rewrite(IP_SRC, target.addr, 0, target.port);
         set_address(ip as *mut u8, IP_DST, target.addr);
         return Some(nat::towards(ctx, eth, ip));
     }
+    // Under port translation the target's socket has its own port, which the quote must name.
+    if target.port != key.dport {
+        quoted.rewrite(IP_SRC, key.dst, 0, target.port);
+    }
+    Some(if group.forwarding == FORWARDING_IPIP {
+        forward::encapsulate(ctx, ip, target, settings)
+    } else {
+        forward::dsr(ctx, eth, target, settings)
+    })
+}
 
-    // About a request, which went to target:port: to the client, from VIP:listener-port.
-    let (_, slot) = nat::reverse_flow(table, &key, now)?;
-    quoted.rewrite(IP_DST, slot.key.addr, 1, slot.key.port);
-    // The outer source too: no pseudo-header covers it in ICMP.
-    set_address(ip as *mut u8, IP_SRC, slot.key.addr);
-    Some(nat::towards(ctx, eth, ip))
+/// How much of a packet too big to encapsulate its "fragmentation needed" quotes: the IPv4
+/// header and what follows it, enough for the ports (RFC 792 asks for 8 bytes past the header).
+const TOO_BIG_QUOTE: usize = 64;
+/// The whole message: Ethernet, IPv4 and ICMP headers, and the quote.
+const TOO_BIG_FRAME: usize = ETH_LEN + IPV4_LEN + ICMP_HDR_LEN + TOO_BIG_QUOTE;
+
+/// Answers a packet that would exceed the MTU once encapsulated, as Katran does: "fragmentation
+/// needed" (type 3, code 4) with next-hop MTU `mtu`, from the VIP to the client, back out where
+/// it came in. The frame becomes the message: cut to the quote, new headers in front. Counted
+/// both as sent and as the `too_big` drop of the packet.
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, mtu: u16) -> u32 {
+    let frame_len = ctx.data_end() - ctx.data();
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)) else {
+        return drop(DropReason::TooBig);
+    };
+    // SAFETY: both pointers come from `ptr_at`, which checked them against data_end.
+    let (client_mac, our_mac, client, vip) = unsafe {
+        (
+            (*eth).src_addr,
+            (*eth).dst_addr,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    let cut = frame_len as i32 - (ETH_LEN + TOO_BIG_QUOTE) as i32;
+    let grow = (IPV4_LEN + ICMP_HDR_LEN) as i32;
+    // SAFETY: plain helper calls; every pointer is checked again after them.
+    if cut < 0
+        || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -cut) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0
+    {
+        return drop(DropReason::TooBig);
+    }
+    let Some(frame) = ptr_at::<[u8; TOO_BIG_FRAME]>(ctx, 0) else {
+        return drop(DropReason::TooBig);
+    };
+    // SAFETY: `frame` was bounds-checked for the whole message just above; the original IPv4
+    // header, now the quote, starts right after the ICMP header.
+    unsafe {
+        let eth = frame as *mut EthHdr;
+        write_mac(&raw mut (*eth).dst_addr, &client_mac);
+        write_mac(&raw mut (*eth).src_addr, &our_mac);
+        (*eth).ether_type = ETH_P_IP_BE;
+        let ip = (frame as *mut u8).add(ETH_LEN) as *mut Ipv4Hdr;
+        *ip = Ipv4Hdr {
+            vihl: 0x45,
+            tos: 0,
+            tot_len: ((TOO_BIG_FRAME - ETH_LEN) as u16).to_be_bytes(),
+            id: [0, 0],
+            frags: [0, 0],
+            ttl: ECHO_TTL,
+            proto: PROTO_ICMP,
+            check: [0, 0],
+            src_addr: vip,
+            dst_addr: client,
+        };
+        set_ipv4_checksum(ip);
+        let icmp = (frame as *mut u8).add(ETH_LEN + IPV4_LEN);
+        let [mtu_hi, mtu_lo] = mtu.to_be_bytes();
+        let header = [
+            ICMP_DEST_UNREACHABLE,
+            ICMP_FRAG_NEEDED,
+            0,
+            0,
+            0,
+            0,
+            mtu_hi,
+            mtu_lo,
+        ];
+        (icmp as *mut [u8; ICMP_HDR_LEN]).write_unaligned(header);
+        let check = checksum(icmp as *const [u8; 2], (ICMP_HDR_LEN + TOO_BIG_QUOTE) / 2);
+        (icmp.add(ICMP_CHECK_OFFSET) as *mut u16).write_unaligned(check);
+    }
+    drop(DropReason::TooBig);
+    counters::icmp(IcmpCounter::TooBigSent);
+    XDP_TX
 }
 
 /// The packet an ICMP error quotes, and the checksums that cover it: its own IPv4 header's, its

@@ -12,9 +12,10 @@
 //!    header), `XDP_TX`; or `nat`: the destination rewritten to the target's.
 //! 6. `counters`: per-CPU counters of what was forwarded and dropped.
 //!
-//! A packet for no listener may be a NAT target's reply: `nat` looks for its flow. An ICMP error
-//! may be about a NAT flow: `icmp` translates it as the flow is translated; an echo request to a
-//! VIP is answered by `icmp` too.
+//! A packet for no listener may be a NAT target's reply: `nat` looks for its flow. `icmp` sends
+//! an ICMP error about a flow where it belongs (a "fragmentation needed" about a reply goes to
+//! the target that sent it), answers echo requests to a VIP, and tells a client whose packet
+//! is too big to encapsulate.
 //!
 //! Anything not addressed to a VIP leaves untouched with `XDP_PASS`. Packets for a VIP that cannot
 //! be forwarded are dropped and counted by reason; nothing is logged per packet.
@@ -80,18 +81,15 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(packet) = parse::parse(ctx)? else {
-        let settings = SETTINGS.get(SETTINGS_KEY);
-        if settings.is_some_and(|s| s.answer_ping != 0)
+        let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
+            return Ok(XDP_PASS);
+        };
+        if settings.answer_ping != 0
             && let Some(action) = icmp::echo(ctx)
         {
             return Ok(action);
         }
-        if settings.is_some_and(|s| s.nat != 0)
-            && let Some(action) = icmp::nat_error(ctx, clock())
-        {
-            return Ok(action);
-        }
-        return Ok(XDP_PASS);
+        return Ok(icmp::error(ctx, settings, clock())?.unwrap_or(XDP_PASS));
     };
 
     let listener_key = ListenerKey {
@@ -172,15 +170,20 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         }
         return Ok(nat::request(ctx, &packet, target));
     }
+    if group.forwarding == FORWARDING_IPIP
+        && let Some(action) = forward::too_big_to_encapsulate(ctx, &packet, target, settings)
+    {
+        return Ok(action);
+    }
     if target.port != packet.dport
         && let Err(reason) = forward::rewrite(ctx, &packet, None, 1, target.port)
     {
         return Ok(drop(reason));
     }
     if group.forwarding == FORWARDING_IPIP {
-        Ok(forward::encapsulate(ctx, &packet, target, settings))
+        Ok(forward::encapsulate(ctx, packet.ip, target, settings))
     } else {
-        Ok(forward::dsr(ctx, &packet, target, settings))
+        Ok(forward::dsr(ctx, packet.eth, target, settings))
     }
 }
 

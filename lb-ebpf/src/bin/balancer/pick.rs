@@ -74,6 +74,23 @@ pub fn pick(
     Some(id)
 }
 
+/// Where the group's hash places the flow of `key`, if its algorithm is a hash (maglev,
+/// source_ip): its target on any node, even one that never saw it. Round robin and least
+/// connections, whose choices depend on what came before, have no answer. For packets about a
+/// flow that the connection table does not hold (ICMP errors): no state changes.
+#[inline(always)]
+pub fn placed_by_hash(
+    key: &FlowKey,
+    listener: &Listener,
+    group: &Group,
+    settings: &Settings,
+) -> Option<u32> {
+    if group.algorithm == ALGORITHM_ROUND_ROBIN || group.algorithm == ALGORITHM_LEAST_CONNECTIONS {
+        return None;
+    }
+    by_algorithm(key, 0, listener, group, settings)
+}
+
 /// The group's algorithm's choice of a target that takes new flows.
 #[inline(always)]
 fn by_algorithm(
