@@ -38,6 +38,9 @@ pub mod frames;
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The router in front of the far client ([`Lab::add_far_client`]), and that client.
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 4);
+pub const FAR_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// Name of every namespace's lab interface.
 pub const IFACE: &str = "eth0";
 
@@ -303,6 +306,84 @@ impl Lab {
                 Ok(addr)
             })
             .collect()
+    }
+
+    /// Adds a client network behind a router: host `far` (`FAR_CLIENT_ADDR`) reaches the lab
+    /// only through `rt` (198.51.100.4 on the lab's bridge), which routes the VIP range to the
+    /// balancer and whose link to `far` has MTU `mtu` on the router's side only. `far` sees
+    /// 1500 and announces a TCP MSS to match, so a target's full-size replies reach the router,
+    /// which cannot pass them on and answers "fragmentation needed" to their source, the VIP:
+    /// the path MTU black hole of direct server return.
+    pub fn add_far_client(&mut self, mtu: u32) -> Result<()> {
+        self.add_host("rt", ROUTER_ADDR)?;
+        let (rt, far) = (self.ns("rt"), self.add_netns("far")?);
+        ip(&[
+            "-n", &rt, "link", "add", "far0", "type", "veth", "peer", "name", IFACE, "netns", &far,
+        ])?;
+        let router_side = Ipv4Addr::new(192, 0, 2, 1);
+        ip(&["-n", &rt, "link", "set", "far0", "mtu", &mtu.to_string()])?;
+        ip(&[
+            "-n",
+            &rt,
+            "addr",
+            "add",
+            &format!("{router_side}/24"),
+            "dev",
+            "far0",
+        ])?;
+        ip(&["-n", &rt, "link", "set", "far0", "up"])?;
+        ip(&[
+            "-n",
+            &far,
+            "addr",
+            "add",
+            &format!("{FAR_CLIENT_ADDR}/24"),
+            "dev",
+            IFACE,
+        ])?;
+        ip(&["-n", &far, "link", "set", IFACE, "up"])?;
+        ip(&[
+            "-n",
+            &far,
+            "route",
+            "add",
+            "default",
+            "via",
+            &router_side.to_string(),
+        ])?;
+        // As in `connect`: checksums in full, for the frames the balancer forwards raw.
+        for (ns, dev) in [(&far, IFACE), (&rt, "far0")] {
+            run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]))?;
+        }
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &rt,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
+        ip(&[
+            "-n",
+            &rt,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            &LB_ADDR.to_string(),
+        ])?;
+        for i in 0..self.targets {
+            ip(&[
+                "-n",
+                &self.target_ns(i),
+                "route",
+                "add",
+                "192.0.2.0/24",
+                "via",
+                &ROUTER_ADDR.to_string(),
+            ])?;
+        }
+        Ok(())
     }
 
     /// lb's `/status`, from inside the lab.
