@@ -260,3 +260,20 @@ pub fn checksum(bytes: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// An ICMP echo request (`kind` 8) or another ICMP message from `src` to `dst`, with `ttl`.
+pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, kind: u8) -> Vec<u8> {
+    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
+    icmp.extend(b"abcdefghijklmnop");
+    let check = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([0x56, 0x78, 0x40, 0, ttl, 1, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let check = checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip.extend(icmp);
+    ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+}

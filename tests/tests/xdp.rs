@@ -22,7 +22,7 @@ use lb::{
 use lb_common::{DropReason, IcmpCounter};
 use lb_tests::frames::{
     CLIENT_MAC, LB_ADDR, LB_MAC, Packet, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
-    dataplane_for, ethernet, l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp,
+    dataplane_for, ethernet, icmp_frame, l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp,
     test_interface,
 };
 
@@ -1758,23 +1758,6 @@ fn new_flows_beyond_a_rate_limit_are_dropped_and_counted() -> Result<()> {
     );
     ensure!(per_source(&mut dp, 200, 3000..3030)? == 30);
     Ok(())
-}
-
-/// An ICMP echo request (`kind` 8) or another ICMP message from `src` to `dst`, with `ttl`.
-fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, kind: u8) -> Vec<u8> {
-    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
-    icmp.extend(b"abcdefghijklmnop");
-    let check = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend([0x56, 0x78, 0x40, 0, ttl, 1, 0, 0]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let check = checksum(&ip);
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    ip.extend(icmp);
-    ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
 }
 
 /// Ping: an echo request to a VIP is answered from the balancer, byte for byte what a host

@@ -20,7 +20,7 @@ use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp};
 use lb::{health, lifecycle::TargetKey, maglev, maps::MapState, net::Interface};
 use lb_tests::{
     IFACE, Lab, VIP, attach_xdp, detach_xdp,
-    frames::{Packet, dataplane_for, next_hop_of, registered, run_xdp, test_interface},
+    frames::{Packet, dataplane_for, icmp_frame, next_hop_of, registered, run_xdp, test_interface},
     in_netns, target_addr,
 };
 
@@ -291,6 +291,28 @@ target_groups:
     )
 }
 
+/// What a row of section 1 sends: a TCP or UDP packet (whose source port new-flow rows vary),
+/// or any frame.
+enum Input {
+    Packet(Packet),
+    Frame(Vec<u8>),
+}
+
+impl Input {
+    fn frame(&self) -> Vec<u8> {
+        match self {
+            Input::Packet(p) => p.frame(),
+            Input::Frame(f) => f.clone(),
+        }
+    }
+}
+
+impl From<Packet> for Input {
+    fn from(packet: Packet) -> Self {
+        Input::Packet(packet)
+    }
+}
+
 /// Which config a row of section 1 runs with.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -320,112 +342,127 @@ fn per_packet(plan: &Plan) -> Result<String> {
         ..nat_request.clone()
     };
     let nat_elsewhere = elsewhere.clone();
+    let echo = icmp_frame(nat_request.src, nat_request.dst, 64, 8);
+    use Input::Frame;
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Packet, Option<f64>, Timing, Setup); 16] = [
+    let cases: [(&str, Input, Option<f64>, Timing, Setup); 17] = [
         (
             "TCP, established flow (connection table hit)",
-            Packet::tcp(80, 1111, 0x10),
+            Packet::tcp(80, 1111, 0x10).into(),
             Some(2.0),
             Repeat,
             Plain,
         ),
         (
             "TCP, new flow (SYN: Maglev pick and table insert) ³",
-            Packet::tcp(80, 2222, 0x02),
+            Packet::tcp(80, 2222, 0x02).into(),
             Some(3.0),
             NewFlows,
             Plain,
         ),
         (
             "TCP, new flow, round_robin (the group's shared turn counter) ³",
-            Packet::tcp(81, 2222, 0x02),
+            Packet::tcp(81, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, new flow, source_ip (Maglev over the client's address) ³",
-            Packet::tcp(82, 2222, 0x02),
+            Packet::tcp(82, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, new flow, least_connections, 3 targets (each compared) ³",
-            Packet::tcp(83, 2222, 0x02),
+            Packet::tcp(83, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, new flow, least_connections, 32 targets (each compared) ³",
-            Packet::tcp(84, 2222, 0x02),
+            Packet::tcp(84, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, new flow, least_connections, 64 targets (two candidates) ³",
-            Packet::tcp(85, 2222, 0x02),
+            Packet::tcp(85, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, new flow, maglev with stickiness (a client seen before) ³",
-            Packet::tcp(86, 2222, 0x02),
+            Packet::tcp(86, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, new flow, listener with both rate limits (two token buckets) ³",
-            Packet::tcp(88, 2222, 0x02),
+            Packet::tcp(88, 2222, 0x02).into(),
             None,
             NewFlows,
             Algorithms,
         ),
         (
             "TCP, established flow, listener with an allow-list (a trie lookup)",
-            Packet::tcp(87, 1111, 0x10),
+            Packet::tcp(87, 1111, 0x10).into(),
             None,
             Repeat,
             Algorithms,
         ),
         (
             "UDP, established flow",
-            Packet::udp(7777, 3333),
+            Packet::udp(7777, 3333).into(),
             None,
             Repeat,
             Plain,
         ),
         (
             "UDP, established flow, IPIP encapsulation ¹",
-            Packet::udp(5000, 4444),
+            Packet::udp(5000, 4444).into(),
             None,
             OneRun,
             Plain,
         ),
         (
             "TCP, established NAT flow, request (to the target's address and port) ¹ ²",
-            nat_request,
+            nat_request.into(),
             None,
             OneRun,
             Nat,
         ),
         (
             "TCP, established NAT flow, reply (back to VIP:port) ¹ ²",
-            nat_reply,
+            nat_reply.into(),
             None,
             OneRun,
             Nat,
         ),
-        ("not for a VIP (XDP_PASS)", elsewhere, None, Repeat, Plain),
+        (
+            "ICMP echo request to a VIP (answered) ¹",
+            Frame(echo),
+            None,
+            OneRun,
+            Plain,
+        ),
+        (
+            "not for a VIP (XDP_PASS)",
+            elsewhere.into(),
+            None,
+            Repeat,
+            Plain,
+        ),
         (
             "not for a VIP, with a NAT group configured (a reply lookup that misses)",
-            nat_elsewhere,
+            nat_elsewhere.into(),
             None,
             Repeat,
             Nat,
@@ -441,13 +478,13 @@ fn per_packet(plan: &Plan) -> Result<String> {
         plan.repeat
     );
     let mut next_port = 10000u16;
-    for (name, packet, goal, timing, setup) in cases {
+    for (name, input, goal, timing, setup) in cases {
         let dataplane = match setup {
             Plain => &mut plain,
             Nat => &mut with_nat,
             Algorithms => &mut algorithms,
         };
-        let frame = packet.frame();
+        let frame = input.frame();
         // Warm up; the established cases create their connection-table entry here.
         let (verdict, _, _) = run_xdp(dataplane.program_mut(), &frame, 1)?;
         let (mut lb, mut base) = (Vec::new(), Vec::new());
@@ -458,6 +495,9 @@ fn per_packet(plan: &Plan) -> Result<String> {
             if timing == NewFlows {
                 // Each call a SYN of a flow not seen before: a repeated SYN would be a
                 // retransmission, which keeps its target without a pick.
+                let Input::Packet(packet) = &input else {
+                    bail!("{name}: new flows need a packet to vary");
+                };
                 let frames: Vec<Vec<u8>> = (0..(plan.repeat / 100).max(1))
                     .map(|_| {
                         next_port = next_port.wrapping_add(1).max(1024);
