@@ -26,6 +26,14 @@ pub const LISTENER_PROBES: u32 = 8;
 /// Index of the only entry of the `SETTINGS` array.
 pub const SETTINGS_KEY: u32 = 0;
 
+/// The programs the balancer hands frames on to, by their index in its `STAGES` array: IPv4
+/// that is neither TCP nor UDP (`lb_icmp4`), and all IPv6 (`lb_balancer6`).
+pub const STAGE_ICMP4: u32 = 0;
+pub const STAGE_IPV6: u32 = 1;
+pub const STAGE_COUNT: u32 = 2;
+/// Their names in the balancer's object, by index.
+pub const STAGE_PROGRAMS: [&str; STAGE_COUNT as usize] = ["lb_icmp4", "lb_balancer6"];
+
 /// A listener is found by VIP, port and protocol.
 ///
 /// The same triple, with the target's port, keys a target host's reply ports: what its
@@ -58,6 +66,110 @@ impl ListenerKey {
         let [p0, p1] = self.port.to_ne_bytes();
         let a = self.addr.to_ne_bytes();
         u64::from_ne_bytes([a[0], a[1], a[2], a[3], p0, p1, self.proto, self.pad])
+    }
+}
+
+/// An IPv6 listener's key: the IPv6 counterpart of `ListenerKey`, in the IPv6 listener table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey6 {
+    /// VIP, network byte order.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// What the listener table needs of a key, in either family.
+pub trait ListenerKeyOf: Copy + PartialEq {
+    type Addr: Copy + PartialEq;
+    /// The key that marks a VIP: no listener has port 0 or protocol 0.
+    fn vip(addr: Self::Addr) -> Self;
+    /// Its VIP.
+    fn address(&self) -> Self::Addr;
+    /// Whether the slot holding this key is empty (all zero; the unspecified address is never
+    /// a VIP).
+    fn is_empty(&self) -> bool;
+    /// The slot where the search for the key starts, in a half of `LISTENER_SLOTS`.
+    fn home(&self, seed: u32) -> u32;
+    /// Whether it is the same key (IPv4's in one comparison of one word).
+    fn same(&self, other: &Self) -> bool;
+}
+
+impl ListenerKeyOf for ListenerKey {
+    type Addr = u32;
+
+    #[inline(always)]
+    fn vip(addr: u32) -> Self {
+        ListenerKey::vip(addr)
+    }
+
+    #[inline(always)]
+    fn address(&self) -> u32 {
+        self.addr
+    }
+
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.addr == 0
+    }
+
+    #[inline(always)]
+    fn home(&self, seed: u32) -> u32 {
+        listener_home(self, seed)
+    }
+
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        self.word() == other.word()
+    }
+}
+
+impl ListenerKeyOf for ListenerKey6 {
+    type Addr = [u32; 4];
+
+    #[inline(always)]
+    fn vip(addr: [u32; 4]) -> Self {
+        ListenerKey6 {
+            addr,
+            port: 0,
+            proto: 0,
+            pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn address(&self) -> [u32; 4] {
+        self.addr
+    }
+
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        let a = self.addr;
+        a[0] | a[1] | a[2] | a[3] == 0
+    }
+
+    /// The address folded to one word with the port and protocol, then hashed as IPv4's.
+    #[inline(always)]
+    fn home(&self, seed: u32) -> u32 {
+        let a = self.addr;
+        let folded = ListenerKey {
+            addr: a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24),
+            port: self.port,
+            proto: self.proto,
+            pad: 0,
+        };
+        listener_home(&folded, seed)
+    }
+
+    /// Word by word, for the reason `FlowKeyOf::same_words` gives.
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        let (a, b) = (self.addr, other.addr);
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+            && self.port == other.port
+            && self.proto == other.proto
     }
 }
 
@@ -145,6 +257,8 @@ pub const MAX_SOURCE_PREFIXES: u32 = 65_536;
 /// listener id, which every prefix matches whole (0 in the global deny list), then the source
 /// address, network byte order. A prefix of length n is keyed with `prefix_len` 32 + n.
 pub type SourceKey = [u32; 2];
+/// The same for IPv6 sources: the listener id, then the source address (prefix length 32 + n).
+pub type SourceKey6 = [u32; 5];
 
 /// One slot of the listener table: a listener, a VIP (`ListenerKey::vip`, listener unused), or
 /// nothing (all zero; 0.0.0.0 is never a VIP).
@@ -153,10 +267,13 @@ pub type SourceKey = [u32; 2];
 /// the kernel's hash maps cost a jhash and a call per lookup, about 20 ns here, on every packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ListenerSlot {
-    pub key: ListenerKey,
+pub struct ListenerSlot<K = ListenerKey> {
+    pub key: K,
     pub listener: Listener,
 }
+
+/// A slot of the IPv6 listener table.
+pub type ListenerSlot6 = ListenerSlot<ListenerKey6>;
 
 /// Which half of the double-buffered listener table is live, and the seed each half was placed
 /// with. The controller fills the inactive half, writes its seed, then flips `active_half`: two
@@ -167,6 +284,8 @@ pub struct ListenerTable {
     pub active_half: u32,
     pub seeds: [u32; 2],
     pub pad: u32,
+    /// The seeds of the IPv6 table's halves, which flip with the IPv4 table's.
+    pub seeds6: [u32; 2],
 }
 
 /// The slot where the search for `key` starts, in a half of `LISTENER_SLOTS`.
@@ -218,6 +337,134 @@ impl FlowKey {
     }
 }
 
+/// The 5-tuple of an IPv6 flow as the client sent it: `FlowKey`'s counterpart, in the IPv6
+/// connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+impl FlowKey6 {
+    /// The key of a flow, padding zeroed (built from words, as `FlowKey::new` is).
+    #[inline(always)]
+    pub fn new(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        let (s, d) = (sport.to_ne_bytes(), dport.to_ne_bytes());
+        let words = [
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            u32::from_ne_bytes([s[0], s[1], d[0], d[1]]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `FlowKey6` is 40 bytes of plain integers with this exact layout (asserted
+        // below).
+        unsafe { core::mem::transmute::<[u32; 10], FlowKey6>(words) }
+    }
+}
+
+/// What the connection table and the pick need of a flow's key, in either family.
+pub trait FlowKeyOf: Copy + PartialEq {
+    /// The client's address.
+    type Addr: Copy + PartialEq + Default;
+    /// The key as words, read and written whole (a struct copy may become a call to LLVM's
+    /// `memcpy` subprogram in BPF code).
+    type Words: Copy + PartialEq;
+    fn new(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16, proto: u8) -> Self;
+    fn words(&self) -> Self::Words;
+    /// Whether two keys' words are equal. Without a slice comparison: in BPF code that becomes
+    /// a byte-by-byte `memcmp` subprogram, whose every byte the verifier walks.
+    fn same_words(a: &Self::Words, b: &Self::Words) -> bool;
+    fn src(&self) -> Self::Addr;
+    /// The hash of the key with `hasher`'s coefficients.
+    fn hash(&self, hasher: &FlowHasher) -> u64;
+}
+
+impl FlowKeyOf for FlowKey {
+    type Addr = u32;
+    type Words = [u32; 4];
+
+    #[inline(always)]
+    fn new(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        FlowKey::new(src, dst, sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn words(&self) -> [u32; 4] {
+        FlowKey::words(self)
+    }
+
+    #[inline(always)]
+    fn same_words(a: &[u32; 4], b: &[u32; 4]) -> bool {
+        a == b
+    }
+
+    #[inline(always)]
+    fn src(&self) -> u32 {
+        self.src
+    }
+
+    #[inline(always)]
+    fn hash(&self, hasher: &FlowHasher) -> u64 {
+        hasher.hash(self)
+    }
+}
+
+impl FlowKeyOf for FlowKey6 {
+    type Addr = [u32; 4];
+    type Words = [u32; 10];
+
+    #[inline(always)]
+    fn new(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        FlowKey6::new(src, dst, sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn words(&self) -> [u32; 10] {
+        // SAFETY: as in `FlowKey6::new`.
+        unsafe { core::mem::transmute::<FlowKey6, [u32; 10]>(*self) }
+    }
+
+    #[inline(always)]
+    fn same_words(a: &[u32; 10], b: &[u32; 10]) -> bool {
+        let mut diff = 0;
+        let mut i = 0;
+        while i < 10 {
+            diff |= a[i] ^ b[i];
+            i += 1;
+        }
+        diff == 0
+    }
+
+    #[inline(always)]
+    fn src(&self) -> [u32; 4] {
+        self.src
+    }
+
+    #[inline(always)]
+    fn hash(&self, hasher: &FlowHasher) -> u64 {
+        let w = self.words();
+        let m = &hasher.multipliers;
+        let mut sum = hasher.offset;
+        let mut i = 0;
+        while i < 10 {
+            sum = sum.wrapping_add((u32::from_be(w[i]) as u64).wrapping_mul(m[i]));
+            i += 1;
+        }
+        sum
+    }
+}
+
 /// Entries per bucket of the connection table: four 32-byte entries, two cache lines. Each flow
 /// has two buckets to choose from (`FlowTable::buckets_of`).
 pub const FLOW_WAYS: usize = 4;
@@ -230,8 +477,8 @@ pub const FLOW_WAYS: usize = 4;
 /// flow with this target. A zeroed entry is never valid: `check` is odd.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowEntry {
-    pub key: FlowKey,
+pub struct FlowEntry<K = FlowKey> {
+    pub key: K,
     /// Index into `TARGETS`.
     pub target: u32,
     /// `flow_check` of the flow's hash and `target`.
@@ -243,9 +490,13 @@ pub struct FlowEntry {
 /// A bucket of the connection table: the flows whose hash falls on it, `FLOW_WAYS` at most.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowBucket {
-    pub entries: [FlowEntry; FLOW_WAYS],
+pub struct FlowBucket<K = FlowKey> {
+    pub entries: [FlowEntry<K>; FLOW_WAYS],
 }
+
+/// An entry and a bucket of the IPv6 connection table.
+pub type FlowEntry6 = FlowEntry<FlowKey6>;
+pub type FlowBucket6 = FlowBucket<FlowKey6>;
 
 /// A multiply-add-shift hash of a flow's 5-tuple: four independent multiplies, which the CPU
 /// runs side by side (murmur3's chain of dependent multiplies cost a new flow about 10 ns more
@@ -258,16 +509,19 @@ pub struct FlowBucket {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowHasher {
-    /// Odd multipliers of the key's four words.
-    pub multipliers: [u64; 4],
+    /// Odd multipliers of the key's words: an IPv4 key's four use the first four, an IPv6
+    /// key's ten all.
+    pub multipliers: [u64; 10],
     pub offset: u64,
 }
 
 impl FlowHasher {
-    /// The hasher with these coefficients: four multipliers (made odd) and the offset.
-    pub fn new(words: [u64; 5]) -> Self {
+    /// The hasher with these coefficients: four multipliers (made odd), the offset, and six
+    /// multipliers more. In this order so that an IPv4 key's hash is what it was before IPv6
+    /// came: nodes of both versions that share a `hash_seed` pick alike during an upgrade.
+    pub fn new(words: [u64; 11]) -> Self {
         FlowHasher {
-            multipliers: [words[0] | 1, words[1] | 1, words[2] | 1, words[3] | 1],
+            multipliers: core::array::from_fn(|i| words[if i < 4 { i } else { i + 1 }] | 1),
             offset: words[4],
         }
     }
@@ -324,7 +578,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 10;
+pub const MAP_LAYOUT: u32 = 11;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -339,8 +593,8 @@ impl FlowTable {
     }
 
     /// Whether `entry` was written whole, for its own flow and target (see [`FlowEntry`]).
-    pub fn is_whole(&self, entry: &FlowEntry) -> bool {
-        entry.check == flow_check(self.hasher.hash(&entry.key), entry.target)
+    pub fn is_whole<K: FlowKeyOf>(&self, entry: &FlowEntry<K>) -> bool {
+        entry.check == flow_check(entry.key.hash(&self.hasher), entry.target)
     }
 }
 
@@ -484,6 +738,15 @@ pub struct ClientKey {
     pub client: u32,
 }
 
+/// A client of an IPv6 listener, as `ClientKey`: its whole address in the `STICKY6` table, its
+/// /64 (the rest zero) in `SOURCE_BUCKETS6`, since one host commonly holds a whole /64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey6 {
+    pub listener: u32,
+    pub client: [u32; 4],
+}
+
 /// The target a client of a sticky listener keeps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -505,8 +768,9 @@ pub struct Settings {
     /// Whether any group forwards with NAT: only then may a packet that is not for a VIP be a
     /// reply to translate, worth a connection-table lookup.
     pub nat: u32,
-    /// Whether the global deny-list (`DENIED_SOURCES`) holds any prefix: only then is the
-    /// source of a packet for a listener looked up in it.
+    /// Per family, whether its global deny-list (`DENIED_SOURCES`, `DENIED_SOURCES6`) holds any
+    /// prefix: only then is the source of a packet for a listener looked up in it. Bit 0 IPv4,
+    /// bit 1 IPv6.
     pub denied_sources: u32,
     /// Whether echo requests to a VIP are answered (`settings.answer_ping`).
     pub answer_ping: u32,
@@ -523,8 +787,8 @@ impl Settings {
     /// Both sides use this one function, so the controller (and its tests) can predict exactly
     /// which target the data plane picks.
     #[inline(always)]
-    pub fn maglev_slot(&self, key: &FlowKey) -> u32 {
-        scale(self.pick.hash(key) >> 32, self.maglev_size)
+    pub fn maglev_slot<K: FlowKeyOf>(&self, key: &K) -> u32 {
+        scale(key.hash(&self.pick) >> 32, self.maglev_size)
     }
 }
 
@@ -562,7 +826,7 @@ pub enum DropReason {
     NoListener = 0,
     /// Headers cut short or inconsistent.
     Malformed = 1,
-    /// IPv4 fragments carry no ports to balance on.
+    /// Fragments (IPv4, or IPv6's fragment header) carry no ports to balance on.
     Fragment = 2,
     /// The listener's target group has no target.
     NoTarget = 3,
@@ -583,10 +847,12 @@ pub enum DropReason {
     /// listener, or a flow the connection table does not hold under an algorithm that cannot
     /// place it again (round robin, least connections).
     IcmpUnmatched = 10,
+    /// An IPv6 packet with more extension headers before its TCP or UDP header than lb skips.
+    ExtensionHeaders = 11,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::NoListener,
         Self::Malformed,
@@ -599,6 +865,7 @@ impl DropReason {
         Self::ListenerRateLimit,
         Self::SourceRateLimit,
         Self::IcmpUnmatched,
+        Self::ExtensionHeaders,
     ];
 
     /// The label operators see in metrics and `lb status`.
@@ -615,6 +882,7 @@ impl DropReason {
             Self::ListenerRateLimit => "listener_rate_limit",
             Self::SourceRateLimit => "source_rate_limit",
             Self::IcmpUnmatched => "icmp_unmatched",
+            Self::ExtensionHeaders => "extension_headers",
         }
     }
 }
@@ -657,22 +925,28 @@ const _: () = {
     assert!(size_of::<ListenerKey>() == 8);
     assert!(size_of::<Listener>() == 16);
     assert!(size_of::<ListenerSlot>() == 24);
-    assert!(size_of::<ListenerTable>() == 16);
+    assert!(size_of::<ListenerTable>() == 24);
     assert!(LISTENER_SLOTS.is_power_of_two() && LISTENER_SLOTS / 4 >= 3 * MAX_LISTENERS);
     assert!(size_of::<FlowKey>() == 16);
     assert!(core::mem::offset_of!(FlowKey, sport) == 8);
     assert!(core::mem::offset_of!(FlowKey, proto) == 12);
     assert!(size_of::<FlowEntry>() == 32);
     assert!(size_of::<FlowBucket>() == 32 * FLOW_WAYS);
-    assert!(size_of::<FlowHasher>() == 40);
-    assert!(size_of::<FlowTable>() == 48);
+    assert!(size_of::<FlowHasher>() == 88);
+    assert!(size_of::<FlowTable>() == 96);
+    assert!(size_of::<FlowKey6>() == 40);
+    assert!(size_of::<FlowEntry6>() == 56);
+    assert!(size_of::<FlowBucket6>() == 56 * FLOW_WAYS);
+    assert!(size_of::<ListenerKey6>() == 20);
+    assert!(size_of::<ListenerSlot6>() == 36);
+    assert!(size_of::<ClientKey6>() == 20);
     assert!(size_of::<Target>() == 24);
     assert!(size_of::<ClientKey>() == 8);
     assert!(size_of::<Sticky>() == 16);
     assert!(size_of::<NewFlowLimits>() == 32);
     assert!(size_of::<Group>() == 24);
     assert!(size_of::<Egress>() == 20);
-    assert!(size_of::<Settings>() == 16 + 20 * MAX_INTERFACES + 40);
+    assert!(size_of::<Settings>() == 16 + 20 * MAX_INTERFACES + 88);
     assert!(size_of::<Counters>() == 24);
 };
 
@@ -681,11 +955,11 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted above).
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::Listener {}
-    unsafe impl aya::Pod for super::ListenerSlot {}
+    unsafe impl aya::Pod for super::ListenerSlot<super::ListenerKey> {}
     unsafe impl aya::Pod for super::ListenerTable {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowEntry {}
-    unsafe impl aya::Pod for super::FlowBucket {}
+    unsafe impl aya::Pod for super::FlowEntry<super::FlowKey> {}
+    unsafe impl aya::Pod for super::FlowBucket<super::FlowKey> {}
     unsafe impl aya::Pod for super::FlowTable {}
     unsafe impl aya::Pod for super::FlowHasher {}
     unsafe impl aya::Pod for super::Target {}
@@ -695,4 +969,10 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::NewFlowLimits {}
     unsafe impl aya::Pod for super::Sticky {}
+    unsafe impl aya::Pod for super::ListenerKey6 {}
+    unsafe impl aya::Pod for super::ListenerSlot6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::FlowEntry6 {}
+    unsafe impl aya::Pod for super::FlowBucket6 {}
+    unsafe impl aya::Pod for super::ClientKey6 {}
 }

@@ -8,6 +8,8 @@ pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
 /// EtherType of IPv4, as it reads from the wire into a native `u16`.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// EtherType of IPv6, alike.
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// IP protocol number of IP-in-IP.
 pub const IPPROTO_IPIP: u8 = 4;
 /// Where the checksum sits in a TCP and in a UDP header.

@@ -2,7 +2,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
@@ -105,7 +105,7 @@ enum Command {
         mode: Option<TargetMode>,
         /// A VIP this host serves (repeat for several).
         #[arg(long = "vip", value_name = "ADDR", required_unless_present = "config")]
-        vips: Vec<Ipv4Addr>,
+        vips: Vec<IpAddr>,
         /// A translated port, LISTENER:TARGET with /tcp or /udp (both if neither): replies from
         /// each VIP's TARGET port leave from its LISTENER port (repeat for several).
         #[arg(long = "port", value_name = "LISTENER:TARGET[/PROTO]", value_parser = parse_port_map)]
@@ -188,7 +188,7 @@ fn prepare_target(
     interface: &str,
     config: Option<PathBuf>,
     mode: Option<TargetMode>,
-    vips: &[Ipv4Addr],
+    vips: &[IpAddr],
     ports: &[(u16, u16, u8)],
     action: target::Action,
 ) -> Result<bool> {
@@ -198,6 +198,11 @@ fn prepare_target(
             Some(TargetMode::Nat) => Forwarding::Nat,
             _ => Forwarding::Dsr,
         };
+        if vips.iter().any(|v| v.is_ipv6()) && ports.iter().any(|&(l, t, _)| l != t) {
+            bail!(
+                "--port translates ports for IPv4 VIPs only, for now: an IPv6 VIP's target must serve on the listener's port"
+            );
+        }
         let plan = target::Plan::from_flags(mode, vips, ports);
         return target::run(interface, &plan, action, false);
     };

@@ -8,12 +8,12 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::health::{CheckProtocol, HealthCheck, Matcher};
@@ -50,7 +50,8 @@ const MIN_SLOTS_PER_TARGET: u64 = 10;
 pub struct Config {
     pub settings: Settings,
     /// Sources no listener accepts, whatever its allow-list says.
-    pub denied_sources: Vec<Ipv4Net>,
+    /// Prefixes of both families.
+    pub denied_sources: Vec<IpNet>,
     pub listeners: Vec<Listener>,
     pub target_groups: Vec<TargetGroup>,
     /// What is allowed but probably not meant (a group without targets), at its place in the
@@ -74,20 +75,27 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// The VIP, IPv4 or IPv6.
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub target_group: String,
     /// As configured; [`Listener::idle_timeout`] applies the per-protocol defaults.
     pub idle_timeout: Option<Duration>,
     /// The only sources it accepts; `None`: everyone.
-    pub allowed_sources: Option<Vec<Ipv4Net>>,
+    /// Of the VIP's family.
+    pub allowed_sources: Option<Vec<IpNet>>,
     /// New flows per second it takes, in all and from each source address; `None`: no limit.
     pub max_new_flows_per_second: Option<u32>,
     pub max_new_flows_per_second_per_source: Option<u32>,
 }
 
 impl Listener {
+    /// Where it listens: VIP:port, an IPv6 VIP in brackets.
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+
     /// How long a flow of IP protocol `proto` may be idle before it counts as a new flow.
     pub fn idle_timeout(&self, proto: u8) -> Duration {
         self.idle_timeout
@@ -515,7 +523,7 @@ impl Validator<'_> {
 
         let mut listeners = Vec::new();
         let mut listener_names = HashSet::new();
-        let mut bound: HashMap<(Ipv4Addr, u16, u8), String> = HashMap::new();
+        let mut bound: HashMap<(IpAddr, u16, u8), String> = HashMap::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let at = format!("listeners[{i}]");
             self.name(&format!("{at}.name"), &l.name, "listener");
@@ -525,7 +533,7 @@ impl Validator<'_> {
                     format!("duplicate listener name `{}`", l.name),
                 );
             }
-            let address = self.address(&format!("{at}.address"), &l.address, "VIP");
+            let address = self.vip(&format!("{at}.address"), &l.address);
             let port = self.port(&format!("{at}.port"), l.port);
             let group = groups.iter().find(|g| g.name == l.target_group);
             if group.is_none() {
@@ -551,8 +559,9 @@ impl Validator<'_> {
                     self.error(
                         &format!("{at}.port"),
                         format!(
-                            "listener `{}` uses {address}:{port}/{} already taken by listener `{other}`",
+                            "listener `{}` uses {}/{} already taken by listener `{other}`",
                             l.name,
+                            SocketAddr::new(address, port),
                             protocol_name(proto),
                         ),
                     );
@@ -573,8 +582,27 @@ impl Validator<'_> {
                         "allowed_sources is empty, which would refuse everyone: list the sources to allow, or leave it out to allow everyone".into(),
                     );
                 }
-                self.sources(&format!("{at}.allowed_sources"), list)
+                let nets = self.sources(&format!("{at}.allowed_sources"), list);
+                for (k, net) in nets.iter().enumerate() {
+                    if net.network().is_ipv6() != address.is_ipv6() {
+                        self.error(
+                            &format!("{at}.allowed_sources[{k}]"),
+                            format!(
+                                "`{net}` is {}, but listener `{}` has an {} VIP: its clients never come from there",
+                                family(net.network()),
+                                l.name,
+                                family(address)
+                            ),
+                        );
+                    }
+                }
+                nets
             });
+            if address.is_ipv6()
+                && let Some(g) = group
+            {
+                self.ipv6_group(&at, &l.name, port, g);
+            }
             let [max_new_flows_per_second, max_new_flows_per_second_per_source] = [
                 ("max_new_flows_per_second", l.max_new_flows_per_second),
                 (
@@ -744,7 +772,7 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         for (j, t) in g.targets.iter().enumerate() {
             let at = format!("{at}.targets[{j}]");
-            let address = self.address(&format!("{at}.address"), &t.address, "target");
+            let address = self.target_address(&format!("{at}.address"), &t.address);
             let port = match t.port {
                 Some(p) => self.port(&format!("{at}.port"), p),
                 None if g.port.is_some() => default_port,
@@ -973,7 +1001,7 @@ impl Validator<'_> {
         if !self.errors.is_empty() {
             return;
         }
-        let mut answered: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), &Listener> = HashMap::new();
+        let mut answered: HashMap<(IpAddr, Ipv4Addr, u16, u8), &Listener> = HashMap::new();
         for l in listeners {
             // In nat, the balancer itself restores each reply's port, from the flow.
             let Some(gi) = groups
@@ -988,16 +1016,14 @@ impl Validator<'_> {
                     match answered.get(&key) {
                         Some(other) if other.port != l.port => {
                             let message = format!(
-                                "target {}:{}/{} serves listeners `{}` ({}:{}) and `{}` ({}:{}): its host could not tell which port to answer from; give it another port in one of the groups",
+                                "target {}:{}/{} serves listeners `{}` ({}) and `{}` ({}): its host could not tell which port to answer from; give it another port in one of the groups",
                                 t.address,
                                 t.port,
                                 protocol_name(proto),
                                 other.name,
-                                other.address,
-                                other.port,
+                                other.endpoint(),
                                 l.name,
-                                l.address,
-                                l.port,
+                                l.endpoint(),
                             );
                             self.error(&format!("target_groups[{gi}].targets[{j}].port"), message);
                         }
@@ -1024,12 +1050,54 @@ impl Validator<'_> {
         }
     }
 
-    fn address(&mut self, at: &str, text: &str, what: &str) -> Option<Ipv4Addr> {
+    /// A VIP: a unicast address of either family that routes beyond one link. IPv6 link-local
+    /// (and so scoped) addresses, loopback, and IPv4-mapped ones (an IPv4 VIP in disguise)
+    /// are refused.
+    fn vip(&mut self, at: &str, text: &str) -> Option<IpAddr> {
+        if text.contains('%') {
+            self.error(
+                at,
+                format!("VIP `{text}` is scoped to one interface (%zone): a VIP must be a global address, the same on every link"),
+            );
+            return None;
+        }
+        let Ok(address) = text.parse::<IpAddr>() else {
+            self.error(at, format!("`{text}` is not an IP address"));
+            return None;
+        };
+        let refusal = match address {
+            IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+                Some("it must be a unicast address")
+            }
+            IpAddr::V4(_) => None,
+            IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
+                Some("it must be a unicast address")
+            }
+            IpAddr::V6(a) if a.is_loopback() => Some("it is the loopback address"),
+            IpAddr::V6(a) if a.is_unicast_link_local() => Some(
+                "it is link-local (fe80::/10), valid on one link only: a VIP must be a global address",
+            ),
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+                Some("it is an IPv4-mapped address: write the IPv4 VIP as it is")
+            }
+            IpAddr::V6(_) => None,
+        };
+        if let Some(why) = refusal {
+            self.error(at, format!("VIP {address} cannot be used: {why}"));
+            return None;
+        }
+        Some(address)
+    }
+
+    /// A target's address: a unicast IPv4 address. A dsr target is a host on the balancer's
+    /// segment, which its address names for its MAC and its health check, so it serves IPv6
+    /// VIPs too.
+    fn target_address(&mut self, at: &str, text: &str) -> Option<Ipv4Addr> {
         match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
                 self.error(
                     at,
-                    format!("{what} address {a} cannot be used: it must be a unicast address"),
+                    format!("target address {a} cannot be used: it must be a unicast address"),
                 );
                 None
             }
@@ -1037,7 +1105,7 @@ impl Validator<'_> {
             Ok(IpAddr::V6(a)) => {
                 self.error(
                     at,
-                    format!("{what} address {a} is IPv6, which lb does not support yet"),
+                    format!("target address {a} is IPv6, which lb does not take yet: name the target by its IPv4 address (a dsr target serves IPv6 VIPs as well)"),
                 );
                 None
             }
@@ -1048,8 +1116,31 @@ impl Validator<'_> {
         }
     }
 
+    /// What an IPv6 listener's group must be, for now: dsr, without port translation (the
+    /// target's reply ports are rewritten for IPv4 VIPs only).
+    fn ipv6_group(&mut self, at: &str, listener: &str, port: u16, group: &TargetGroup) {
+        if group.forwarding != Forwarding::Dsr {
+            self.error(
+                &format!("{at}.target_group"),
+                format!(
+                    "listener `{listener}` has an IPv6 VIP, and its target group `{}` forwards with {}: lb forwards IPv6 with dsr only, for now",
+                    group.name, group.forwarding
+                ),
+            );
+        }
+        if let Some(t) = group.targets.iter().find(|t| t.port != port) {
+            self.error(
+                &format!("{at}.port"),
+                format!(
+                    "listener `{listener}` has an IPv6 VIP on port {port}, and target {}:{} of group `{}` serves on another: lb translates ports for IPv4 VIPs only, for now",
+                    t.address, t.port, group.name
+                ),
+            );
+        }
+    }
+
     /// Source prefixes at `at`: `198.51.100.0/24`, or an address alone for itself.
-    fn sources(&mut self, at: &str, list: &[String]) -> Vec<Ipv4Net> {
+    fn sources(&mut self, at: &str, list: &[String]) -> Vec<IpNet> {
         let mut nets = Vec::new();
         for (i, text) in list.iter().enumerate() {
             let at = format!("{at}[{i}]");
@@ -1057,21 +1148,19 @@ impl Validator<'_> {
                 .parse::<IpNet>()
                 .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
             match parsed {
-                Ok(IpNet::V4(net)) if net.trunc() != net => self.error(
+                Ok(net) if net.trunc() != net => self.error(
                     &at,
                     format!(
                         "`{text}` has bits set past its prefix length: write {}",
                         net.trunc()
                     ),
                 ),
-                Ok(IpNet::V4(net)) => nets.push(net),
-                Ok(IpNet::V6(_)) => self.error(
-                    &at,
-                    format!("`{text}` is IPv6, which lb does not support yet"),
-                ),
+                Ok(net) => nets.push(net),
                 Err(_) => self.error(
                     &at,
-                    format!("`{text}` is not a prefix like 198.51.100.0/24 or an address"),
+                    format!(
+                        "`{text}` is not a prefix like 198.51.100.0/24 or 2001:db8::/32, or an address"
+                    ),
                 ),
             }
         }
@@ -1086,6 +1175,11 @@ impl Validator<'_> {
             None
         }
     }
+}
+
+/// "IPv4" or "IPv6".
+fn family(address: IpAddr) -> &'static str {
+    if address.is_ipv6() { "IPv6" } else { "IPv4" }
 }
 
 /// "500ms", "30s", "5m", "1h".

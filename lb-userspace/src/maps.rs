@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, MapData, PerCpuArray, PerCpuValues,
+        Array, MapData, PerCpuArray, PerCpuValues, ProgramArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::Xdp,
@@ -23,15 +23,16 @@ use aya::{
 use lb_common::{
     ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP,
     Counters, DropReason, Egress, FLOW_CLOSING, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS,
-    FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowEntry, FlowHasher, FlowKey,
-    FlowTable, Group, IcmpCounter, LISTENER_ALLOW_LIST, LISTENER_PROBES, LISTENER_RATE_LIMITED,
-    LISTENER_SLOTS, Listener, ListenerKey, ListenerSlot, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
-    MAX_SOURCE_PREFIXES, MAX_TARGETS, NewFlowLimits, RateLimit, SETTINGS_KEY, Settings, SourceKey,
-    Sticky, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE, TARGET_UNHEALTHY, Target, listener_home,
-    refused_index,
+    FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowBucket6, FlowEntry,
+    FlowHasher, FlowKey, FlowKey6, FlowKeyOf, FlowTable, Group, IcmpCounter, LISTENER_ALLOW_LIST,
+    LISTENER_PROBES, LISTENER_RATE_LIMITED, LISTENER_SLOTS, Listener, ListenerKey, ListenerKey6,
+    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, MAP_LAYOUT, MAX_INTERFACES,
+    MAX_SOURCE_PREFIXES, MAX_TARGETS, NewFlowLimits, RateLimit, SETTINGS_KEY, STAGE_PROGRAMS,
+    Settings, SourceKey, SourceKey6, Sticky, TARGET_ACTIVE, TARGET_DRAINING, TARGET_FREE,
+    TARGET_UNHEALTHY, Target, refused_index,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     config::{self, Config, Forwarding},
@@ -45,10 +46,17 @@ use crate::{
 /// Name of the balancer program in the embedded object.
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
-/// Every map of the balancer and the size of its values: all are pinned, so that a successor
-/// adopts them, which it can only if its maps have the same layout.
-const MAPS: [(&str, usize); 22] = [
+/// Every map of the balancer that holds state, and the size of its values: all are pinned, so
+/// that a successor adopts them, which it can only if its maps have the same layout. (`STAGES`,
+/// which holds the programs it hands frames on to, is each process's own.)
+const MAPS: [(&str, usize); 28] = [
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
+    ("LISTENER_SLOTS6", size_of::<ListenerSlot6>()),
+    ("FLOWS6", size_of::<FlowBucket6>()),
+    ("STICKY6", size_of::<Sticky>()),
+    ("ALLOWED_SOURCES6", size_of::<u8>()),
+    ("DENIED_SOURCES6", size_of::<u8>()),
+    ("SOURCE_BUCKETS6", size_of::<u64>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
     ("FLOWS", size_of::<FlowBucket>()),
@@ -90,6 +98,9 @@ pub struct MapState {
     pub settings: Option<Settings>,
     pub listeners: HashMap<ListenerKey, Listener>,
     pub vips: HashSet<u32>,
+    /// The same for IPv6 VIPs.
+    pub listeners6: HashMap<ListenerKey6, Listener>,
+    pub vips6: HashSet<[u32; 4]>,
     /// By target id. A target in two groups has two ids.
     pub targets: BTreeMap<u32, Target>,
     /// By group id.
@@ -97,6 +108,8 @@ pub struct MapState {
     /// The keys of the source tries: listeners' allowed prefixes, and the denied ones.
     pub allowed_sources: BTreeSet<(u32, SourceKey)>,
     pub denied_sources: BTreeSet<(u32, SourceKey)>,
+    pub allowed_sources6: BTreeSet<(u32, SourceKey6)>,
+    pub denied_sources6: BTreeSet<(u32, SourceKey6)>,
     /// The limits on new flows of each listener that has any, by listener id.
     pub limits: BTreeMap<u32, NewFlowLimits>,
 }
@@ -105,6 +118,25 @@ pub struct MapState {
 /// length, and the data (see [`SourceKey`]).
 fn source_key(id: u32, net: &Ipv4Net) -> (u32, SourceKey) {
     (32 + net.prefix_len() as u32, [id, be(net.network())])
+}
+
+/// The same for an IPv6 prefix (see [`SourceKey6`]).
+fn source_key6(id: u32, net: &Ipv6Net) -> (u32, SourceKey6) {
+    let [a, b, c, d] = be6(net.network());
+    (32 + net.prefix_len() as u32, [id, a, b, c, d])
+}
+
+impl MapState {
+    /// Adds prefix `net` of listener `id` (0: the deny-list) to the allowed (or `denied`)
+    /// sources of its family.
+    fn add_source(&mut self, denied: bool, id: u32, net: &IpNet) {
+        match (net, denied) {
+            (IpNet::V4(n), false) => self.allowed_sources.insert(source_key(id, n)),
+            (IpNet::V4(n), true) => self.denied_sources.insert(source_key(id, n)),
+            (IpNet::V6(n), false) => self.allowed_sources6.insert(source_key6(id, n)),
+            (IpNet::V6(n), true) => self.denied_sources6.insert(source_key6(id, n)),
+        };
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,7 +184,11 @@ impl MapState {
                 .target_groups
                 .iter()
                 .any(|g| g.forwarding == Forwarding::Nat) as u32,
-            denied_sources: !config.denied_sources.is_empty() as u32,
+            denied_sources: config
+                .denied_sources
+                .iter()
+                .map(|net| if net.network().is_ipv6() { 2 } else { 1 })
+                .fold(0, |bits, bit| bits | bit),
             answer_ping: config.settings.answer_ping as u32,
             interfaces: egress,
             pick: FlowHasher::from_seed(config.settings.hash_seed),
@@ -268,55 +304,71 @@ impl MapState {
                 state.limits.insert(id, limits);
             }
             for &proto in l.protocol.ip_protocols() {
-                state.listeners.insert(
-                    ListenerKey {
-                        addr: be(l.address),
-                        port: l.port.to_be(),
-                        proto,
-                        pad: 0,
+                let listener = Listener {
+                    id,
+                    group,
+                    idle_timeout_s: l.idle_timeout(proto).as_secs().max(1) as u32,
+                    flags: if l.allowed_sources.is_some() {
+                        LISTENER_ALLOW_LIST
+                    } else {
+                        0
+                    } | if limits.is_some() {
+                        LISTENER_RATE_LIMITED
+                    } else {
+                        0
                     },
-                    Listener {
-                        id,
-                        group,
-                        idle_timeout_s: l.idle_timeout(proto).as_secs().max(1) as u32,
-                        flags: if l.allowed_sources.is_some() {
-                            LISTENER_ALLOW_LIST
-                        } else {
-                            0
-                        } | if limits.is_some() {
-                            LISTENER_RATE_LIMITED
-                        } else {
-                            0
-                        },
-                    },
-                );
+                };
+                let (port, pad) = (l.port.to_be(), 0);
+                match l.address {
+                    IpAddr::V4(vip) => {
+                        let addr = be(vip);
+                        let key = ListenerKey {
+                            addr,
+                            port,
+                            proto,
+                            pad,
+                        };
+                        state.listeners.insert(key, listener);
+                    }
+                    IpAddr::V6(vip) => {
+                        let addr = be6(vip);
+                        let key = ListenerKey6 {
+                            addr,
+                            port,
+                            proto,
+                            pad,
+                        };
+                        state.listeners6.insert(key, listener);
+                    }
+                }
             }
-            state.vips.insert(be(l.address));
+            match l.address {
+                IpAddr::V4(vip) => state.vips.insert(be(vip)),
+                IpAddr::V6(vip) => state.vips6.insert(be6(vip)),
+            };
             for net in l.allowed_sources.iter().flatten() {
-                state.allowed_sources.insert(source_key(id, net));
+                state.add_source(false, id, net);
             }
         }
-        state.denied_sources = config
-            .denied_sources
-            .iter()
-            .map(|net| source_key(0, net))
-            .collect();
+        for net in &config.denied_sources {
+            state.add_source(true, 0, net);
+        }
         Ok(state)
     }
 }
 
-/// One half of the listener table holding every listener key and VIP, each within
+/// One half of a listener table holding every listener key and VIP of its family, each within
 /// `LISTENER_PROBES` slots of its home, and the seed that placed them so: the first of a few
 /// that does. Keys go in a fixed order, so the same listeners always give the same table.
-pub fn place_listeners(
-    listeners: &HashMap<ListenerKey, Listener>,
-    vips: &HashSet<u32>,
-) -> Result<(u32, Vec<ListenerSlot>)> {
-    let mut entries: Vec<ListenerSlot> = listeners
+pub fn place_listeners<K: ListenerKeyOf + aya::Pod + Default>(
+    listeners: &HashMap<K, Listener>,
+    vips: &HashSet<K::Addr>,
+) -> Result<(u32, Vec<ListenerSlot<K>>)> {
+    let mut entries: Vec<ListenerSlot<K>> = listeners
         .iter()
         .map(|(&key, &listener)| ListenerSlot { key, listener })
         .chain(vips.iter().map(|&vip| ListenerSlot {
-            key: ListenerKey::vip(vip),
+            key: K::vip(vip),
             listener: Listener::default(),
         }))
         .collect();
@@ -327,14 +379,14 @@ pub fn place_listeners(
             LISTENER_SLOTS / 4
         ));
     }
-    entries.sort_by_key(|e| e.key.word());
+    entries.sort_by_key(|e| bytes_of(&e.key).to_vec());
     'seeds: for seed in 0..64 {
-        let mut slots = vec![ListenerSlot::default(); LISTENER_SLOTS as usize];
+        let mut slots = vec![ListenerSlot::<K>::default(); LISTENER_SLOTS as usize];
         for entry in &entries {
-            let home = listener_home(&entry.key, seed);
+            let home = entry.key.home(seed);
             let free = (0..LISTENER_PROBES)
                 .map(|i| ((home + i) & (LISTENER_SLOTS - 1)) as usize)
-                .find(|&i| slots[i].key.addr == 0);
+                .find(|&i| slots[i].key.is_empty());
             match free {
                 Some(i) => slots[i] = *entry,
                 None => continue 'seeds,
@@ -346,6 +398,12 @@ pub fn place_listeners(
         "no seed places {} listener keys and VIPs in the listener table",
         entries.len()
     ))
+}
+
+/// The bytes of a map key or value.
+fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `Pod` types are plain bytes without padding.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 /// A map's shape and the memory the kernel charges for it (`memlock` in its fdinfo).
@@ -447,16 +505,47 @@ enum Standing {
     Stale { counted: bool },
 }
 
-fn standing(flow: &FlowEntry, state: &MapState, now: u64) -> Standing {
-    let key = flow.key;
-    let listener_key = ListenerKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        pad: 0,
-    };
+/// A connection-table key of either family, as the controller reads the table.
+pub trait TableKey: FlowKeyOf + aya::Pod {
+    /// The listener of the flow with this key, in `state`.
+    fn listener<'a>(&self, state: &'a MapState) -> Option<&'a Listener>;
+    /// Its family's connection table in `dataplane`.
+    fn table(dataplane: &Dataplane) -> &FlowMap<Self>;
+}
+
+impl TableKey for FlowKey {
+    fn listener<'a>(&self, state: &'a MapState) -> Option<&'a Listener> {
+        state.listeners.get(&ListenerKey {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            pad: 0,
+        })
+    }
+
+    fn table(dataplane: &Dataplane) -> &FlowMap<Self> {
+        &dataplane.flows
+    }
+}
+
+impl TableKey for FlowKey6 {
+    fn listener<'a>(&self, state: &'a MapState) -> Option<&'a Listener> {
+        state.listeners6.get(&ListenerKey6 {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            pad: 0,
+        })
+    }
+
+    fn table(dataplane: &Dataplane) -> &FlowMap<Self> {
+        &dataplane.flows6
+    }
+}
+
+fn standing<K: TableKey>(flow: &FlowEntry<K>, state: &MapState, now: u64) -> Standing {
     let counted = flow.last_seen_ns & FLOW_ENDED == 0;
-    let Some(listener) = state.listeners.get(&listener_key) else {
+    let Some(listener) = flow.key.listener(state) else {
         return Standing::Stale { counted };
     };
     let idle_ns = now.saturating_sub(flow.last_seen_ns & !FLOW_FLAGS);
@@ -501,9 +590,58 @@ fn agreed(last: i64, now: i64) -> i64 {
     }
 }
 
-/// Fresh random words from the kernel, for the connection table's hash.
-fn random_words() -> Result<[u64; 5]> {
-    let mut words = [0u64; 5];
+/// [`Dataplane::survey`] of one connection table, adding to `active`.
+fn survey_table<K: TableKey>(
+    table: &FlowMap<K>,
+    state: &MapState,
+    now: u64,
+    end_stale: bool,
+    active: &mut ActiveFlows,
+) {
+    for b in 0..table.shape.buckets {
+        let Some(bucket) = table.buckets.at(b) else {
+            continue;
+        };
+        for way in 0..FLOW_WAYS {
+            // SAFETY: `way` < FLOW_WAYS, within a bucket of the live mapping. A torn copy (the
+            // data plane writes meanwhile) is what `is_whole` detects.
+            let at = unsafe { (bucket as *mut FlowEntry<K>).add(way) };
+            let flow = unsafe { at.read_volatile() };
+            if flow.target & FLOW_REVERSE != 0 || !table.shape.is_whole(&flow) {
+                continue;
+            }
+            match standing(&flow, state, now) {
+                Standing::Live { listener, counted } => {
+                    *active.listeners.entry(listener).or_default() += 1;
+                    *active.targets.entry(flow.target).or_default() += 1;
+                    if counted {
+                        *active.connections.entry(flow.target).or_default() += 1;
+                    }
+                }
+                Standing::Stale { counted: true } if end_stale => {
+                    // SAFETY: as above; an atomic on the entry's last-seen word.
+                    let seen = unsafe { &raw mut (*at).last_seen_ns };
+                    let _ = atomic(seen).compare_exchange(
+                        flow.last_seen_ns,
+                        flow.last_seen_ns | FLOW_ENDED,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Standing::Stale { .. } => {}
+            }
+        }
+    }
+}
+
+/// The VIP a listener-table key marks, if it marks one (not a listener).
+fn vip_of<K: ListenerKeyOf>(key: &K) -> Option<K::Addr> {
+    (K::vip(key.address()) == *key).then(|| key.address())
+}
+
+/// Fresh random words from the kernel, for a connection table's hash.
+fn random_words() -> Result<[u64; 11]> {
+    let mut words = [0u64; 11];
     let len = size_of_val(&words);
     // SAFETY: getrandom writes at most `len` bytes into `words`.
     let got = unsafe { libc::getrandom(words.as_mut_ptr().cast(), len, 0) };
@@ -536,6 +674,21 @@ pub fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
+/// An IPv6 address as the maps hold it: four words of it in network byte order.
+pub fn be6(addr: Ipv6Addr) -> [u32; 4] {
+    let o = addr.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// A family's connection table: its shape and hash, and the table itself, mapped into this
+/// process.
+pub struct FlowMap<K> {
+    pub shape: FlowTable,
+    buckets: Mapped<FlowBucket<K>>,
+}
+
 /// The loaded balancer: its program and maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -543,11 +696,12 @@ pub struct Dataplane {
     /// What this process last wrote into each half of each group's Maglev table; unknown (so
     /// written in full) for maps it adopted.
     tables: HashMap<u32, [Option<Vec<u32>>; 2]>,
-    /// The same for the two halves of the listener table.
+    /// The same for the two halves of each listener table.
     listener_halves: [Option<Vec<ListenerSlot>>; 2],
-    /// The connection table's shape and hash, and the table itself, mapped into this process.
-    flow_table: FlowTable,
-    flows: Mapped<FlowBucket>,
+    listener_halves6: [Option<Vec<ListenerSlot6>>; 2],
+    /// The connection tables, IPv4's and IPv6's.
+    flows: FlowMap<FlowKey>,
+    flows6: FlowMap<FlowKey6>,
     /// Active connections per target id, mapped into this process.
     active: Mapped<u64>,
     /// By target id: the error its count showed in the last pass of `reconcile_connections`
@@ -565,6 +719,7 @@ impl Dataplane {
         let flow_buckets = settings.connection_table_size.div_ceil(FLOW_WAYS as u32);
         let sizes = [
             ("FLOWS", flow_buckets, "connection_table_size"),
+            ("FLOWS6", flow_buckets, "connection_table_size"),
             ("GROUPS", settings.max_target_groups, "max_target_groups"),
             (
                 "ROUND_ROBIN",
@@ -582,7 +737,17 @@ impl Dataplane {
                 "stickiness_table_size",
             ),
             (
+                "STICKY6",
+                settings.stickiness_table_size,
+                "stickiness_table_size",
+            ),
+            (
                 "SOURCE_BUCKETS",
+                settings.rate_limited_sources,
+                "rate_limited_sources",
+            ),
+            (
+                "SOURCE_BUCKETS6",
                 settings.rate_limited_sources,
                 "rate_limited_sources",
             ),
@@ -624,33 +789,68 @@ impl Dataplane {
             ebpf.map_mut("FLOW_TABLE")
                 .context("map FLOW_TABLE missing from the embedded object")?,
         )?;
-        // An adopted table keeps its hash: its flows are where that hash put them.
-        let mut flow_table = shape.get(&0, 0)?;
-        if flow_table.buckets == 0 {
-            flow_table = FlowTable {
-                buckets: flow_buckets,
-                layout: MAP_LAYOUT,
-                hasher: FlowHasher::new(random_words()?),
-            };
-            shape.set(0, flow_table, 0)?;
-        } else if flow_table.layout != MAP_LAYOUT || flow_table.buckets != flow_buckets {
-            return Err(anyhow!(
-                "the maps pinned in {} were made by an lb whose maps hold or mean other things (layout {}, {} connection-table buckets; this lb: layout {MAP_LAYOUT}, {flow_buckets}): it cannot take them over; stop the running lb (which removes them), then start this one",
-                pinned_in(),
-                flow_table.layout,
-                flow_table.buckets
-            ));
+        // One shape per family (IPv4's first). An adopted table keeps its hash: its flows are
+        // where that hash put them.
+        let mut shapes = [FlowTable::default(); 2];
+        for (family, table) in shapes.iter_mut().enumerate() {
+            *table = shape.get(&(family as u32), 0)?;
+            if table.buckets == 0 {
+                *table = FlowTable {
+                    buckets: flow_buckets,
+                    layout: MAP_LAYOUT,
+                    hasher: FlowHasher::new(random_words()?),
+                };
+                shape.set(family as u32, *table, 0)?;
+            } else if table.layout != MAP_LAYOUT || table.buckets != flow_buckets {
+                return Err(anyhow!(
+                    "the maps pinned in {} were made by an lb whose maps hold or mean other things (layout {}, {} connection-table buckets; this lb: layout {MAP_LAYOUT}, {flow_buckets}): it cannot take them over; stop the running lb (which removes them), then start this one",
+                    pinned_in(),
+                    table.layout,
+                    table.buckets
+                ));
+            }
         }
         let program: &mut Xdp = ebpf
             .program_mut(BALANCER_PROGRAM)
             .context("balancer program missing from the embedded object")?
             .try_into()?;
         program.load().map_err(crate::xdp::explain_program_error)?;
-        let flows = Mapped::map(
-            ebpf.map("FLOWS").and_then(map_data).context("map FLOWS")?,
-            flow_table.buckets,
-            "the connection table",
+        // The programs it hands frames on to, each verified on its own. Their array is this
+        // process's (never pinned): a successor fills its own.
+        let mut stages = Vec::new();
+        for name in STAGE_PROGRAMS {
+            let stage: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the embedded object"))?
+                .try_into()?;
+            stage.load().map_err(crate::xdp::explain_program_error)?;
+            stages.push(stage.fd()?.try_clone()?);
+        }
+        let mut array = ProgramArray::try_from(
+            ebpf.map_mut("STAGES")
+                .context("map STAGES missing from the embedded object")?,
         )?;
+        for (index, fd) in (0..).zip(&stages) {
+            array.set(index, fd, 0)?;
+        }
+        let flows = FlowMap {
+            shape: shapes[0],
+            buckets: Mapped::map(
+                ebpf.map("FLOWS").and_then(map_data).context("map FLOWS")?,
+                shapes[0].buckets,
+                "the connection table",
+            )?,
+        };
+        let flows6 = FlowMap {
+            shape: shapes[1],
+            buckets: Mapped::map(
+                ebpf.map("FLOWS6")
+                    .and_then(map_data)
+                    .context("map FLOWS6")?,
+                shapes[1].buckets,
+                "the IPv6 connection table",
+            )?,
+        };
         let active = Mapped::map(
             ebpf.map("ACTIVE")
                 .and_then(map_data)
@@ -663,8 +863,9 @@ impl Dataplane {
             maglev_size: settings.maglev_table_size,
             tables: HashMap::new(),
             listener_halves: [None, None],
-            flow_table,
+            listener_halves6: [None, None],
             flows,
+            flows6,
             active,
             unconfirmed: Default::default(),
         })
@@ -689,29 +890,14 @@ impl Dataplane {
     /// written again.
     pub fn read_state(&self) -> Result<MapState> {
         let table: Array<&MapData, ListenerTable> = self.map_ref("LISTENER_TABLE")?;
-        let slots: Array<&MapData, ListenerSlot> = self.map_ref("LISTENER_SLOTS")?;
-        let base = (table.get(&0, 0)?.active_half & 1) * LISTENER_SLOTS;
-        let (mut listeners, mut vips) = (HashMap::new(), HashSet::new());
-        for index in base..base + LISTENER_SLOTS {
-            let slot = slots.get(&index, 0)?;
-            if slot.key.addr == 0 {
-                continue;
-            }
-            if slot.key == ListenerKey::vip(slot.key.addr) {
-                vips.insert(slot.key.addr);
-            } else {
-                listeners.insert(slot.key, slot.listener);
-            }
-        }
-        let sources = |map: &str| -> Result<BTreeSet<(u32, SourceKey)>> {
-            let trie: LpmTrie<&MapData, SourceKey, u8> = self.map_ref(map)?;
-            let keys = trie.keys().map(|k| k.map(|k| (k.prefix_len(), k.data())));
-            Ok(keys.collect::<Result<_, _>>()?)
-        };
+        let half = table.get(&0, 0)?.active_half & 1;
+        let (listeners, vips) = self.read_listeners::<ListenerKey>("LISTENER_SLOTS", half)?;
+        let (listeners6, vips6) = self.read_listeners::<ListenerKey6>("LISTENER_SLOTS6", half)?;
         let targets: Array<&MapData, Target> = self.map_ref("TARGETS")?;
         let limits: Array<&MapData, NewFlowLimits> = self.map_ref("NEW_FLOW_LIMITS")?;
         let limits = listeners
             .values()
+            .chain(listeners6.values())
             .filter(|l| l.flags & LISTENER_RATE_LIMITED != 0)
             .map(|l| Ok((l.id, limits.get(&l.id, 0)?)))
             .collect::<Result<_>>()?;
@@ -719,8 +905,12 @@ impl Dataplane {
             settings: None,
             listeners,
             vips,
-            allowed_sources: sources("ALLOWED_SOURCES")?,
-            denied_sources: sources("DENIED_SOURCES")?,
+            listeners6,
+            vips6,
+            allowed_sources: self.read_sources("ALLOWED_SOURCES")?,
+            denied_sources: self.read_sources("DENIED_SOURCES")?,
+            allowed_sources6: self.read_sources("ALLOWED_SOURCES6")?,
+            denied_sources6: self.read_sources("DENIED_SOURCES6")?,
             limits,
             targets: targets
                 .iter()
@@ -733,6 +923,48 @@ impl Dataplane {
                 .collect::<Result<_, _>>()?,
             groups: BTreeMap::new(),
         })
+    }
+
+    /// The listeners and VIPs in half `half` of listener table `map`.
+    #[allow(clippy::type_complexity)]
+    fn read_listeners<K>(
+        &self,
+        map: &str,
+        half: u32,
+    ) -> Result<(HashMap<K, Listener>, HashSet<K::Addr>)>
+    where
+        K: ListenerKeyOf + aya::Pod + std::hash::Hash + Eq,
+        K::Addr: std::hash::Hash + Eq,
+        ListenerSlot<K>: aya::Pod,
+    {
+        let slots: Array<&MapData, ListenerSlot<K>> = self.map_ref(map)?;
+        let (mut listeners, mut vips) = (HashMap::new(), HashSet::new());
+        for index in half * LISTENER_SLOTS..(half + 1) * LISTENER_SLOTS {
+            let slot = slots.get(&index, 0)?;
+            if slot.key.is_empty() {
+                continue;
+            }
+            match vip_of(&slot.key) {
+                Some(vip) => vips.insert(vip),
+                None => listeners.insert(slot.key, slot.listener).is_some(),
+            };
+        }
+        Ok((listeners, vips))
+    }
+
+    /// The prefixes in source trie `map`.
+    fn read_sources<D: aya::Pod + Ord>(&self, map: &str) -> Result<BTreeSet<(u32, D)>> {
+        let trie: LpmTrie<&MapData, D, u8> = self.map_ref(map)?;
+        let keys = trie.keys().map(|k| k.map(|k| (k.prefix_len(), k.data())));
+        Ok(keys.collect::<Result<_, _>>()?)
+    }
+
+    /// The balancer's programs, by name: the one attached first, then the stages it hands
+    /// frames on to.
+    pub fn programs(&self) -> impl Iterator<Item = (&'static str, &Xdp)> {
+        std::iter::once(BALANCER_PROGRAM)
+            .chain(STAGE_PROGRAMS)
+            .filter_map(|name| Some((name, self.ebpf.program(name)?.try_into().ok()?)))
     }
 
     pub fn program_mut(&mut self) -> &mut Xdp {
@@ -781,7 +1013,22 @@ impl Dataplane {
             ),
             ("DENIED_SOURCES", &old.denied_sources, &new.denied_sources),
         ];
+        let sources6 = [
+            (
+                "ALLOWED_SOURCES6",
+                &old.allowed_sources6,
+                &new.allowed_sources6,
+            ),
+            (
+                "DENIED_SOURCES6",
+                &old.denied_sources6,
+                &new.denied_sources6,
+            ),
+        ];
         for (map, before, after) in sources {
+            self.write_sources(map, after.difference(before), true)?;
+        }
+        for (map, before, after) in sources6 {
             self.write_sources(map, after.difference(before), true)?;
         }
         // A listener's limits are in place before the listener that is flagged to read them.
@@ -791,10 +1038,17 @@ impl Dataplane {
                 limits.set(*id, *l, 0)?;
             }
         }
-        if new.listeners != old.listeners || new.vips != old.vips {
+        if new.listeners != old.listeners
+            || new.vips != old.vips
+            || new.listeners6 != old.listeners6
+            || new.vips6 != old.vips6
+        {
             self.write_listeners(new)?;
         }
         for (map, before, after) in sources {
+            self.write_sources(map, before.difference(after), false)?;
+        }
+        for (map, before, after) in sources6 {
             self.write_sources(map, before.difference(after), false)?;
         }
         let empty = GroupState {
@@ -829,13 +1083,13 @@ impl Dataplane {
     }
 
     /// Adds `keys` to source trie `map`, or removes them.
-    fn write_sources<'k>(
+    fn write_sources<'k, D: aya::Pod + 'k>(
         &mut self,
         map: &str,
-        keys: impl Iterator<Item = &'k (u32, SourceKey)>,
+        keys: impl Iterator<Item = &'k (u32, D)>,
         add: bool,
     ) -> Result<()> {
-        let mut trie: LpmTrie<_, SourceKey, u8> = self.map(map)?;
+        let mut trie: LpmTrie<_, D, u8> = self.map(map)?;
         for &(len, data) in keys {
             let key = Key::new(len, data);
             if add {
@@ -849,33 +1103,54 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Fills the listener table's inactive half and makes it live (see [`ListenerTable`]).
+    /// Fills both listener tables' inactive halves and makes them live with one write (see
+    /// [`ListenerTable`]).
     fn write_listeners(&mut self, state: &MapState) -> Result<()> {
         let (seed, slots) = place_listeners(&state.listeners, &state.vips)?;
+        let (seed6, slots6) = place_listeners(&state.listeners6, &state.vips6)?;
         let mut table = self
             .map::<Array<_, ListenerTable>>("LISTENER_TABLE")?
             .get(&0, 0)?;
         let half = (table.active_half & 1) ^ 1;
-        // Only the slots that differ from what this half already holds.
-        let written = self.listener_halves[half as usize].take();
         // By id first: a NAT reply's reverse entry names its listener by id, and a new listener
         // must be there before its first flow can have one.
         let mut by_id: Array<_, ListenerSlot> = self.map("LISTENERS_BY_ID")?;
         for (&key, &listener) in &state.listeners {
             by_id.set(listener.id, ListenerSlot { key, listener }, 0)?;
         }
-        let mut map: Array<_, ListenerSlot> = self.map("LISTENER_SLOTS")?;
+        let written = self.listener_halves[half as usize].take();
+        self.write_slots("LISTENER_SLOTS", half, &slots, written)?;
+        self.listener_halves[half as usize] = Some(slots);
+        let written = self.listener_halves6[half as usize].take();
+        self.write_slots("LISTENER_SLOTS6", half, &slots6, written)?;
+        self.listener_halves6[half as usize] = Some(slots6);
+        let mut info: Array<_, ListenerTable> = self.map("LISTENER_TABLE")?;
+        table.seeds[half as usize] = seed;
+        table.seeds6[half as usize] = seed6;
+        info.set(0, table, 0)?;
+        table.active_half = half;
+        info.set(0, table, 0)?;
+        Ok(())
+    }
+
+    /// Writes `slots` into half `half` of listener table `map`: only those that differ from
+    /// what this half already holds (`written`, if known).
+    fn write_slots<K: PartialEq>(
+        &mut self,
+        map: &str,
+        half: u32,
+        slots: &[ListenerSlot<K>],
+        written: Option<Vec<ListenerSlot<K>>>,
+    ) -> Result<()>
+    where
+        ListenerSlot<K>: aya::Pod,
+    {
+        let mut map: Array<_, ListenerSlot<K>> = self.map(map)?;
         for (i, slot) in slots.iter().enumerate() {
             if written.as_ref().is_none_or(|w| w.get(i) != Some(slot)) {
                 map.set(half * LISTENER_SLOTS + i as u32, slot, 0)?;
             }
         }
-        self.listener_halves[half as usize] = Some(slots);
-        let mut info: Array<_, ListenerTable> = self.map("LISTENER_TABLE")?;
-        table.seeds[half as usize] = seed;
-        info.set(0, table, 0)?;
-        table.active_half = half;
-        info.set(0, table, 0)?;
         Ok(())
     }
 
@@ -914,23 +1189,24 @@ impl Dataplane {
     }
 
     /// The connection table's entry for a flow, if any.
-    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+    pub fn flow<K: TableKey>(&self, key: &K) -> Option<FlowEntry<K>> {
+        let table = K::table(self);
         self.flow_buckets(key)
             .into_iter()
-            .filter_map(|b| self.flows.get(b))
+            .filter_map(|b| table.buckets.get(b))
             .flat_map(|b| b.entries)
-            .find(|e| e.key == *key && self.flow_table.is_whole(e))
+            .find(|e| e.key == *key && table.shape.is_whole(e))
     }
 
     /// The two connection-table buckets that may hold `key` (its hash is this table's secret).
-    pub fn flow_buckets(&self, key: &FlowKey) -> [u32; 2] {
-        self.flow_table.buckets_of(self.flow_hash(key))
+    pub fn flow_buckets<K: TableKey>(&self, key: &K) -> [u32; 2] {
+        K::table(self).shape.buckets_of(self.flow_hash(key))
     }
 
-    /// `key`'s hash under this connection table's secret coefficients, which also chooses
+    /// `key`'s hash under its connection table's secret coefficients, which also chooses
     /// least connections' candidates.
-    pub fn flow_hash(&self, key: &FlowKey) -> u64 {
-        self.flow_table.hasher.hash(key)
+    pub fn flow_hash<K: TableKey>(&self, key: &K) -> u64 {
+        key.hash(&K::table(self).shape.hasher)
     }
 
     /// Flows seen within their listener's idle timeout, per listener id and per target id:
@@ -942,7 +1218,8 @@ impl Dataplane {
     /// How often `reconcile_connections` reads the whole connection table: every second, and
     /// a second more for each 4 million entries, so that it never keeps a core busy.
     pub fn reconcile_period(&self) -> std::time::Duration {
-        let entries = self.flow_table.buckets as u64 * FLOW_WAYS as u64;
+        let buckets = self.flows.shape.buckets as u64 + self.flows6.shape.buckets as u64;
+        let entries = buckets * FLOW_WAYS as u64;
         std::time::Duration::from_secs(1 + entries / 4_000_000)
     }
 
@@ -989,40 +1266,8 @@ impl Dataplane {
     fn survey(&self, state: &MapState, end_stale: bool) -> ActiveFlows {
         let now = monotonic_ns();
         let mut active = ActiveFlows::default();
-        for b in 0..self.flow_table.buckets {
-            let Some(bucket) = self.flows.at(b) else {
-                continue;
-            };
-            for way in 0..FLOW_WAYS {
-                // SAFETY: `way` < FLOW_WAYS, within a bucket of the live mapping. A torn copy
-                // (the data plane writes meanwhile) is what `is_whole` detects.
-                let at = unsafe { (bucket as *mut FlowEntry).add(way) };
-                let flow = unsafe { at.read_volatile() };
-                if flow.target & FLOW_REVERSE != 0 || !self.flow_table.is_whole(&flow) {
-                    continue;
-                }
-                match standing(&flow, state, now) {
-                    Standing::Live { listener, counted } => {
-                        *active.listeners.entry(listener).or_default() += 1;
-                        *active.targets.entry(flow.target).or_default() += 1;
-                        if counted {
-                            *active.connections.entry(flow.target).or_default() += 1;
-                        }
-                    }
-                    Standing::Stale { counted: true } if end_stale => {
-                        // SAFETY: as above; an atomic on the entry's last-seen word.
-                        let seen = unsafe { &raw mut (*at).last_seen_ns };
-                        let _ = atomic(seen).compare_exchange(
-                            flow.last_seen_ns,
-                            flow.last_seen_ns | FLOW_ENDED,
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        );
-                    }
-                    Standing::Stale { .. } => {}
-                }
-            }
-        }
+        survey_table(&self.flows, state, now, end_stale, &mut active);
+        survey_table(&self.flows6, state, now, end_stale, &mut active);
         active
     }
 
@@ -1177,6 +1422,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 1],
             mtu: 1500,
             ipv4: vec![Ipv4Addr::new(198, 51, 100, 3)],
+            ipv6: Vec::new(),
         };
         let unknown = Ipv4Addr::new(198, 51, 100, 12);
         let known = NextHop {
@@ -1237,7 +1483,10 @@ mod tests {
             ..a
         }));
         assert!(!table.is_whole(&FlowEntry { key: b.key, ..a }));
-        assert!(!table.is_whole(&FlowEntry::default()), "an empty entry");
+        assert!(
+            !table.is_whole(&FlowEntry::<FlowKey>::default()),
+            "an empty entry"
+        );
     }
 
     #[test]
@@ -1368,7 +1617,7 @@ mod tests {
 
     /// The data plane's search (`find_key` in the balancer), on one placed half.
     fn find(slots: &[ListenerSlot], seed: u32, key: &ListenerKey) -> Option<ListenerSlot> {
-        let home = listener_home(key, seed);
+        let home = lb_common::listener_home(key, seed);
         for i in 0..LISTENER_PROBES {
             let slot = slots[((home + i) & (LISTENER_SLOTS - 1)) as usize];
             if slot.key == *key {

@@ -108,7 +108,7 @@ impl Status {
             };
             listeners.push(ListenerStatus {
                 name: l.name.clone(),
-                address: format!("{}:{}", l.address, l.port),
+                address: l.endpoint().to_string(),
                 protocol: format!("{:?}", l.protocol)
                     .to_lowercase()
                     .replace("tcpudp", "tcp_udp"),

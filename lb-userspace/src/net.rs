@@ -3,7 +3,7 @@
 
 use std::{
     ffi::CString,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -22,6 +22,8 @@ pub struct Interface {
     pub mtu: u32,
     /// IPv4 addresses, primary first.
     pub ipv4: Vec<Ipv4Addr>,
+    /// IPv6 addresses, link-local ones too.
+    pub ipv6: Vec<Ipv6Addr>,
 }
 
 impl Interface {
@@ -52,7 +54,20 @@ impl Interface {
             index,
             mac,
             mtu,
-            ipv4: ipv4_addresses(name)?,
+            ipv4: addresses(name)?
+                .into_iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+            ipv6: addresses(name)?
+                .into_iter()
+                .filter_map(|a| match a {
+                    IpAddr::V6(a) => Some(a),
+                    IpAddr::V4(_) => None,
+                })
+                .collect(),
         })
     }
 
@@ -61,6 +76,14 @@ impl Interface {
             .first()
             .copied()
             .ok_or_else(|| anyhow!("interface {} has no IPv4 address", self.name))
+    }
+
+    /// Whether it holds `addr`.
+    pub fn holds(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.ipv4.contains(&a),
+            IpAddr::V6(a) => self.ipv6.contains(&a),
+        }
     }
 }
 
@@ -90,7 +113,8 @@ fn ifreq_ioctl<T>(
     }
 }
 
-fn ipv4_addresses(name: &str) -> Result<Vec<Ipv4Addr>> {
+/// The addresses of interface `name`, both families, in the kernel's order.
+fn addresses(name: &str) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     // SAFETY: getifaddrs allocates a list that we walk read-only and free once.
     unsafe {
@@ -102,11 +126,19 @@ fn ipv4_addresses(name: &str) -> Result<Vec<Ipv4Addr>> {
         while !cur.is_null() {
             let ifa = &*cur;
             if !ifa.ifa_addr.is_null()
-                && (*ifa.ifa_addr).sa_family as i32 == libc::AF_INET
                 && std::ffi::CStr::from_ptr(ifa.ifa_name).to_bytes() == name.as_bytes()
             {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                match (*ifa.ifa_addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
             }
             cur = ifa.ifa_next;
         }
@@ -165,22 +197,23 @@ pub async fn xdp_program(handle: &Handle, index: u32) -> Result<Option<u32>> {
 pub async fn set_host_address(
     handle: &Handle,
     index: u32,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     present: bool,
 ) -> Result<()> {
     if present {
+        let len = if addr.is_ipv6() { 128 } else { 32 };
         return handle
             .address()
-            .add(index, IpAddr::V4(addr), 32)
+            .add(index, addr, len)
             .execute()
             .await
-            .with_context(|| format!("adding {addr}/32 to interface {index}"));
+            .with_context(|| format!("adding {addr}/{len} to interface {index}"));
     }
     let mut found = handle
         .address()
         .get()
         .set_link_index_filter(index)
-        .set_address_filter(IpAddr::V4(addr))
+        .set_address_filter(addr)
         .execute();
     while let Some(entry) = found.try_next().await? {
         handle

@@ -609,10 +609,9 @@ impl Controller {
         for l in &self.config.listeners {
             if let Some(group) = self.config.target_group(&l.target_group) {
                 info!(
-                    "listener {} {}:{}/{:?} -> target group {} ({}, {} targets, {:?} health check every {})",
+                    "listener {} {}/{:?} -> target group {} ({}, {} targets, {:?} health check every {})",
                     l.name,
-                    l.address,
-                    l.port,
+                    l.endpoint(),
                     l.protocol,
                     group.name,
                     group.forwarding,

@@ -16,7 +16,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::AsFd as _,
     path::PathBuf,
     process::Command,
@@ -82,7 +82,7 @@ impl ReplyPort {
 /// What a target host needs.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub vips: BTreeSet<Ipv4Addr>,
+    pub vips: BTreeSet<IpAddr>,
     /// Some target of this host is in an ipip group: it needs the decap.
     pub ipip: bool,
     /// Some target of this host is in a nat group: it needs nothing from lb (but a route back
@@ -94,7 +94,7 @@ pub struct Plan {
 impl Plan {
     /// The plan of the flag form: `mode` and `vips` as given, each of `ports` (listener port,
     /// target port, protocol) for every VIP.
-    pub fn from_flags(mode: Forwarding, vips: &[Ipv4Addr], ports: &[(u16, u16, u8)]) -> Self {
+    pub fn from_flags(mode: Forwarding, vips: &[IpAddr], ports: &[(u16, u16, u8)]) -> Self {
         Plan {
             vips: if mode == Forwarding::Nat {
                 BTreeSet::new()
@@ -103,9 +103,8 @@ impl Plan {
             },
             ipip: mode == Forwarding::Ipip,
             nat: mode == Forwarding::Nat,
-            reply_ports: vips
-                .iter()
-                .flat_map(|&vip| {
+            reply_ports: ipv4_only(vips)
+                .flat_map(|vip| {
                     ports
                         .iter()
                         .map(move |&(listener_port, target_port, proto)| ReplyPort {
@@ -135,10 +134,13 @@ impl Plan {
                 }
                 plan.vips.insert(l.address);
                 plan.ipip |= group.forwarding == Forwarding::Ipip;
-                if t.port != l.port {
+                // The config translates ports for IPv4 VIPs only.
+                if let IpAddr::V4(vip) = l.address
+                    && t.port != l.port
+                {
                     for &proto in l.protocol.ip_protocols() {
                         plan.reply_ports.insert(ReplyPort {
-                            vip: l.address,
+                            vip,
                             target_port: t.port,
                             proto,
                             listener_port: l.port,
@@ -152,7 +154,10 @@ impl Plan {
 
     fn steps(&self, iface: &str) -> Vec<Step> {
         let mut steps: Vec<Step> = self.vips.iter().map(|&v| Step::VipOnLoopback(v)).collect();
-        for scope in ["all", iface].into_iter().filter(|_| !self.vips.is_empty()) {
+        // IPv4 VIPs only: neighbour discovery answers for addresses on the asking interface
+        // only, so an IPv6 VIP on lo stays unannounced as it is.
+        let announced = ipv4_only(&self.vips).next().is_some();
+        for scope in ["all", iface].into_iter().filter(|_| announced) {
             for (name, want) in [("arp_ignore", "1"), ("arp_announce", "2")] {
                 steps.push(Step::Sysctl {
                     key: format!("net.ipv4.conf.{scope}.{name}"),
@@ -177,7 +182,7 @@ impl Plan {
 /// One thing a target host needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Step {
-    VipOnLoopback(Ipv4Addr),
+    VipOnLoopback(IpAddr),
     Sysctl {
         key: String,
         want: String,
@@ -195,7 +200,9 @@ enum Step {
 impl Step {
     fn describe(&self) -> String {
         match self {
-            Step::VipOnLoopback(vip) => format!("VIP {vip}/32 on lo"),
+            Step::VipOnLoopback(vip) => {
+                format!("VIP {vip}/{} on lo", if vip.is_ipv6() { 128 } else { 32 })
+            }
             Step::Sysctl { key, want } => format!("{key} = {want}"),
             Step::RpFilterLoose(iface) => format!("rp_filter on {iface} not strict"),
             Step::Decap(iface) => format!("XDP decap ({DECAP_PROGRAM}) on {iface}"),
@@ -222,7 +229,7 @@ impl Step {
 
     fn is_done(&self) -> Result<bool> {
         Ok(match self {
-            Step::VipOnLoopback(vip) => Interface::lookup("lo")?.ipv4.contains(vip),
+            Step::VipOnLoopback(vip) => Interface::lookup("lo")?.holds(*vip),
             Step::Sysctl { key, want } => read_sysctl(key)? == *want,
             Step::RpFilterLoose(iface) => effective_rp_filter(iface)? != "1",
             Step::Decap(iface) => attached_program(iface)?.as_deref() == Some(DECAP_PROGRAM),
@@ -390,7 +397,17 @@ fn effective_rp_filter(iface: &str) -> Result<String> {
 }
 
 /// Adds `vip`/32 to the loopback interface, or removes it.
-fn vip_on_loopback(vip: Ipv4Addr, present: bool) -> Result<()> {
+/// The IPv4 addresses of `vips`.
+fn ipv4_only<'a>(vips: impl IntoIterator<Item = &'a IpAddr>) -> impl Iterator<Item = Ipv4Addr> {
+    vips.into_iter().filter_map(|v| match v {
+        IpAddr::V4(v) => Some(*v),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// Puts `vip` on lo (or takes it away). An IPv6 one needs no duplicate address detection
+/// there: the kernel does none on loopback.
+fn vip_on_loopback(vip: IpAddr, present: bool) -> Result<()> {
     let lo = Interface::lookup("lo")?.index;
     net::with_netlink(async |handle| net::set_host_address(handle, lo, vip, present).await)
 }
@@ -665,7 +682,7 @@ mod tests {
             .iter()
             .map(|r| (r.target_port, r.listener_port))
             .collect();
-        assert_eq!(plan.vips, BTreeSet::from([vip]));
+        assert_eq!(plan.vips, BTreeSet::from([IpAddr::V4(vip)]));
         assert_eq!(answers, [(7001, 7000), (7002, 7000)]);
         assert!(!plan.ipip && !plan.nat);
         let elsewhere = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 12)]);

@@ -1,7 +1,10 @@
 //! Crafted Ethernet frames, and the harness that feeds them to XDP programs through
 //! BPF_PROG_TEST_RUN: what the XDP tests and the benchmarks send.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use anyhow::Result;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
@@ -11,7 +14,7 @@ use lb::{
     maps::{Dataplane, MapState, NextHop, be},
     net::Interface,
 };
-use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP};
+use lb_common::{FlowKey, FlowKey6, PROTO_TCP, PROTO_UDP};
 
 /// The MAC of the balancer in crafted frames.
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
@@ -19,6 +22,8 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
 
 /// The verdicts of an XDP program (`enum xdp_action`), as `run_xdp` returns them.
 pub const XDP_DROP: u32 = 1;
@@ -34,6 +39,7 @@ pub fn test_interface() -> Interface {
         mac: LB_MAC,
         mtu: 1500,
         ipv4: vec![LB_ADDR],
+        ipv6: Vec::new(),
     }
 }
 
@@ -213,6 +219,112 @@ impl Packet {
 
     pub fn frame(&self) -> Vec<u8> {
         ethernet(LB_MAC, CLIENT_MAC, 0x0800, &self.ip_packet())
+    }
+}
+
+/// An IPv6 packet: a TCP or UDP one after `extensions`, each an extension header as (its
+/// type, its bytes after the next-header and length bytes; padded to a multiple of 8).
+#[derive(Clone, Debug)]
+pub struct Packet6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub hop_limit: u8,
+    pub extensions: Vec<(u8, Vec<u8>)>,
+    pub payload: Vec<u8>,
+}
+
+impl Packet6 {
+    pub fn tcp(dport: u16, sport: u16, flags: u8) -> Self {
+        Packet6 {
+            src: CLIENT6,
+            dst: VIP6,
+            proto: PROTO_TCP,
+            sport,
+            dport,
+            tcp_flags: flags,
+            hop_limit: 61,
+            extensions: Vec::new(),
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    pub fn udp(dport: u16, sport: u16) -> Self {
+        Packet6 {
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+            ..Packet6::tcp(dport, sport, 0)
+        }
+    }
+
+    pub fn key(&self) -> FlowKey6 {
+        FlowKey6::new(
+            lb::maps::be6(self.src),
+            lb::maps::be6(self.dst),
+            self.sport.to_be(),
+            self.dport.to_be(),
+            self.proto,
+        )
+    }
+
+    /// The TCP or UDP header and payload, its checksum over the IPv6 pseudo-header.
+    fn l4(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.sport.to_be_bytes());
+        l4.extend(self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend(1u32.to_be_bytes());
+            l4.extend(0u32.to_be_bytes());
+            l4.extend([5 << 4, self.tcp_flags]);
+            l4.extend(64240u16.to_be_bytes());
+            l4.extend([0, 0, 0, 0]);
+        } else {
+            l4.extend(((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend([0, 0]);
+        }
+        l4.extend(&self.payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend(self.src.octets());
+        pseudo.extend(self.dst.octets());
+        pseudo.extend((l4.len() as u32).to_be_bytes());
+        pseudo.extend([0, 0, 0, self.proto]);
+        let check = checksum(&[pseudo, l4.clone()].concat());
+        let at = if self.proto == PROTO_TCP { 16 } else { 6 };
+        let check = if check == 0 && self.proto == PROTO_UDP {
+            0xffff
+        } else {
+            check
+        };
+        l4[at..at + 2].copy_from_slice(&check.to_be_bytes());
+        l4
+    }
+
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let mut after = Vec::new();
+        for (i, (_, bytes)) in self.extensions.iter().enumerate() {
+            let next = self.extensions.get(i + 1).map_or(self.proto, |e| e.0);
+            let mut ext = vec![next, 0];
+            ext.extend(bytes);
+            ext.resize((ext.len().max(8)).next_multiple_of(8), 0);
+            ext[1] = (ext.len() / 8 - 1) as u8;
+            after.extend(ext);
+        }
+        after.extend(self.l4());
+        let first = self.extensions.first().map_or(self.proto, |e| e.0);
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend((after.len() as u16).to_be_bytes());
+        ip.extend([first, self.hop_limit]);
+        ip.extend(self.src.octets());
+        ip.extend(self.dst.octets());
+        ip.extend(after);
+        ip
+    }
+
+    pub fn frame(&self) -> Vec<u8> {
+        ethernet(LB_MAC, CLIENT_MAC, 0x86dd, &self.ip_packet())
     }
 }
 

@@ -18,7 +18,9 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+    },
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -38,6 +40,10 @@ pub mod frames;
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The lab's IPv6 network ([`Lab::enable_ipv6`]): the client, the balancer, and the VIP.
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
 /// The router in front of the far client ([`Lab::add_far_client`]), and that client.
 pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 4);
 pub const FAR_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -47,6 +53,11 @@ pub const IFACE: &str = "eth0";
 /// The balancer's interface on the private network of a two-armed lab.
 pub const INTERNAL_IFACE: &str = "eth1";
 pub const LB_INTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+
+/// Target `i`'s IPv6 address ([`Lab::enable_ipv6`]).
+pub fn target_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x11 + i as u16)
+}
 
 pub fn target_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 11 + i as u8)
@@ -386,6 +397,42 @@ impl Lab {
         Ok(())
     }
 
+    /// Gives the client, the balancer and the targets IPv6 addresses on the lab's network
+    /// (2001:db8:1::/64, without duplicate address detection, so that they work at once), and
+    /// the client a route to the IPv6 VIPs (2001:db8:10::/64) through the balancer.
+    pub fn enable_ipv6(&self) -> Result<()> {
+        let hosts = [("client", CLIENT_ADDR6), ("lb", LB_ADDR6)]
+            .into_iter()
+            .map(|(h, a)| (h.to_owned(), a))
+            .chain((0..self.targets).map(|i| (format!("t{}", i + 1), target_addr6(i))));
+        for (host, addr) in hosts {
+            let ns = self.ns(&host);
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                IFACE,
+                "nodad",
+            ])?;
+        }
+        let lb = LB_ADDR6.to_string();
+        ip(&[
+            "-n",
+            &self.ns("client"),
+            "-6",
+            "route",
+            "add",
+            "2001:db8:10::/64",
+            "via",
+            &lb,
+        ])?;
+        Ok(())
+    }
+
     /// lb's `/status`, from inside the lab.
     pub fn status(&self) -> Result<lb::metrics::Status> {
         let body = in_netns(&self.ns("lb"), || {
@@ -395,7 +442,7 @@ impl Lab {
     }
 
     /// Prepares every target with `lb target`.
-    pub fn prepare_targets(&self, mode: &str, vips: &[Ipv4Addr]) -> Result<()> {
+    pub fn prepare_targets<A: std::fmt::Display>(&self, mode: &str, vips: &[A]) -> Result<()> {
         for i in 0..self.targets {
             let mut args = vec!["target", "-i", IFACE, "--mode", mode];
             let vips: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
@@ -490,7 +537,8 @@ impl Lab {
     pub fn start_tcp_server(&mut self, i: usize, port: u16, reply_len: usize) -> Result<()> {
         let name = format!("t{}", i + 1);
         let listener = in_netns(&self.target_ns(i), move || {
-            TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+            // Both families: an IPv6 socket on `::` takes IPv4 too.
+            TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
         })??;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -547,7 +595,13 @@ impl Lab {
 
     /// A UDP server on VIP:`port` in every target (a DSR UDP server must answer from the VIP):
     /// each reply is the target's name, padded to `reply_len` bytes.
-    pub fn start_udp_servers(&mut self, vip: Ipv4Addr, port: u16, reply_len: usize) -> Result<()> {
+    pub fn start_udp_servers(
+        &mut self,
+        vip: impl Into<IpAddr>,
+        port: u16,
+        reply_len: usize,
+    ) -> Result<()> {
+        let vip = vip.into();
         for i in 0..self.targets {
             self.start_udp_server(i, vip, port, reply_len)?;
         }
@@ -558,14 +612,13 @@ impl Lab {
     pub fn start_udp_server(
         &mut self,
         i: usize,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         port: u16,
         reply_len: usize,
     ) -> Result<()> {
         let name = format!("t{}", i + 1);
-        let socket = in_netns(&self.target_ns(i), move || {
-            UdpSocket::bind(SocketAddrV4::new(vip, port))
-        })??;
+        let addr = SocketAddr::new(vip.into(), port);
+        let socket = in_netns(&self.target_ns(i), move || UdpSocket::bind(addr))??;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
@@ -928,16 +981,16 @@ pub type Answers = Vec<String>;
 /// lines; returns the names that answered on each, and the reply bytes received.
 pub fn tcp_clients(
     lab: &Lab,
-    vip: Ipv4Addr,
+    vip: impl Into<IpAddr>,
     port: u16,
     connections: usize,
     requests: usize,
 ) -> Result<(Vec<Answers>, u64)> {
+    let addr = SocketAddr::new(vip.into(), port);
     in_netns(&lab.ns("client"), move || -> Result<(Vec<Answers>, u64)> {
         let mut all = Vec::new();
         let mut bytes = 0;
         for c in 0..connections {
-            let addr = SocketAddr::from(SocketAddrV4::new(vip, port));
             let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
                 .with_context(|| format!("connection {c} to {addr}"))?;
             stream.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -963,11 +1016,17 @@ pub fn tcp_clients(
 /// each) and returns who answered each; a lost reply is retried a few times, then is an error.
 pub fn udp_clients(
     lab: &Lab,
-    vip: Ipv4Addr,
+    vip: impl Into<IpAddr>,
     port: u16,
     flows: usize,
     requests: usize,
 ) -> Result<(Vec<Answers>, u64)> {
+    let addr = SocketAddr::new(vip.into(), port);
+    let any: SocketAddr = if addr.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
     in_netns(&lab.ns("client"), move || -> Result<(Vec<Answers>, u64)> {
         let mut all = Vec::new();
         // Every flow keeps its socket until all are done, so that no two flows share a source
@@ -976,8 +1035,8 @@ pub fn udp_clients(
         let mut bytes = 0;
         let mut buf = [0u8; 4096];
         for f in 0..flows {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.connect(SocketAddrV4::new(vip, port))?;
+            let socket = UdpSocket::bind(any)?;
+            socket.connect(addr)?;
             socket.set_read_timeout(Some(Duration::from_millis(500)))?;
             let mut answers = Vec::new();
             for r in 0..requests {

@@ -5,13 +5,15 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
-use lb_tests::{Answers, IFACE, Lab, VIP, in_netns, share, target_addr, tcp_clients, udp_clients};
+use lb_tests::{
+    Answers, IFACE, Lab, VIP, VIP6, in_netns, share, target_addr, tcp_clients, udp_clients,
+};
 
 const TARGETS: usize = 3;
 const FLOWS: usize = 300;
@@ -227,6 +229,81 @@ target_groups:
         "no ICMP error went to a target: {:?}",
         status.icmp
     );
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+/// Dual stack through one dsr group: an IPv4 and an IPv6 listener each for TCP :80 and UDP
+/// :7777, real clients of both families at once, the same targets (dual-stack hosts named by
+/// their IPv4 addresses, the IPv6 VIP on lo by `lb target`) answering each directly.
+#[test]
+fn ipv4_and_ipv6_clients_share_a_dual_stack_dsr_group() -> Result<()> {
+    let name = format!("lbt-dual-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, TARGETS)?;
+    lab.enable_ipv6()?;
+    let vips = [IpAddr::V4(VIP), IpAddr::V6(VIP6)];
+    lab.prepare_targets("dsr", &vips)?;
+    lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
+    for vip in vips {
+        lab.start_udp_servers(vip, UDP_PORT, UDP_REPLY)?;
+    }
+    let targets = |port: u16| -> String {
+        (0..TARGETS)
+            .map(|i| format!("{{address: {}, port: {port}}}", target_addr(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:
+  - {{name: web, address: {VIP}, port: {TCP_PORT}, protocol: tcp, target_group: web}}
+  - {{name: web6, address: '{VIP6}', port: {TCP_PORT}, protocol: tcp, target_group: web}}
+  - {{name: game, address: {VIP}, port: {UDP_PORT}, protocol: udp, target_group: game}}
+  - {{name: game6, address: '{VIP6}', port: {UDP_PORT}, protocol: udp, target_group: game}}
+target_groups:
+  - {{name: web, targets: [{}]}}
+  - {{name: game, targets: [{}]}}
+",
+            targets(TCP_PORT),
+            targets(UDP_PORT)
+        ),
+    )?;
+    let _balancer = lab.start_balancer(&config, &[])?;
+
+    let rx_before = lab.rx_bytes("lb")?;
+    let flows = FLOWS / 2;
+    let mut reply_bytes = 0;
+    for vip in vips {
+        let (tcp, tcp_bytes) = tcp_clients(&lab, vip, TCP_PORT, flows, REQUESTS)?;
+        let (udp, udp_bytes) = udp_clients(&lab, vip, UDP_PORT, flows, REQUESTS)?;
+        for (kind, answers) in [("tcp", &tcp), ("udp", &udp)] {
+            let per_target = flows_per_target(kind, answers)?;
+            ensure!(
+                per_target.len() == TARGETS && per_target.values().all(|&n| n >= flows / 6),
+                "{vip} {kind}: {per_target:?}"
+            );
+        }
+        reply_bytes += tcp_bytes + udp_bytes;
+    }
+    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+    ensure!(
+        reply_bytes >= (2 * flows * REQUESTS * (TCP_REPLY + UDP_REPLY)) as u64,
+        "the clients received only {reply_bytes} reply bytes"
+    );
+    ensure!(
+        rx_delta * 2 < reply_bytes,
+        "the balancer received {rx_delta} bytes while the clients got {reply_bytes}: replies are not bypassing it"
+    );
+    let status = lab.status()?;
+    let web6 = status
+        .listeners
+        .iter()
+        .find(|l| l.name == "web6")
+        .context("web6 in lb status")?;
+    ensure!(web6.address == format!("[{VIP6}]:{TCP_PORT}"), "{web6:?}");
+    ensure!(web6.traffic.new_flows >= flows as u64, "{web6:?}");
     let _ = std::fs::remove_file(config);
     Ok(())
 }

@@ -7,19 +7,19 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::{
     config::{self, Forwarding},
     lifecycle::Registry,
-    maps::{Dataplane, MapState, be},
+    maps::{Dataplane, MapState, be, be6},
 };
-use lb_common::{DropReason, FlowKey, PROTO_TCP, PROTO_UDP, splitmix64};
+use lb_common::{DropReason, FlowKey, FlowKey6, FlowKeyOf, PROTO_TCP, PROTO_UDP, splitmix64};
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, checksum, dataplane_for, ethernet,
-    run_xdp, test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet6, XDP_DROP, XDP_PASS, XDP_TX, checksum, dataplane_for,
+    ethernet, run_xdp, test_interface,
 };
 
 const PROTO_ICMP: u8 = 1;
@@ -32,9 +32,16 @@ const TCP_RST: u8 = 0x04;
 /// new or not.
 const CONFIG: &str = "
 settings: {maglev_table_size: 4099, connection_table_size: 1048576, max_target_groups: 5}
-denied_sources: [192.0.2.128/25]
+denied_sources: [192.0.2.128/25, '2001:db8:bad::/48']
 listeners:
   - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}
+  - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp_udp, target_group: web}
+  - name: guarded6
+    address: '2001:db8:10::11'
+    port: 443
+    protocol: tcp
+    target_group: guarded
+    allowed_sources: ['2001:db8:c::/48']
   - {name: game, address: 203.0.113.10, port: 7777, protocol: udp, target_group: game}
   - {name: tunnel, address: 203.0.113.11, port: 5000, protocol: tcp_udp, target_group: tunnel}
   - name: guarded
@@ -279,15 +286,92 @@ impl Model {
     }
 
     /// The target the Maglev table of group `name` gives the flow `key`.
-    fn maglev_target(&self, name: &str, key: &FlowKey) -> lb_common::Target {
+    fn maglev_target<K: FlowKeyOf>(&self, name: &str, key: &K) -> lb_common::Target {
         let gid = self.registry.group_id(name).expect("a group id");
         let settings = self.state.settings.expect("settings");
         let id = self.state.groups[&gid].table[settings.maglev_slot(key) as usize];
         self.state.targets[&id]
     }
 
+    /// IPv6: dsr only, past up to 4 extension headers; ICMPv6 and anything else not TCP or
+    /// UDP is the kernel's, and so is anything to an address that is no VIP.
+    fn expect6(&self, frame: &[u8]) -> Outcome {
+        use Outcome::{Drop, Pass, Tx};
+        // The IPv6 header cut short: not lb's to judge.
+        if frame.len() < 54 {
+            return Pass;
+        }
+        let addr = |at: usize| {
+            let octets: [u8; 16] = frame[at..at + 16].try_into().expect("16 bytes");
+            IpAddr::V6(octets.into())
+        };
+        let (src, dst) = (addr(22), addr(38));
+        let refuse = |reason| {
+            if self.config.listeners.iter().any(|l| l.address == dst) {
+                Drop(reason)
+            } else {
+                Pass
+            }
+        };
+        let end = 54 + u16::from_be_bytes([frame[18], frame[19]]) as usize;
+        if frame[14] >> 4 != 6 || end > frame.len() {
+            return refuse(DropReason::Malformed);
+        }
+        let skipped = [0, 43, 60];
+        let (mut next, mut l4) = (frame[20], 54);
+        for _ in 0..4 {
+            if !skipped.contains(&next) {
+                break;
+            }
+            if l4 + 2 > frame.len() {
+                return refuse(DropReason::Malformed);
+            }
+            (next, l4) = (frame[l4], l4 + (frame[l4 + 1] as usize + 1) * 8);
+        }
+        if next == 44 {
+            return refuse(DropReason::Fragment);
+        }
+        if skipped.contains(&next) {
+            return refuse(DropReason::ExtensionHeaders);
+        }
+        if next != PROTO_TCP && next != PROTO_UDP {
+            return Pass;
+        }
+        let (needed, header) = if next == PROTO_TCP { (14, 20) } else { (4, 8) };
+        if l4 + needed > frame.len() || l4 + header > end {
+            return refuse(DropReason::Malformed);
+        }
+        let sport = u16::from_be_bytes([frame[l4], frame[l4 + 1]]);
+        let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+        let Some(listener) = self.config.listeners.iter().find(|l| {
+            l.address == dst && l.port == dport && l.protocol.ip_protocols().contains(&next)
+        }) else {
+            return refuse(DropReason::NoListener);
+        };
+        let denied = self.config.denied_sources.iter().any(|n| n.contains(&src));
+        let allowed = listener
+            .allowed_sources
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|n| n.contains(&src)));
+        if denied || !allowed {
+            return Drop(DropReason::DeniedSource);
+        }
+        let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else {
+            unreachable!("read as IPv6")
+        };
+        let key = FlowKey6::new(be6(s), be6(d), sport.to_be(), dport.to_be(), next);
+        let target = self.maglev_target(&listener.target_group, &key);
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&target.mac);
+        out[6..12].copy_from_slice(&LB_MAC);
+        Tx(out)
+    }
+
     fn expect(&mut self, frame: &[u8]) -> Outcome {
         use Outcome::{Answered, Drop, Either, Pass, Rewritten, Tx};
+        if frame.len() >= 14 && frame[12..14] == [0x86, 0xdd] {
+            return self.expect6(frame);
+        }
         // Not IPv4 (or too short to be): not lb's to judge.
         if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
             return Pass;
@@ -335,11 +419,15 @@ impl Model {
                 translated
             };
         };
-        let denied = self.config.denied_sources.iter().any(|n| n.contains(&src));
+        let denied = self
+            .config
+            .denied_sources
+            .iter()
+            .any(|n| n.contains(&IpAddr::V4(src)));
         let allowed = listener
             .allowed_sources
             .as_ref()
-            .is_none_or(|list| list.iter().any(|n| n.contains(&src)));
+            .is_none_or(|list| list.iter().any(|n| n.contains(&IpAddr::V4(src))));
         if denied || !allowed {
             return Drop(DropReason::DeniedSource);
         }
@@ -760,6 +848,45 @@ fn error_about(rng: &mut Rng, flow: &Flow) -> Vec<u8> {
     ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
 }
 
+/// An IPv6 frame: TCP or UDP (or now and then ICMPv6) to the dsr listeners' VIPs, to a port
+/// or an address without one, from allowed, denied and any sources, past 0 to 6 extension
+/// headers (a fragment header now and then), with a payload at random.
+fn frame6(rng: &mut Rng) -> Vec<u8> {
+    let dst = rng.pick(&["2001:db8:10::10", "2001:db8:10::11", "2001:db8:99::1"]);
+    let (dport, proto) = rng.pick(&[
+        (80, PROTO_TCP),
+        (80, PROTO_UDP),
+        (443, PROTO_TCP),
+        (81, PROTO_TCP),
+        (80, 58),
+    ]);
+    let any = rng.next() as u16;
+    let prefix: u16 = rng.pick(&[0xc, 0xbad, any]);
+    let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, prefix, 0, 0, 0, 0, rng.byte() as u16);
+    let extensions = (0..rng.pick(&[0, 0, 0, 1, 2, 4, 5, 6]))
+        .map(|_| {
+            let kind = rng.pick(&[0, 43, 60, 60, 44]);
+            (kind, (0..rng.below(20)).map(|_| rng.byte()).collect())
+        })
+        .collect();
+    let packet = Packet6 {
+        src,
+        dst: dst.parse().expect("an address"),
+        proto,
+        sport: 1024 + rng.below(64) as u16,
+        dport,
+        tcp_flags: rng.pick(&[0x02, 0x10, 0x18, 0x11, 0x04]),
+        hop_limit: 64,
+        extensions,
+        payload: (0..rng.below(64)).map(|_| rng.byte()).collect(),
+    };
+    let mut frame = packet.frame();
+    if rng.percent(5) {
+        frame.extend((0..rng.below(40)).map(|_| rng.byte()));
+    }
+    frame
+}
+
 /// One or more of: a cut at any length, a wrong version, header length, total length or
 /// checksum, a fragment, another protocol or EtherType, random bytes anywhere.
 fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
@@ -898,7 +1025,8 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         Ok(())
     };
     // Every cut of a few well-formed frames, then random and mutated ones: requests of flows
-    // that come back and of new ones, replies to NAT requests, and ICMP errors about flows.
+    // that come back and of new ones, replies to NAT requests, ICMP errors about flows, and
+    // IPv6.
     for _ in 0..16 {
         let flow = rng.pick(&pool);
         let frame = frame_of(&mut rng, &flow);
@@ -913,10 +1041,11 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
                 let reply = rng.pick(&nat_requests).reply(&mut rng);
                 frame_of(&mut rng, &reply)
             }
-            15..62 => {
+            15..52 => {
                 let flow = rng.pick(&pool);
                 frame_of(&mut rng, &flow)
             }
+            52..62 => frame6(&mut rng),
             62..70 => {
                 let flow = rng.pick(&pool);
                 error_about(&mut rng, &flow)

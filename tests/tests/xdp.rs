@@ -21,9 +21,9 @@ use lb::{
 };
 use lb_common::{DropReason, IcmpCounter};
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
-    dataplane_for, ethernet, icmp_frame, l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp,
-    test_interface,
+    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, Packet6, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    checksum, dataplane_for, ethernet, icmp_frame, l4_checksum_ok, mac_of, next_hop_of, registered,
+    run_xdp, test_interface,
 };
 
 const CONFIG: &str = "
@@ -161,6 +161,7 @@ fn targets_behind_another_interface_get_frames_redirected_there() -> Result<()> 
         mac: INT_MAC,
         mtu: 1500,
         ipv4: vec![INT_ADDR],
+        ipv6: Vec::new(),
     };
     let (config, registry) = registered(CONFIG)?;
     let state = MapState::build(&config, &registry, &[test_interface(), internal], |k| {
@@ -1796,5 +1797,172 @@ fn echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
     let (verdict, out) = run(&mut dp, &request)?;
     ensure!(verdict == XDP_PASS && out == request, "verdict {verdict}");
     ensure!(dp.icmp_sent_of(IcmpCounter::EchoReply)? == 0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6
+
+/// Dual stack: IPv6 listeners beside an IPv4 one on the same group, whose targets (dual-stack
+/// hosts, named by their IPv4 addresses) take both.
+const IPV6: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+denied_sources: ['2001:db8:bad::/48']
+listeners:
+  - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp, target_group: web}
+  - {name: web4, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}
+  - name: game6
+    address: '2001:db8:10::10'
+    port: 7777
+    protocol: udp
+    target_group: game
+    allowed_sources: ['2001:db8:c::/48']
+    max_new_flows_per_second_per_source: 2
+target_groups:
+  - name: web
+    targets: [{address: 198.51.100.11, port: 80}, {address: 198.51.100.12, port: 80}, {address: 198.51.100.13, port: 80}]
+  - name: game
+    algorithm: source_ip
+    targets: [{address: 198.51.100.21, port: 7777}, {address: 198.51.100.22, port: 7777}]
+";
+
+/// The target the data plane must pick for IPv6 `packet` in group `group`.
+fn expected_target6(state: &MapState, group: u32, packet: &Packet6) -> (u32, lb_common::Target) {
+    let settings = state.settings.unwrap();
+    let key = packet.key();
+    let slot = if state.groups[&group].algorithm == lb_common::ALGORITHM_SOURCE_IP {
+        settings.maglev_slot(&lb_common::FlowKey6::new(key.src, [0; 4], 0, 0, 0))
+    } else {
+        settings.maglev_slot(&key)
+    };
+    let id = state.groups[&group].table[slot as usize];
+    (id, state.targets[&id])
+}
+
+/// A hop-by-hop, a routing and a destination-options header: what may come before TCP or UDP.
+fn extension_headers(n: usize) -> Vec<(u8, Vec<u8>)> {
+    [
+        (0u8, vec![1, 4, 0, 0, 0, 0]),
+        (43, vec![0, 0, 0, 0, 0, 0]),
+        (60, vec![1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    ]
+    .into_iter()
+    .cycle()
+    .take(n)
+    .collect()
+}
+
+/// IPv6 in dsr: the frame goes to the target's MAC, unchanged above Ethernet, for TCP and UDP,
+/// past up to four extension headers; the pick is Maglev's over the IPv6 5-tuple (source_ip's
+/// over the client's address), the connection table keeps the flow, and the flow counts as
+/// its listener's and its target's.
+#[test]
+fn ipv6_dsr_rewrites_only_the_macs() -> Result<()> {
+    let (mut dp, state, registry) = dataplane_for(IPV6)?;
+    let mut cases = vec![
+        (Packet6::tcp(80, 1111, 0x02), 0),
+        (Packet6::tcp(80, 1112, 0x10), 0),
+        (Packet6::udp(7777, 2222), 1),
+    ];
+    for n in 1..=4 {
+        let mut p = Packet6::tcp(80, 3000 + n as u16, 0x10);
+        p.extensions = extension_headers(n);
+        cases.push((p, 0));
+    }
+    for (packet, group) in cases {
+        let frame = packet.frame();
+        let (verdict, out) = run(&mut dp, &frame)?;
+        ensure!(verdict == XDP_TX, "{packet:?}: verdict {verdict}");
+        let (id, target) = expected_target6(&state, group, &packet);
+        ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC && out[12..] == frame[12..]);
+        ensure!(
+            dp.flow(&packet.key()).map(|f| f.target) == Some(id),
+            "{packet:?}: no flow"
+        );
+    }
+    // The IPv4 listener of the same group, beside.
+    ensure!(run(&mut dp, &Packet::tcp(80, 1111, 0x02).frame())?.0 == XDP_TX);
+    let web6 = registry.listener_id("web6").unwrap();
+    ensure!(dp.active_flows(&state).listeners.get(&web6) == Some(&6));
+    Ok(())
+}
+
+/// What an IPv6 packet for a VIP that cannot be forwarded becomes: dropped and counted by
+/// reason (more extension headers than lb skips, a fragment, a port without a listener, a
+/// header that lies about its length, at every truncation); to any other address, or not TCP
+/// or UDP, passed untouched.
+#[test]
+fn ipv6_packets_that_cannot_be_forwarded_are_dropped_and_counted_or_passed() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(IPV6)?;
+    let mut too_many = Packet6::tcp(80, 4000, 0x02);
+    too_many.extensions = extension_headers(5);
+    let mut fragment = Packet6::udp(7777, 4001);
+    fragment.extensions = vec![(44, vec![0, 1, 0, 0, 0, 1])];
+    let mut version = Packet6::tcp(80, 4002, 0x02).frame();
+    version[14] = 0x40;
+    for (frame, reason) in [
+        (too_many.frame(), DropReason::ExtensionHeaders),
+        (fragment.frame(), DropReason::Fragment),
+        (Packet6::tcp(81, 4003, 0x02).frame(), DropReason::NoListener),
+        (version, DropReason::Malformed),
+    ] {
+        let before = drops(&dp, reason)?;
+        let (verdict, _) = run(&mut dp, &frame)?;
+        ensure!(verdict == XDP_DROP, "{reason:?}: verdict {verdict}");
+        ensure!(drops(&dp, reason)? == before + 1, "{reason:?} not counted");
+    }
+    let elsewhere = Packet6 {
+        dst: "2001:db8:99::1".parse()?,
+        ..Packet6::tcp(80, 4004, 0x02)
+    };
+    let mut icmp = Packet6::udp(7777, 4005).frame();
+    icmp[20] = 58;
+    for frame in [elsewhere.frame(), icmp] {
+        ensure!(run(&mut dp, &frame)? == (XDP_PASS, frame.clone()));
+    }
+    // Cut anywhere past Ethernet: before the IPv6 header is whole it is not lb's to judge;
+    // after, the packet says it is longer than it is.
+    let mut full = Packet6::tcp(80, 4006, 0x02);
+    full.extensions = extension_headers(2);
+    let frame = full.frame();
+    for len in 14..frame.len() {
+        let (verdict, out) = run(&mut dp, &frame[..len])?;
+        if len < 54 {
+            ensure!(
+                verdict == XDP_PASS && out == frame[..len],
+                "cut at {len}: {verdict}"
+            );
+        } else {
+            ensure!(verdict == XDP_DROP, "cut at {len}: verdict {verdict}");
+        }
+    }
+    Ok(())
+}
+
+/// IPv6 sources: a listener's allow-list and the global deny-list by prefix, and the
+/// per-source rate limit by /64, which one host commonly holds whole.
+#[test]
+fn ipv6_sources_are_allowed_denied_and_limited_by_prefix() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(IPV6)?;
+    let from = |src: &str, dport: u16, sport: u16| -> Result<Packet6> {
+        Ok(Packet6 {
+            src: src.parse()?,
+            ..Packet6::udp(dport, sport)
+        })
+    };
+    ensure!(run(&mut dp, &from("2001:db8:c::7", 7777, 5000)?.frame())?.0 == XDP_TX);
+    ensure!(run(&mut dp, &from("2001:db8:d::7", 7777, 5001)?.frame())?.0 == XDP_DROP);
+    let denied = Packet6 {
+        src: "2001:db8:bad::1".parse()?,
+        ..Packet6::tcp(80, 5002, 0x02)
+    };
+    ensure!(run(&mut dp, &denied.frame())?.0 == XDP_DROP);
+    ensure!(drops(&dp, DropReason::DeniedSource)? == 2);
+    // Two new flows per second per /64: the third from another address of the same /64 is
+    // refused, one from the next /64 is not.
+    ensure!(run(&mut dp, &from("2001:db8:c::8", 7777, 5003)?.frame())?.0 == XDP_TX);
+    ensure!(run(&mut dp, &from("2001:db8:c::9", 7777, 5004)?.frame())?.0 == XDP_DROP);
+    ensure!(drops(&dp, DropReason::SourceRateLimit)? == 1);
+    ensure!(run(&mut dp, &from("2001:db8:c:1::9", 7777, 5005)?.frame())?.0 == XDP_TX);
     Ok(())
 }

@@ -46,7 +46,7 @@ fn valid_config_parses_with_defaults() {
     let l = &config.listeners[0];
     assert_eq!(
         (l.address, l.port, l.protocol),
-        (Ipv4Addr::new(203, 0, 113, 10), 80, Protocol::Tcp)
+        (IpAddr::from([203, 0, 113, 10]), 80, Protocol::Tcp)
     );
     let g = &config.target_groups[0];
     assert_eq!(g.forwarding, Forwarding::Dsr);
@@ -201,7 +201,105 @@ fn bad_address() {
         &VALID.replace("198.51.100.11", "2001:db8::1"),
         12,
         18,
-        "IPv6",
+        "target address 2001:db8::1 is IPv6, which lb does not take yet",
+    );
+}
+
+/// An IPv6 VIP: global unicast only, on a dsr group for now, with the clients' prefixes of its
+/// family; a dual-stack service is two listeners on one group.
+#[test]
+fn ipv6_vips() {
+    let v6 = |vip: &str| VALID.replace("203.0.113.10", &format!("'{vip}'"));
+    let config = parse(Path::new("lb.yaml"), &v6("2001:db8::10")).unwrap();
+    assert_eq!(
+        config.listeners[0].address,
+        "2001:db8::10".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(
+        config.listeners[0].endpoint().to_string(),
+        "[2001:db8::10]:80"
+    );
+    for (vip, why) in [
+        ("fe80::1", "it is link-local (fe80::/10)"),
+        ("::1", "it is the loopback address"),
+        ("ff02::1", "it must be a unicast address"),
+        ("::", "it must be a unicast address"),
+        ("::ffff:203.0.113.10", "it is an IPv4-mapped address"),
+    ] {
+        refused(
+            &v6(vip),
+            3,
+            14,
+            &format!(
+                "VIP {} cannot be used: {why}",
+                vip.parse::<IpAddr>().unwrap()
+            ),
+        );
+    }
+    refused(
+        &v6("fe80::1%eth0"),
+        3,
+        14,
+        "VIP `fe80::1%eth0` is scoped to one interface",
+    );
+    refused(
+        &v6("2001:db8::10").replace("forwarding: dsr", "forwarding: ipip"),
+        6,
+        19,
+        "listener `web` has an IPv6 VIP, and its target group `web` forwards with ipip: lb forwards IPv6 with dsr only, for now",
+    );
+    refused(
+        &v6("2001:db8::10").replace(
+            "        port: 80\n      - address: 198.51.100.12",
+            "        port: 8080\n      - address: 198.51.100.12",
+        ),
+        4,
+        11,
+        "listener `web` has an IPv6 VIP on port 80, and target 198.51.100.11:8080 of group `web` serves on another",
+    );
+    let allowing = |list: &str| {
+        v6("2001:db8::10").replace(
+            "    target_group: web\n",
+            &format!("    target_group: web\n    allowed_sources: {list}\n"),
+        )
+    };
+    assert!(
+        parse(
+            Path::new("lb.yaml"),
+            &allowing("[2001:db8:1::/48, 2001:db8:2::7]")
+        )
+        .is_ok()
+    );
+    refused(
+        &allowing("[2001:db8::1/32]"),
+        7,
+        23,
+        "has bits set past its prefix length: write 2001:db8::/32",
+    );
+    refused(
+        &allowing("[198.51.100.0/24]"),
+        7,
+        23,
+        "`198.51.100.0/24` is IPv4, but listener `web` has an IPv6 VIP",
+    );
+    // Dual stack: an IPv4 and an IPv6 listener on one group.
+    let dual = VALID.replace(
+        "target_groups:",
+        "  - {name: web6, address: '2001:db8::10', port: 80, protocol: tcp, target_group: web}\ntarget_groups:",
+    );
+    let config = parse(Path::new("lb.yaml"), &dual).unwrap();
+    assert_eq!(config.listeners.len(), 2);
+    // The deny-list takes both families.
+    let denying = VALID.replace(
+        "listeners:",
+        "denied_sources: [192.0.2.0/24, '2001:db8:bad::/48']\nlisteners:",
+    );
+    assert_eq!(
+        parse(Path::new("lb.yaml"), &denying)
+            .unwrap()
+            .denied_sources
+            .len(),
+        2
     );
 }
 
@@ -615,7 +713,7 @@ fn bad_source_lists() {
         &with("[2001:db8::/32]"),
         7,
         23,
-        "is IPv6, which lb does not support yet",
+        "`2001:db8::/32` is IPv6, but listener `web` has an IPv4 VIP: its clients never come from there",
     );
     refused(
         &with("[]"),

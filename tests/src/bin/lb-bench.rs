@@ -20,7 +20,10 @@ use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp};
 use lb::{health, lifecycle::TargetKey, maglev, maps::MapState, net::Interface};
 use lb_tests::{
     IFACE, Lab, VIP, attach_xdp, detach_xdp,
-    frames::{Packet, dataplane_for, icmp_frame, next_hop_of, registered, run_xdp, test_interface},
+    frames::{
+        Packet, Packet6, dataplane_for, icmp_frame, next_hop_of, registered, run_xdp,
+        test_interface,
+    },
     in_netns, target_addr,
 };
 
@@ -202,6 +205,7 @@ established packet its probe but cost every packet not for a VIP a connection-ta
 const BENCH_CONFIG: &str = "
 listeners:
   - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}
+  - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp, target_group: web}
   - {name: game, address: 203.0.113.10, port: 7777, protocol: udp, target_group: game}
   - {name: tunnel, address: 203.0.113.10, port: 5000, protocol: udp, target_group: tunnel}
 target_groups:
@@ -295,6 +299,7 @@ target_groups:
 /// or any frame.
 enum Input {
     Packet(Packet),
+    Packet6(Packet6),
     Frame(Vec<u8>),
 }
 
@@ -302,7 +307,17 @@ impl Input {
     fn frame(&self) -> Vec<u8> {
         match self {
             Input::Packet(p) => p.frame(),
+            Input::Packet6(p) => p.frame(),
             Input::Frame(f) => f.clone(),
+        }
+    }
+
+    /// The frame with source port `sport`: another flow. `None` for a frame that is no packet.
+    fn with_sport(&self, sport: u16) -> Option<Vec<u8>> {
+        match self {
+            Input::Packet(p) => Some(Packet { sport, ..p.clone() }.frame()),
+            Input::Packet6(p) => Some(Packet6 { sport, ..p.clone() }.frame()),
+            Input::Frame(_) => None,
         }
     }
 }
@@ -310,6 +325,12 @@ impl Input {
 impl From<Packet> for Input {
     fn from(packet: Packet) -> Self {
         Input::Packet(packet)
+    }
+}
+
+impl From<Packet6> for Input {
+    fn from(packet: Packet6) -> Self {
+        Input::Packet6(packet)
     }
 }
 
@@ -347,7 +368,7 @@ fn per_packet(plan: &Plan) -> Result<String> {
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Input, Option<f64>, Timing, Setup); 17] = [
+    let cases: [(&str, Input, Option<f64>, Timing, Setup); 20] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10).into(),
@@ -454,8 +475,33 @@ fn per_packet(plan: &Plan) -> Result<String> {
             Plain,
         ),
         (
+            "TCP over IPv6, established flow (its own program, by tail call)",
+            Packet6::tcp(80, 1111, 0x10).into(),
+            None,
+            Repeat,
+            Plain,
+        ),
+        (
+            "TCP over IPv6, new flow ³",
+            Packet6::tcp(80, 2222, 0x02).into(),
+            None,
+            NewFlows,
+            Plain,
+        ),
+        (
             "not for a VIP (XDP_PASS)",
             elsewhere.into(),
+            None,
+            Repeat,
+            Plain,
+        ),
+        (
+            "not for a VIP, IPv6 (XDP_PASS)",
+            Packet6 {
+                dst: "2001:db8:99::1".parse()?,
+                ..Packet6::tcp(22, 5555, 0x10)
+            }
+            .into(),
             None,
             Repeat,
             Plain,
@@ -495,19 +541,13 @@ fn per_packet(plan: &Plan) -> Result<String> {
             if timing == NewFlows {
                 // Each call a SYN of a flow not seen before: a repeated SYN would be a
                 // retransmission, which keeps its target without a pick.
-                let Input::Packet(packet) = &input else {
-                    bail!("{name}: new flows need a packet to vary");
-                };
                 let frames: Vec<Vec<u8>> = (0..(plan.repeat / 100).max(1))
                     .map(|_| {
                         next_port = next_port.wrapping_add(1).max(1024);
-                        Packet {
-                            sport: next_port,
-                            ..packet.clone()
-                        }
-                        .frame()
+                        input.with_sport(next_port)
                     })
-                    .collect();
+                    .collect::<Option<_>>()
+                    .with_context(|| format!("{name}: new flows need a packet to vary"))?;
                 let (b, l) = (
                     one_run_median_of(reflect, &frames)?,
                     one_run_median_of(dataplane.program_mut(), &frames)?,
@@ -572,15 +612,21 @@ fn per_packet(plan: &Plan) -> Result<String> {
     let size = |p: &Xdp| -> Result<String> {
         let info = p.info()?;
         Ok(format!(
-            "{} bytes of BPF instructions, {} bytes JIT-compiled",
+            "{} bytes of BPF instructions, {} bytes JIT-compiled, {} instructions verified",
             info.size_translated().unwrap_or(0),
-            info.size_jitted()
+            info.size_jitted(),
+            info.verified_instruction_count().unwrap_or(0)
         ))
     };
+    let programs = plain
+        .programs()
+        .map(|(name, p)| Ok(format!("`{name}` {}", size(p)?)))
+        .collect::<Result<Vec<_>>>()?;
     writeln!(
         out,
-        "\nProgram sizes: the balancer {}; the baseline {}.",
-        size(plain.program_mut())?,
+        "\nProgram sizes: {}; the baseline {}. The verifier checks at most 1,000,000 \
+         instructions per program: what each stage of the balancer may still grow by.",
+        programs.join("; "),
         size(reflect)?
     )?;
     writeln!(out, "\n{WHERE_THE_TIME_GOES}")?;

@@ -5,11 +5,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use lb_common::{
     FLOW_CLOSING, FLOW_EMBRYONIC, FLOW_ENDED, FLOW_FLAGS, FLOW_REVERSE, FLOW_WAYS, FlowBucket,
-    FlowEntry, FlowKey, FlowTable, Listener, MAX_TARGETS, TARGET_ACTIVE, TARGET_DRAINING,
-    connections, flow_check,
+    FlowBucket6, FlowEntry, FlowKeyOf, FlowTable, Listener, MAX_TARGETS, TARGET_ACTIVE,
+    TARGET_DRAINING, connections, flow_check,
 };
 
-use crate::TARGETS;
+use crate::{TARGETS, family::Family};
 
 /// Connection table: flow affinity. Sized by the controller at load time.
 ///
@@ -19,10 +19,15 @@ use crate::TARGETS;
 /// and its inserts take locks and a free-list node: about half of an established packet's time
 /// and most of a new flow's. Mappable, so that the controller reads it as memory to count flows.
 #[map]
-static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+pub static FLOWS: Array<FlowBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
+/// The IPv6 connection table, alike.
 #[map]
-pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
+pub static FLOWS6: Array<FlowBucket6> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The shape and hash of each family's table (`Family::INDEX`).
+#[map]
+pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(2, 0);
 
 /// Active connections per target id, counted as flows start and end (see `FLOW_ENDED`), by all
 /// CPUs at once. What races and idle flows leave wrong, the controller corrects against the
@@ -38,9 +43,12 @@ pub const LAST_SEEN_REFRESH_NS: u64 = 100_000_000;
 /// The entry of `key` in the table (see `find_entry`), whether it holds the flow, and the
 /// flow's hash, which its `check` and a new entry need; none for a new flow that finds no room.
 #[inline(always)]
-pub fn lookup(table: &FlowTable, key: &FlowKey) -> Option<(*mut FlowEntry, bool, u64)> {
-    let hash = table.hasher.hash(key);
-    let (entry, found) = find_entry(table.buckets_of(hash), key)?;
+pub fn lookup<F: Family>(
+    table: &FlowTable,
+    key: &F::Key,
+) -> Option<(*mut FlowEntry<F::Key>, bool, u64)> {
+    let hash = key.hash(&table.hasher);
+    let (entry, found) = find_entry::<F>(table.buckets_of(hash), key)?;
     Some((entry, found, hash))
 }
 
@@ -50,12 +58,15 @@ pub fn lookup(table: &FlowTable, key: &FlowKey) -> Option<(*mut FlowEntry, bool,
 /// `rank` gives up first; none if both buckets hold only established flows. The second bucket
 /// is read only when the first does not hold the flow.
 #[inline(always)]
-fn find_entry(buckets: [u32; 2], key: &FlowKey) -> Option<(*mut FlowEntry, bool)> {
-    let (entry, found, empty) = find_way(FLOWS.get_ptr_mut(buckets[0])?, key);
+fn find_entry<F: Family>(
+    buckets: [u32; 2],
+    key: &F::Key,
+) -> Option<(*mut FlowEntry<F::Key>, bool)> {
+    let (entry, found, empty) = find_way(F::flows().get_ptr_mut(buckets[0])?, key);
     if found {
         return Some((entry, true));
     }
-    let (other, found, other_empty) = find_way(FLOWS.get_ptr_mut(buckets[1])?, key);
+    let (other, found, other_empty) = find_way(F::flows().get_ptr_mut(buckets[1])?, key);
     if found {
         return Some((other, true));
     }
@@ -103,8 +114,8 @@ const FLOOD_GUARD: bool = option_env!("LB_TEST_NO_FLOOD_GUARD").is_none();
 /// In `bucket`: the entry that holds `key`, and `true`; or else the entry a new flow would take,
 /// the lowest `rank`, and `false`; and how many entries are empty.
 #[inline(always)]
-fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u32) {
-    let first = bucket as *mut FlowEntry;
+fn find_way<K: FlowKeyOf>(bucket: *mut FlowBucket<K>, key: &K) -> (*mut FlowEntry<K>, bool, u32) {
+    let first = bucket as *mut FlowEntry<K>;
     let words = key.words();
     let (mut victim, mut lowest, mut empty) = (first, u64::MAX, 0);
     let mut way = 0;
@@ -115,11 +126,11 @@ fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u3
         let entry = unsafe { first.add(way) };
         let (stored, seen) = unsafe {
             (
-                (&raw const (*entry).key as *const [u32; 4]).read(),
+                (&raw const (*entry).key as *const K::Words).read(),
                 (&raw const (*entry).last_seen_ns).read(),
             )
         };
-        if stored == words {
+        if K::same_words(&stored, &words) {
             return (entry, true, 0);
         }
         let rank = rank(seen);
@@ -140,8 +151,8 @@ fn find_way(bucket: *mut FlowBucket, key: &FlowKey) -> (*mut FlowEntry, bool, u3
 /// Other CPUs may rewrite the entry meanwhile: each field is read once, so the target that is
 /// checked is the target returned.
 #[inline(always)]
-pub fn existing_target(
-    entry: *mut FlowEntry,
+pub fn existing_target<K>(
+    entry: *mut FlowEntry<K>,
     hash: u64,
     listener: &Listener,
     confirms: bool,
@@ -170,7 +181,7 @@ pub fn existing_target(
 /// within `LAST_SEEN_REFRESH_NS`, and makes it established if this packet `confirms` it. A NAT
 /// flow that ended keeps its entry only for its linger: never refreshed.
 #[inline(always)]
-pub fn refresh(entry: *mut FlowEntry, last_seen: u64, idle: u64, confirms: bool, now: u64) {
+pub fn refresh<K>(entry: *mut FlowEntry<K>, last_seen: u64, idle: u64, confirms: bool, now: u64) {
     let keep = if confirms {
         FLOW_FLAGS & !FLOW_EMBRYONIC
     } else {
@@ -190,7 +201,7 @@ pub fn refresh(entry: *mut FlowEntry, last_seen: u64, idle: u64, confirms: bool,
 /// send it elsewhere and break the handshake; a SYN that reuses the 5-tuple of an ended flow,
 /// or whose target drains, is picked afresh.
 #[inline(always)]
-pub fn retransmitted_syn(entry: *mut FlowEntry, id: u32) -> bool {
+pub fn retransmitted_syn<K>(entry: *mut FlowEntry<K>, id: u32) -> bool {
     let (_, _, last_seen) = read(entry);
     last_seen & (FLOW_CLOSING | FLOW_ENDED) == 0
         && TARGETS.get(id).is_some_and(|t| t.state == TARGET_ACTIVE)
@@ -200,7 +211,7 @@ pub fn retransmitted_syn(entry: *mut FlowEntry, id: u32) -> bool {
 /// connection of its target, once, however many FINs follow. The entry stays, for the packets
 /// that close the connection.
 #[inline(always)]
-pub fn end(entry: *mut FlowEntry) {
+pub fn end<K>(entry: *mut FlowEntry<K>) {
     let (id, _, last_seen) = read(entry);
     if last_seen & FLOW_ENDED == 0 {
         // SAFETY: `entry` points into a bucket, a map value valid for the duration of the run.
@@ -227,7 +238,7 @@ fn count(id: u32, delta: u64) {
 /// An entry's target, check and last-seen time, each read once: other CPUs may rewrite the
 /// entry meanwhile, and what is checked must be what is used.
 #[inline(always)]
-pub fn read(entry: *mut FlowEntry) -> (u32, u32, u64) {
+pub fn read<K>(entry: *mut FlowEntry<K>) -> (u32, u32, u64) {
     // SAFETY: `entry` points into a bucket, a map value valid for the duration of the program run.
     unsafe {
         (
@@ -242,16 +253,16 @@ pub fn read(entry: *mut FlowEntry) -> (u32, u32, u64) {
 /// to a target counts as one of its active connections; the flow it replaces, if it still
 /// counted, no longer does.
 #[inline(always)]
-pub fn remember(entry: *mut FlowEntry, key: &FlowKey, hash: u64, target: u32, now: u64) {
+pub fn remember<K: FlowKeyOf>(entry: *mut FlowEntry<K>, key: &K, hash: u64, target: u32, now: u64) {
     let (old, _, seen) = read(entry);
     if seen != 0 && seen & FLOW_ENDED == 0 && old & FLOW_REVERSE == 0 {
         count(old, u64::MAX);
     }
     // SAFETY: `entry` points into a bucket, a map value that stays valid for the duration of the
     // program run. Word stores: a struct copy may become a call to LLVM's memcpy subprogram;
-    // `FlowKey` is four 32-bit words (asserted in lb-common).
+    // a key is 32-bit words (asserted in lb-common).
     unsafe {
-        (&raw mut (*entry).key as *mut [u32; 4]).write(key.words());
+        (&raw mut (*entry).key as *mut K::Words).write(key.words());
         (&raw mut (*entry).target).write(target);
         (&raw mut (*entry).check).write(flow_check(hash, target));
         (&raw mut (*entry).last_seen_ns).write(now | FLOW_EMBRYONIC);

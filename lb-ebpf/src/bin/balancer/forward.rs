@@ -13,7 +13,12 @@ use lb_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{counters::drop, icmp, parse::Packet};
+use crate::{
+    counters::drop,
+    family::{Family, V4},
+    icmp,
+    parse::Packet,
+};
 
 const IP_DF: u8 = 0x40;
 
@@ -27,10 +32,12 @@ pub const IP_DST: usize = 16;
 /// are in: the TCP or UDP checksum (whose pseudo-header holds the addresses; a UDP checksum of
 /// 0, "none", stays 0, and a computed 0 goes out as 0xffff) and the IPv4 header's.
 /// Incrementally (RFC 1624): only the changed words are summed.
+///
+/// An address is IPv4's only (NAT); an IPv6 packet has only its port rewritten.
 #[inline(always)]
-pub fn rewrite(
+pub fn rewrite<F: Family>(
     ctx: &XdpContext,
-    packet: &Packet,
+    packet: &Packet<F>,
     addr: Option<(usize, u32)>,
     port: usize,
     new_port: u16,
@@ -67,6 +74,19 @@ pub fn rewrite(
         }
     }
     Ok(())
+}
+
+/// Port translation: the packet to the target's port, if it is not the listener's.
+#[inline(always)]
+pub fn translate_port<F: Family>(
+    ctx: &XdpContext,
+    packet: &Packet<F>,
+    target: &Target,
+) -> Result<(), DropReason> {
+    if target.port == packet.dport {
+        return Ok(());
+    }
+    rewrite(ctx, packet, None, 1, target.port)
 }
 
 /// Replaces the address at `at` (`IP_SRC` or `IP_DST`) of the IPv4 header `ip` and updates its
@@ -135,7 +155,7 @@ pub fn dsr(ctx: &XdpContext, eth: *mut EthHdr, target: &Target, settings: &Setti
 #[inline(always)]
 pub fn too_big_to_encapsulate(
     ctx: &XdpContext,
-    packet: &Packet,
+    packet: &Packet<V4>,
     target: &Target,
     settings: &Settings,
 ) -> Option<u32> {

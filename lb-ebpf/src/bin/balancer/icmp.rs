@@ -34,6 +34,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     GROUPS, TARGETS,
     counters::{self, drop},
+    family::{Family, V4},
     flows, forward,
     forward::{IP_DST, IP_SRC, set_address},
     listener, nat,
@@ -88,7 +89,8 @@ pub fn echo(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     // SAFETY: as above.
-    if unsafe { (*icmp)[0] != ICMP_ECHO_REQUEST || (*icmp)[1] != 0 } || !listener::is_vip(dst) {
+    if unsafe { (*icmp)[0] != ICMP_ECHO_REQUEST || (*icmp)[1] != 0 } || !listener::is_vip::<V4>(dst)
+    {
         return None;
     }
     // SAFETY: as above; the frame keeps its size.
@@ -164,7 +166,7 @@ pub fn error(
     }
     let unmatched = (outer_dst, DropReason::IcmpUnmatched);
     let (quoted, key) = quote(ctx, icmp, icmp_off + ICMP_HDR_LEN).ok_or(unmatched)?;
-    let table = flows::FLOW_TABLE.get(0).ok_or(unmatched)?;
+    let table = flows::FLOW_TABLE.get(V4::INDEX).ok_or(unmatched)?;
 
     // About a reply, which left from VIP:listener-port, so the error went to the VIP.
     let listener_key = ListenerKey {
@@ -174,7 +176,7 @@ pub fn error(
         pad: 0,
     };
     if outer_dst == key.dst
-        && let Some(slot) = listener::find_key(&listener_key)
+        && let Some(slot) = listener::find_key::<V4>(&listener_key)
     {
         let action = to_target(
             ctx,
@@ -267,7 +269,7 @@ fn to_target(
     now: u64,
 ) -> Option<u32> {
     let group = GROUPS.get(listener.group)?;
-    let (entry, found, hash) = flows::lookup(table, key)?;
+    let (entry, found, hash) = flows::lookup::<V4>(table, key)?;
     let remembered = if found {
         flows::existing_target(entry, hash, listener, false, now)
     } else {

@@ -8,7 +8,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap},
 };
-use lb_common::{ClientKey, DropReason, Listener, MAX_LISTENERS, NewFlowLimits, RateLimit};
+use lb_common::{
+    ClientKey, ClientKey6, DropReason, Listener, MAX_LISTENERS, NewFlowLimits, RateLimit,
+};
+
+use crate::family::Family;
 
 /// Each listener's limits, by listener id; written by the controller.
 #[map]
@@ -22,32 +26,30 @@ static LISTENER_BUCKETS: Array<u64> = Array::with_max_entries(MAX_LISTENERS, 0);
 /// controller): when full, the least recently seen source is forgotten and starts again with a
 /// full bucket, so a flood from more sources than it holds is held by the listener's limit.
 #[map]
-static SOURCE_BUCKETS: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(1, 0);
+pub static SOURCE_BUCKETS: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(1, 0);
+
+/// The same for IPv6 sources, per /64.
+#[map]
+pub static SOURCE_BUCKETS6: LruHashMap<ClientKey6, u64> = LruHashMap::with_max_entries(1, 0);
 
 /// Whether a new flow from `src` may reach `listener` (flagged `LISTENER_RATE_LIMITED`) at
 /// `now`, or the reason it may not. The source's bucket first: a source over its own limit
 /// takes nothing from the listener's.
 #[inline(always)]
-pub fn admit(listener: &Listener, src: u32, now: u64) -> Result<(), DropReason> {
+pub fn admit<F: Family>(listener: &Listener, src: F::Addr, now: u64) -> Result<(), DropReason> {
     let Some(limits) = NEW_FLOW_LIMITS.get(listener.id) else {
         return Ok(());
     };
     if limits.source.interval_ns != 0 {
-        let client = ClientKey {
-            listener: listener.id,
-            client: src,
-        };
-        match SOURCE_BUCKETS.get_ptr_mut(&client) {
+        let client = F::client(listener.id, src, true);
+        match F::source_bucket(&client) {
             Some(bucket) => {
                 if !take(bucket, &limits.source, now) {
                     return Err(DropReason::SourceRateLimit);
                 }
             }
-            None => {
-                // A source not seen (or forgotten): a full bucket, less this flow. A full table
-                // evicts its least recently seen source; an error leaves this one untracked.
-                let _ = SOURCE_BUCKETS.insert(&client, &(now + limits.source.interval_ns), 0);
-            }
+            // A source not seen (or forgotten): a full bucket, less this flow.
+            None => F::new_source_bucket(&client, now + limits.source.interval_ns),
         }
     }
     if limits.listener.interval_ns != 0

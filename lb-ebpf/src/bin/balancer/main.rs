@@ -1,7 +1,8 @@
 //! The balancer: one pass over each frame, all state in maps. The stages, in the order a packet
 //! meets them, each a module:
 //!
-//! 1. `parse`: Ethernet → IPv4 → TCP/UDP.
+//! 1. `parse`: Ethernet → IPv4 or IPv6 → TCP/UDP. Each family has its own maps and its own
+//!    copy of the pass (`family`), so IPv4's path pays nothing for IPv6.
 //! 2. `listener`: the listener for (VIP, port, protocol), from the listener table; `sources`:
 //!    whether the packet's source may reach it.
 //! 3. `flows`: the connection table, which remembers each flow's target... `limits`: ...or,
@@ -26,6 +27,7 @@
 #![allow(internal_features)]
 
 mod counters;
+mod family;
 mod flows;
 mod forward;
 mod icmp;
@@ -40,16 +42,19 @@ use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::Array,
+    maps::{Array, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FLOW_FLAGS, FORWARDING_IPIP, FORWARDING_NAT, Group, LISTENER_RATE_LIMITED,
-    ListenerKey, MAX_TARGETS, SETTINGS_KEY, Settings, Target,
+    DropReason, FLOW_FLAGS, FORWARDING_DSR, Group, LISTENER_RATE_LIMITED, MAX_TARGETS,
+    SETTINGS_KEY, STAGE_COUNT, STAGE_IPV6, Settings, Target,
 };
+use lb_ebpf::{ETH_P_IP_BE, ETH_P_IPV6_BE, ptr_at};
+use network_types::eth::EthHdr;
 
 use crate::{
     counters::drop,
+    family::{Family, V4, V6},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -63,44 +68,83 @@ static GROUPS: Array<Group> = Array::with_max_entries(1, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
+/// The programs the balancer hands a frame on to (`bpf_tail_call`; lb_common::STAGE_*): each
+/// is verified on its own, within a budget of its own. TCP and UDP over IPv4, the balancer's
+/// own path, spend nearly all of one.
+#[map]
+static STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_COUNT, 0);
+
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    // One place asks whether an unforwardable packet was for a VIP: each inlined copy of the
-    // listener table's probe loop costs hundreds of instructions.
-    balance(&ctx).unwrap_or_else(|(dst, reason)| {
-        if listener::is_vip(dst) {
-            drop(reason)
-        } else {
-            XDP_PASS
-        }
-    })
+    match ptr_at::<EthHdr>(&ctx, 0).map(|eth| unsafe { (*eth).ether_type }) {
+        Some(ETH_P_IP_BE) => balance_or_refuse::<V4>(&ctx),
+        Some(ETH_P_IPV6_BE) => hand_on(&ctx, STAGE_IPV6),
+        _ => XDP_PASS,
+    }
+}
+
+/// IPv6, every packet of it.
+#[xdp]
+pub fn lb_balancer6(ctx: XdpContext) -> u32 {
+    balance_or_refuse::<V6>(&ctx)
+}
+
+/// IPv4 that is neither TCP nor UDP: ICMP (`icmp`).
+#[xdp]
+pub fn lb_icmp4(ctx: XdpContext) -> u32 {
+    let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
+        return XDP_PASS;
+    };
+    if settings.answer_ping != 0
+        && let Some(action) = icmp::echo(&ctx)
+    {
+        return action;
+    }
+    match icmp::error(&ctx, settings, clock()) {
+        Ok(action) => action.unwrap_or(XDP_PASS),
+        Err((dst, reason)) => refuse::<V4>(dst, reason),
+    }
+}
+
+/// Hands the frame on to stage `stage`; if it is not there (not loaded yet), passes it.
+#[inline(always)]
+fn hand_on(ctx: &XdpContext, stage: u32) -> u32 {
+    // SAFETY: a tail call returns only if it failed.
+    unsafe { STAGES.tail_call(ctx, stage) };
+    XDP_PASS
+}
+
+/// The action for a frame of family `F`. One place per family asks whether an unforwardable
+/// packet was for a VIP: each inlined copy of the listener table's probe loop costs hundreds
+/// of instructions.
+#[inline(always)]
+fn balance_or_refuse<F: Family>(ctx: &XdpContext) -> u32 {
+    balance::<F>(ctx).unwrap_or_else(|(dst, reason)| refuse::<F>(dst, reason))
+}
+
+/// A packet to `dst` that cannot be forwarded for `reason`: dropped and counted if `dst` is a
+/// VIP, passed otherwise.
+#[inline(always)]
+fn refuse<F: Family>(dst: F::Addr, reason: DropReason) -> u32 {
+    if listener::is_vip::<F>(dst) {
+        drop(reason)
+    } else {
+        XDP_PASS
+    }
 }
 
 /// The action for the frame, or the destination and reason of a packet that cannot be
 /// forwarded: dropped if it was for a VIP, passed otherwise.
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
-    let Some(packet) = parse::parse(ctx)? else {
-        let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
-            return Ok(XDP_PASS);
-        };
-        if settings.answer_ping != 0
-            && let Some(action) = icmp::echo(ctx)
-        {
-            return Ok(action);
-        }
-        return Ok(icmp::error(ctx, settings, clock())?.unwrap_or(XDP_PASS));
+fn balance<F: Family>(ctx: &XdpContext) -> Result<u32, (F::Addr, DropReason)> {
+    let Some(packet) = F::parse(ctx)? else {
+        return Ok(F::other(ctx));
     };
 
-    let listener_key = ListenerKey {
-        addr: packet.dst,
-        port: packet.dport,
-        proto: packet.proto,
-        pad: 0,
-    };
-    let Some(slot) = listener::find_key(&listener_key) else {
-        if SETTINGS.get(SETTINGS_KEY).is_some_and(|s| s.nat != 0)
-            && let Some(action) = nat::reply(ctx, &packet, clock())
+    let listener_key = F::listener_key(packet.dst, packet.dport, packet.proto);
+    let Some(slot) = listener::find_key::<F>(&listener_key) else {
+        if let Some(settings) = SETTINGS.get(SETTINGS_KEY)
+            && let Some(action) = F::reply(ctx, &packet, settings)
         {
             return Ok(action);
         }
@@ -110,7 +154,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
         return Ok(XDP_PASS);
     };
-    if !sources::admitted(packet.src, &listener, settings) {
+    if !sources::admitted::<F>(packet.src, &listener, settings) {
         return Ok(drop(DropReason::DeniedSource));
     }
     let Some(group) = GROUPS.get(listener.group) else {
@@ -118,10 +162,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     };
 
     let key = packet.key();
-    let Some(table) = flows::FLOW_TABLE.get(0) else {
+    let Some(table) = flows::FLOW_TABLE.get(F::INDEX) else {
         return Ok(XDP_PASS);
     };
-    let Some((entry, found, hash)) = flows::lookup(table, &key) else {
+    let Some((entry, found, hash)) = flows::lookup::<F>(table, &key) else {
         return Ok(drop(DropReason::FlowTableFull));
     };
     let now = clock();
@@ -142,11 +186,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
         }
         None => {
             if listener.flags & LISTENER_RATE_LIMITED != 0
-                && let Err(reason) = limits::admit(&listener, packet.src, now)
+                && let Err(reason) = limits::admit::<F>(&listener, packet.src, now)
             {
                 return Ok(counters::refused(listener.id, reason));
             }
-            let Some(id) = pick::pick(&key, hash, &listener, group, settings, now) else {
+            let Some(id) = pick::pick::<F>(&key, hash, &listener, group, settings, now) else {
                 return Ok(drop(DropReason::NoTarget));
             };
             new_flow = true;
@@ -162,29 +206,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, (u32, DropReason)> {
     };
 
     counters::forwarded(listener.id, target_id, packet.frame_len, new_flow);
-    if group.forwarding == FORWARDING_NAT {
-        if new_flow && packet.tcp_flags & TCP_RST == 0 {
-            nat::remember_reverse(table, &packet, target, listener.id, now);
-        } else if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            nat::client_closing(table, &packet, entry, target, listener.idle_timeout_s, now);
-        }
-        return Ok(nat::request(ctx, &packet, target));
+    if group.forwarding != FORWARDING_DSR {
+        return Ok(F::translate_or_encapsulate(
+            ctx, &packet, target, group, &listener, settings, table, entry, new_flow, now,
+        ));
     }
-    if group.forwarding == FORWARDING_IPIP
-        && let Some(action) = forward::too_big_to_encapsulate(ctx, &packet, target, settings)
-    {
-        return Ok(action);
-    }
-    if target.port != packet.dport
-        && let Err(reason) = forward::rewrite(ctx, &packet, None, 1, target.port)
-    {
+    if let Err(reason) = F::translate_port(ctx, &packet, target) {
         return Ok(drop(reason));
     }
-    if group.forwarding == FORWARDING_IPIP {
-        Ok(forward::encapsulate(ctx, packet.ip, target, settings))
-    } else {
-        Ok(forward::dsr(ctx, packet.eth, target, settings))
-    }
+    Ok(forward::dsr(ctx, packet.eth, target, settings))
 }
 
 /// Now, for the connection table. Idle timeouts count in seconds: the coarse clock (a tick's

@@ -22,6 +22,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     counters::drop,
+    family::{Family, V4},
     flows,
     forward::{self, IP_DST, IP_SRC},
     parse::{Packet, TCP_FIN, TCP_RST},
@@ -39,7 +40,7 @@ const AF_INET: u8 = 2;
 /// that a target on another of the balancer's interfaces (the internal network of a two-armed
 /// balancer) is reached as well as one on this.
 #[inline(always)]
-pub fn request(ctx: &XdpContext, packet: &Packet, target: &Target) -> u32 {
+pub fn request(ctx: &XdpContext, packet: &Packet<V4>, target: &Target) -> u32 {
     if let Err(reason) = forward::rewrite(ctx, packet, Some((IP_DST, target.addr)), 1, target.port)
     {
         return drop(reason);
@@ -51,13 +52,13 @@ pub fn request(ctx: &XdpContext, packet: &Packet, target: &Target) -> u32 {
 #[inline(always)]
 pub fn remember_reverse(
     table: &FlowTable,
-    packet: &Packet,
+    packet: &Packet<V4>,
     target: &Target,
     listener: u32,
     now: u64,
 ) {
     let key = reply_key(packet, target);
-    if let Some((entry, _, hash)) = flows::lookup(table, &key) {
+    if let Some((entry, _, hash)) = flows::lookup::<V4>(table, &key) {
         flows::remember(entry, &key, hash, FLOW_REVERSE | listener, now);
     }
 }
@@ -67,13 +68,13 @@ pub fn remember_reverse(
 #[inline(always)]
 pub fn client_closing(
     table: &FlowTable,
-    packet: &Packet,
+    packet: &Packet<V4>,
     forward: *mut FlowEntry,
     target: &Target,
     idle_timeout_s: u32,
     now: u64,
 ) {
-    let reverse = match flows::lookup(table, &reply_key(packet, target)) {
+    let reverse = match flows::lookup::<V4>(table, &reply_key(packet, target)) {
         Some((entry, true, _)) => entry,
         _ => return,
     };
@@ -91,8 +92,8 @@ pub fn client_closing(
 /// The reply of a NAT flow, translated and sent towards its client; `None` if the packet is no
 /// such reply (it then takes the path of any packet that is not for a VIP).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
-    let table = flows::FLOW_TABLE.get(0)?;
+pub fn reply(ctx: &XdpContext, packet: &Packet<V4>, now: u64) -> Option<u32> {
+    let table = flows::FLOW_TABLE.get(V4::INDEX)?;
     let (entry, slot) = reverse_flow(table, &packet.key(), now)?;
     if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         let forward_key = FlowKey::new(
@@ -102,7 +103,7 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Option<u32> {
             slot.key.port,
             packet.proto,
         );
-        if let Some((forward, true, _)) = flows::lookup(table, &forward_key) {
+        if let Some((forward, true, _)) = flows::lookup::<V4>(table, &forward_key) {
             closing(
                 packet.tcp_flags,
                 FLOW_FIN_TARGET,
@@ -131,7 +132,7 @@ pub fn reverse_flow(
     key: &FlowKey,
     now: u64,
 ) -> Option<(*mut FlowEntry, &'static ListenerSlot)> {
-    let (entry, found, hash) = flows::lookup(table, key)?;
+    let (entry, found, hash) = flows::lookup::<V4>(table, key)?;
     if !found {
         return None;
     }
@@ -187,7 +188,7 @@ pub fn towards(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> u32 {
 
 /// The 5-tuple of the replies to `packet`'s flow once it goes to `target`.
 #[inline(always)]
-fn reply_key(packet: &Packet, target: &Target) -> FlowKey {
+fn reply_key(packet: &Packet<V4>, target: &Target) -> FlowKey {
     FlowKey::new(
         target.addr,
         packet.src,

@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
 };
 use lb_common::{
-    ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, ClientKey, FlowKey,
-    Group, LEAST_CONNECTIONS_SCAN, Listener, Settings, Sticky, TARGET_ACTIVE, fewer_connections,
-    two_choices,
+    ALGORITHM_LEAST_CONNECTIONS, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_IP, ClientKey, ClientKey6,
+    FlowKeyOf, Group, LEAST_CONNECTIONS_SCAN, Listener, Settings, Sticky, TARGET_ACTIVE,
+    fewer_connections, two_choices,
 };
 
-use crate::{TARGETS, flows};
+use crate::{TARGETS, family::Family, flows};
 
 /// Target tables, two halves per group: slot `(group * 2 + half) * size` onwards holds target
 /// ids: a Maglev table (indexed by `Settings::maglev_slot`), a round-robin sequence, or the
@@ -28,13 +28,17 @@ static ROUND_ROBIN: Array<u64> = Array::with_max_entries(1, 0);
 /// The target each client of a sticky listener keeps. Bounded (sized by the controller): when
 /// full, the least recently used client is forgotten, and its next flow is picked afresh.
 #[map]
-static STICKY: LruHashMap<ClientKey, Sticky> = LruHashMap::with_max_entries(1, 0);
+pub static STICKY: LruHashMap<ClientKey, Sticky> = LruHashMap::with_max_entries(1, 0);
+
+/// The same for IPv6 clients.
+#[map]
+pub static STICKY6: LruHashMap<ClientKey6, Sticky> = LruHashMap::with_max_entries(1, 0);
 
 /// The target for a new flow with key `key` and connection-table hash `hash` of `listener`,
 /// whose group is `group`.
 #[inline(always)]
-pub fn pick(
-    key: &FlowKey,
+pub fn pick<F: Family>(
+    key: &F::Key,
     hash: u64,
     listener: &Listener,
     group: &Group,
@@ -44,11 +48,8 @@ pub fn pick(
     if group.stickiness_s == 0 {
         return by_algorithm(key, hash, listener, group, settings);
     }
-    let client = ClientKey {
-        listener: listener.id,
-        client: key.src,
-    };
-    if let Some(kept) = STICKY.get_ptr_mut(&client) {
+    let client = F::client(listener.id, key.src(), false);
+    if let Some(kept) = F::sticky(&client) {
         // SAFETY: a map value, valid for the duration of the program run; another CPU may
         // write it meanwhile, which at worst gives the client the other CPU's choice.
         let (id, addr, last) = unsafe { ((*kept).target, (*kept).addr, (*kept).last_ns) };
@@ -69,8 +70,7 @@ pub fn pick(
         addr: TARGETS.get(id)?.addr,
         last_ns: now,
     };
-    // A full table evicts its least recently used client; an error leaves the client unkept.
-    let _ = STICKY.insert(&client, &kept, 0);
+    F::keep_sticky(&client, &kept);
     Some(id)
 }
 
@@ -79,8 +79,8 @@ pub fn pick(
 /// connections, whose choices depend on what came before, have no answer. For packets about a
 /// flow that the connection table does not hold (ICMP errors): no state changes.
 #[inline(always)]
-pub fn placed_by_hash(
-    key: &FlowKey,
+pub fn placed_by_hash<K: FlowKeyOf>(
+    key: &K,
     listener: &Listener,
     group: &Group,
     settings: &Settings,
@@ -93,8 +93,8 @@ pub fn placed_by_hash(
 
 /// The group's algorithm's choice of a target that takes new flows.
 #[inline(always)]
-fn by_algorithm(
-    key: &FlowKey,
+fn by_algorithm<K: FlowKeyOf>(
+    key: &K,
     hash: u64,
     listener: &Listener,
     group: &Group,
@@ -114,7 +114,7 @@ fn by_algorithm(
         let slot = if group.algorithm == ALGORITHM_ROUND_ROBIN {
             round_robin(listener.group, group)?
         } else if group.algorithm == ALGORITHM_SOURCE_IP {
-            settings.maglev_slot(&FlowKey::new(key.src, 0, 0, 0, 0))
+            settings.maglev_slot(&K::new(key.src(), Default::default(), 0, 0, 0))
         } else {
             settings.maglev_slot(key)
         };

@@ -1,0 +1,338 @@
+//! The two IP families: what differs between an IPv4 and an IPv6 packet's way through the
+//! balancer (its headers, its keys, the maps they index), so that every stage is written once
+//! and compiled for each (`balance::<V4>`, `balance::<V6>`). IPv4's path is the one lb ran
+//! before IPv6 came; IPv6's maps are its own, and cost it nothing.
+
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, maps::Array, programs::XdpContext};
+use lb_common::{
+    ClientKey, ClientKey6, DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowBucket6,
+    FlowEntry, FlowKey, FlowKey6, FlowKeyOf, FlowTable, Group, Listener, ListenerKey, ListenerKey6,
+    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, STAGE_ICMP4, Settings, Sticky,
+    Target,
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+use crate::{
+    counters::drop,
+    flows, forward, limits, listener, nat,
+    parse::{self, Packet, TCP_FIN, TCP_RST},
+    pick, sources,
+};
+
+/// An IP family, as the balancer's stages need it.
+pub trait Family: Sized + 'static {
+    type Header;
+    type Addr: Copy + PartialEq + Default;
+    type Key: FlowKeyOf<Addr = Self::Addr>;
+    type ListenerKey: ListenerKeyOf<Addr = Self::Addr>;
+    type ClientKey;
+    /// This family's entry of `FLOW_TABLE`, and its bit in `Settings::denied_sources`.
+    const INDEX: u32;
+
+    fn parse(ctx: &XdpContext) -> Result<Option<Packet<Self>>, (Self::Addr, DropReason)>;
+
+    /// What becomes of a frame that holds no TCP or UDP packet of this family: ICMP answered
+    /// or sent on, or passed.
+    fn other(ctx: &XdpContext) -> u32;
+
+    /// What becomes of a packet for no listener, if it is a NAT target's reply.
+    fn reply(ctx: &XdpContext, packet: &Packet<Self>, settings: &Settings) -> Option<u32>;
+
+    /// A packet for a group that forwards with ipip or nat, rewritten and sent.
+    #[allow(clippy::too_many_arguments)]
+    fn translate_or_encapsulate(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        target: &Target,
+        group: &Group,
+        listener: &Listener,
+        settings: &Settings,
+        table: &FlowTable,
+        entry: *mut FlowEntry<Self::Key>,
+        new_flow: bool,
+        now: u64,
+    ) -> u32;
+
+    /// Port translation (dsr), if the target's port is not the listener's.
+    fn translate_port(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        target: &Target,
+    ) -> Result<(), DropReason>;
+
+    fn listener_key(addr: Self::Addr, port: u16, proto: u8) -> Self::ListenerKey;
+    fn listener_slots() -> &'static Array<ListenerSlot<Self::ListenerKey>>;
+    /// The seed half `half` of the listener table was placed with.
+    fn seed(table: &ListenerTable, half: u32) -> u32;
+    fn flows() -> &'static Array<FlowBucket<Self::Key>>;
+    /// Whether `src` is in listener `listener`'s allow-list (`denied`: in the deny-list).
+    fn listed(denied: bool, listener: u32, src: Self::Addr) -> bool;
+    /// The key of `src` as a client of `listener`: for stickiness whole, for rate limits (`per
+    /// source`) as the source a limit counts.
+    fn client(listener: u32, src: Self::Addr, per_source: bool) -> Self::ClientKey;
+    fn source_bucket(client: &Self::ClientKey) -> Option<*mut u64>;
+    fn new_source_bucket(client: &Self::ClientKey, bucket: u64);
+    fn sticky(client: &Self::ClientKey) -> Option<*mut Sticky>;
+    fn keep_sticky(client: &Self::ClientKey, kept: &Sticky);
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Header = Ipv4Hdr;
+    type Addr = u32;
+    type Key = FlowKey;
+    type ListenerKey = ListenerKey;
+    type ClientKey = ClientKey;
+    const INDEX: u32 = 0;
+
+    #[inline(always)]
+    fn parse(ctx: &XdpContext) -> Result<Option<Packet<Self>>, (u32, DropReason)> {
+        parse::parse4(ctx)
+    }
+
+    /// ICMP, in a program of its own (`lb_icmp4`).
+    #[inline(always)]
+    fn other(ctx: &XdpContext) -> u32 {
+        crate::hand_on(ctx, STAGE_ICMP4)
+    }
+
+    #[inline(always)]
+    fn reply(ctx: &XdpContext, packet: &Packet<Self>, settings: &Settings) -> Option<u32> {
+        if settings.nat == 0 {
+            return None;
+        }
+        nat::reply(ctx, packet, crate::clock())
+    }
+
+    #[inline(always)]
+    fn translate_or_encapsulate(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        target: &Target,
+        group: &Group,
+        listener: &Listener,
+        settings: &Settings,
+        table: &FlowTable,
+        entry: *mut FlowEntry,
+        new_flow: bool,
+        now: u64,
+    ) -> u32 {
+        if group.forwarding == FORWARDING_NAT {
+            if new_flow && packet.tcp_flags & TCP_RST == 0 {
+                nat::remember_reverse(table, packet, target, listener.id, now);
+            } else if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                nat::client_closing(table, packet, entry, target, listener.idle_timeout_s, now);
+            }
+            return nat::request(ctx, packet, target);
+        }
+        if let Some(action) = forward::too_big_to_encapsulate(ctx, packet, target, settings) {
+            return action;
+        }
+        if let Err(reason) = Self::translate_port(ctx, packet, target) {
+            return drop(reason);
+        }
+        debug_assert!(group.forwarding == FORWARDING_IPIP);
+        forward::encapsulate(ctx, packet.ip, target, settings)
+    }
+
+    #[inline(always)]
+    fn translate_port(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        target: &Target,
+    ) -> Result<(), DropReason> {
+        forward::translate_port(ctx, packet, target)
+    }
+
+    #[inline(always)]
+    fn listener_key(addr: u32, port: u16, proto: u8) -> ListenerKey {
+        ListenerKey {
+            addr,
+            port,
+            proto,
+            pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn listener_slots() -> &'static Array<ListenerSlot> {
+        &listener::LISTENER_SLOTS
+    }
+
+    #[inline(always)]
+    fn seed(table: &ListenerTable, half: u32) -> u32 {
+        if half == 0 {
+            table.seeds[0]
+        } else {
+            table.seeds[1]
+        }
+    }
+
+    #[inline(always)]
+    fn flows() -> &'static Array<FlowBucket> {
+        &flows::FLOWS
+    }
+
+    #[inline(always)]
+    fn listed(denied: bool, listener: u32, src: u32) -> bool {
+        sources::listed4(denied, listener, src)
+    }
+
+    #[inline(always)]
+    fn client(listener: u32, src: u32, _per_source: bool) -> ClientKey {
+        ClientKey {
+            listener,
+            client: src,
+        }
+    }
+
+    #[inline(always)]
+    fn source_bucket(client: &ClientKey) -> Option<*mut u64> {
+        limits::SOURCE_BUCKETS.get_ptr_mut(client)
+    }
+
+    #[inline(always)]
+    fn new_source_bucket(client: &ClientKey, bucket: u64) {
+        // A full table evicts its least recently seen source; an error leaves this one
+        // untracked.
+        let _ = limits::SOURCE_BUCKETS.insert(client, &bucket, 0);
+    }
+
+    #[inline(always)]
+    fn sticky(client: &ClientKey) -> Option<*mut Sticky> {
+        pick::STICKY.get_ptr_mut(client)
+    }
+
+    #[inline(always)]
+    fn keep_sticky(client: &ClientKey, kept: &Sticky) {
+        // A full table evicts its least recently used client; an error leaves the client
+        // unkept.
+        let _ = pick::STICKY.insert(client, kept, 0);
+    }
+}
+
+impl Family for V6 {
+    type Header = Ipv6Hdr;
+    type Addr = [u32; 4];
+    type Key = FlowKey6;
+    type ListenerKey = ListenerKey6;
+    type ClientKey = ClientKey6;
+    const INDEX: u32 = 1;
+
+    #[inline(always)]
+    fn parse(ctx: &XdpContext) -> Result<Option<Packet<Self>>, ([u32; 4], DropReason)> {
+        parse::parse6(ctx)
+    }
+
+    #[inline(always)]
+    fn other(_ctx: &XdpContext) -> u32 {
+        XDP_PASS
+    }
+
+    #[inline(always)]
+    fn reply(_ctx: &XdpContext, _packet: &Packet<Self>, _settings: &Settings) -> Option<u32> {
+        None
+    }
+
+    /// Not yet: the config refuses ipip and nat groups for IPv6 listeners.
+    #[inline(always)]
+    fn translate_or_encapsulate(
+        _ctx: &XdpContext,
+        _packet: &Packet<Self>,
+        _target: &Target,
+        _group: &Group,
+        _listener: &Listener,
+        _settings: &Settings,
+        _table: &FlowTable,
+        _entry: *mut FlowEntry<FlowKey6>,
+        _new_flow: bool,
+        _now: u64,
+    ) -> u32 {
+        drop(DropReason::EncapFailed)
+    }
+
+    /// Not yet: the config gives an IPv6 listener's targets the listener's port. Nothing past
+    /// the parse reads an IPv6 packet's `l4_off`, which the extension headers make take one
+    /// value range per header count: dead, it lets the verifier fold those paths into one.
+    #[inline(always)]
+    fn translate_port(
+        _ctx: &XdpContext,
+        packet: &Packet<Self>,
+        target: &Target,
+    ) -> Result<(), DropReason> {
+        if target.port == packet.dport {
+            Ok(())
+        } else {
+            Err(DropReason::NoTarget)
+        }
+    }
+
+    #[inline(always)]
+    fn listener_key(addr: [u32; 4], port: u16, proto: u8) -> ListenerKey6 {
+        ListenerKey6 {
+            addr,
+            port,
+            proto,
+            pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn listener_slots() -> &'static Array<ListenerSlot6> {
+        &listener::LISTENER_SLOTS6
+    }
+
+    #[inline(always)]
+    fn seed(table: &ListenerTable, half: u32) -> u32 {
+        if half == 0 {
+            table.seeds6[0]
+        } else {
+            table.seeds6[1]
+        }
+    }
+
+    #[inline(always)]
+    fn flows() -> &'static Array<FlowBucket6> {
+        &flows::FLOWS6
+    }
+
+    #[inline(always)]
+    fn listed(denied: bool, listener: u32, src: [u32; 4]) -> bool {
+        sources::listed6(denied, listener, src)
+    }
+
+    /// Per source, a /64: one host commonly holds a whole one.
+    #[inline(always)]
+    fn client(listener: u32, src: [u32; 4], per_source: bool) -> ClientKey6 {
+        ClientKey6 {
+            listener,
+            client: if per_source {
+                [src[0], src[1], 0, 0]
+            } else {
+                src
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn source_bucket(client: &ClientKey6) -> Option<*mut u64> {
+        limits::SOURCE_BUCKETS6.get_ptr_mut(client)
+    }
+
+    #[inline(always)]
+    fn new_source_bucket(client: &ClientKey6, bucket: u64) {
+        let _ = limits::SOURCE_BUCKETS6.insert(client, &bucket, 0);
+    }
+
+    #[inline(always)]
+    fn sticky(client: &ClientKey6) -> Option<*mut Sticky> {
+        pick::STICKY6.get_ptr_mut(client)
+    }
+
+    #[inline(always)]
+    fn keep_sticky(client: &ClientKey6, kept: &Sticky) {
+        let _ = pick::STICKY6.insert(client, kept, 0);
+    }
+}
