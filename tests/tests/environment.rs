@@ -3,14 +3,14 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     process::{Command, Output},
     time::Duration,
 };
 
 use anyhow::{Result, ensure};
 use lb_tests::{
-    FAST_TCP_CHECK, LB_ADDR, Lab, VIP, in_netns, lb_binary, serving_lab, share, tcp_clients,
+    FAST_TCP_CHECK, LB_ADDR, Lab, VIP, VIP6, in_netns, lb_binary, serving_lab, share, tcp_clients,
 };
 
 /// The share of 30 connections through `lab`'s balancer, each target answering.
@@ -361,35 +361,43 @@ fn a_target_without_a_mac_is_shown_and_joins_once_it_answers() -> Result<()> {
     Ok(())
 }
 
-/// `ping VIP` from a client: the balancer answers (no host holds the VIP), and counts it.
+/// `ping VIP` and `ping -6 VIP6` from a client: the balancer answers (no host holds either
+/// VIP), and counts it.
 #[test]
 fn ping_of_a_vip_is_answered_by_the_balancer() -> Result<()> {
     let (mut lab, config) = serving_lab("lbping", FAST_TCP_CHECK, FAST_TCP_CHECK)?;
-    let _balancer = lab.start_balancer(&config, &[])?;
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns("client"),
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-        ])
-        .arg(VIP.to_string())
-        .output()?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success() && said.contains("3 received"),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
+    lab.enable_ipv6()?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        "target_groups:",
+        &format!("  - {{name: web6, address: '{VIP6}', port: 80, protocol: tcp, target_group: web}}\ntarget_groups:"),
     );
+    std::fs::write(&config, text)?;
+    let _balancer = lab.start_balancer(&config, &[])?;
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("client"),
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+            ])
+            .args(["-W", "1"])
+            .arg(vip.to_string())
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && said.contains("3 received"),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
     ensure!(
-        metrics.contains("lb_icmp_sent_total{kind=\"echo_reply\"} 3"),
+        metrics.contains("lb_icmp_sent_total{kind=\"echo_reply\"} 6"),
         "{metrics}"
     );
     Ok(())

@@ -335,7 +335,7 @@ impl Model {
             return refuse(DropReason::ExtensionHeaders);
         }
         if next != PROTO_TCP && next != PROTO_UDP {
-            return Pass;
+            return self.echo6(frame, end);
         }
         let (needed, header) = if next == PROTO_TCP { (14, 20) } else { (4, 8) };
         if l4 + needed > frame.len() || l4 + header > end {
@@ -365,6 +365,32 @@ impl Model {
         out[0..6].copy_from_slice(&target.mac);
         out[6..12].copy_from_slice(&LB_MAC);
         Tx(out)
+    }
+
+    /// ICMPv6 (right after the IPv6 header, whose payload ends at `end`): a well-formed echo
+    /// request to a VIP is answered from the balancer (type 129, addresses and MACs swapped,
+    /// hop limit 64, the checksum updated as RFC 1624 does); anything else is left to the
+    /// kernel.
+    fn echo6(&self, frame: &[u8], end: usize) -> Outcome {
+        let dst: [u8; 16] = frame[38..54].try_into().expect("16 bytes");
+        let vip = self
+            .config
+            .listeners
+            .iter()
+            .any(|l| l.address == IpAddr::V6(dst.into()));
+        if frame[20] != 58 || end < 62 || frame[54] != 128 || frame[55] != 0 || !vip {
+            return Outcome::Pass;
+        }
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&frame[6..12]);
+        out[6..12].copy_from_slice(&frame[0..6]);
+        out[22..38].copy_from_slice(&frame[38..54]);
+        out[38..54].copy_from_slice(&frame[22..38]);
+        out[21] = 64;
+        out[54] = 129;
+        let check = u16::from_be_bytes([frame[56], frame[57]]);
+        out[56..58].copy_from_slice(&incremental_checksum(check, 0x8000, 0x8100).to_be_bytes());
+        Outcome::Tx(out)
     }
 
     fn expect(&mut self, frame: &[u8]) -> Outcome {
@@ -873,7 +899,12 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
         src,
         dst: dst.parse().expect("an address"),
         proto,
-        sport: 1024 + rng.below(64) as u16,
+        // ICMPv6 takes its type and code from the source port: now and then an echo request.
+        sport: if proto == 58 && rng.percent(50) {
+            0x8000
+        } else {
+            1024 + rng.below(64) as u16
+        },
         dport,
         tcp_flags: rng.pick(&[0x02, 0x10, 0x18, 0x11, 0x04]),
         hop_limit: 64,

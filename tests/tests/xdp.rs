@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -1964,5 +1964,48 @@ fn ipv6_sources_are_allowed_denied_and_limited_by_prefix() -> Result<()> {
     ensure!(run(&mut dp, &from("2001:db8:c::9", 7777, 5004)?.frame())?.0 == XDP_DROP);
     ensure!(drops(&dp, DropReason::SourceRateLimit)? == 1);
     ensure!(run(&mut dp, &from("2001:db8:c:1::9", 7777, 5005)?.frame())?.0 == XDP_TX);
+    Ok(())
+}
+
+/// An ICMPv6 echo request (`kind` 128) or another ICMPv6 message from `src` to `dst`.
+fn icmp6_frame(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, kind: u8) -> Vec<u8> {
+    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
+    icmp.extend(b"abcdefghijklmnop");
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend((icmp.len() as u32).to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    let check = checksum(&[pseudo, icmp.clone()].concat());
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend((icmp.len() as u16).to_be_bytes());
+    ip.extend([58, hop_limit]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    ip.extend(icmp);
+    ethernet(LB_MAC, CLIENT_MAC, 0x86dd, &ip)
+}
+
+/// `ping -6`: an echo request to an IPv6 VIP is answered from the balancer, byte for byte what
+/// a host would send, and counted; one to another address, or neighbour discovery, passes.
+#[test]
+fn ipv6_echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(IPV6)?;
+    let vip: Ipv6Addr = "2001:db8:10::10".parse()?;
+    let client: Ipv6Addr = "2001:db8:c::7".parse()?;
+    let (verdict, out) = run(&mut dp, &icmp6_frame(client, vip, 57, 128))?;
+    let mut reply = icmp6_frame(vip, client, 64, 129);
+    reply[0..6].copy_from_slice(&CLIENT_MAC);
+    reply[6..12].copy_from_slice(&LB_MAC);
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    ensure!(out == reply, "got  {out:02x?}\nwant {reply:02x?}");
+    ensure!(dp.icmp_sent_of(IcmpCounter::EchoReply)? == 1);
+    for frame in [
+        icmp6_frame(client, "2001:db8:99::1".parse()?, 57, 128),
+        icmp6_frame(client, vip, 57, 135),
+    ] {
+        ensure!(run(&mut dp, &frame)? == (XDP_PASS, frame.clone()));
+    }
     Ok(())
 }

@@ -7,14 +7,15 @@ use aya_ebpf::{bindings::xdp_action::XDP_PASS, maps::Array, programs::XdpContext
 use lb_common::{
     ClientKey, ClientKey6, DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowBucket6,
     FlowEntry, FlowKey, FlowKey6, FlowKeyOf, FlowTable, Group, Listener, ListenerKey, ListenerKey6,
-    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, STAGE_ICMP4, Settings, Sticky,
-    Target,
+    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, SETTINGS_KEY, STAGE_ICMP4, Settings,
+    Sticky, Target,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
+    SETTINGS,
     counters::drop,
-    flows, forward, limits, listener, nat,
+    flows, forward, icmp, limits, listener, nat,
     parse::{self, Packet, TCP_FIN, TCP_RST},
     pick, sources,
 };
@@ -226,8 +227,16 @@ impl Family for V6 {
         parse::parse6(ctx)
     }
 
+    /// Echo requests to a VIP answered; other ICMPv6 (neighbour discovery among it) is the
+    /// kernel's.
     #[inline(always)]
-    fn other(_ctx: &XdpContext) -> u32 {
+    fn other(ctx: &XdpContext) -> u32 {
+        let answer = SETTINGS
+            .get(SETTINGS_KEY)
+            .is_some_and(|s| s.answer_ping != 0);
+        if answer && let Some(action) = icmp::echo6(ctx) {
+            return action;
+        }
         XDP_PASS
     }
 

@@ -1,6 +1,6 @@
 //! ICMP, as an NLB's addresses answer it though no host holds the VIP:
 //!
-//! - Echo requests to a VIP are answered here: `ping VIP` works.
+//! - Echo requests to a VIP are answered here, IPv4's and IPv6's: `ping VIP` works.
 //! - Errors (destination unreachable, "fragmentation needed" among them; time exceeded;
 //!   parameter problem) go to the host that sent the packet they quote, found through the
 //!   connection table:
@@ -29,16 +29,19 @@ use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum, checksum_replace,
     checksum_replace32, ptr_at, set_ipv4_checksum, write_mac,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     GROUPS, TARGETS,
     counters::{self, drop},
-    family::{Family, V4},
+    family::{Family, V4, V6},
     flows, forward,
     forward::{IP_DST, IP_SRC, set_address},
     listener, nat,
-    parse::IP_MF_OFFSET_MASK,
+    parse::{IP_MF_OFFSET_MASK, IPV6_LEN},
     pick,
 };
 
@@ -116,6 +119,55 @@ pub fn echo(ctx: &XdpContext) -> Option<u32> {
             ttl_proto,
             new_ttl_proto,
         ));
+        let client = (*eth).src_addr;
+        (*eth).src_addr = (*eth).dst_addr;
+        (*eth).dst_addr = client;
+    }
+    counters::icmp(IcmpCounter::EchoReply);
+    Some(XDP_TX)
+}
+
+/// ICMPv6's echo request and reply (RFC 4443).
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const PROTO_ICMPV6: u8 = 58;
+
+/// The echo reply, sent back, if the frame is an ICMPv6 echo request to an IPv6 VIP (right
+/// after the IPv6 header); `None` if not. As `echo` does for IPv4: type 129, addresses and
+/// MACs swapped (which leaves the checksum's pseudo-header sum as it was), a fresh hop limit.
+#[inline(always)]
+pub fn echo6(ctx: &XdpContext) -> Option<u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
+    let icmp = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, ETH_LEN + IPV6_LEN)?;
+    // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
+    let (next, payload_len, dst) = unsafe {
+        (
+            (*ip).next_hdr,
+            u16::from_be_bytes((*ip).payload_len) as usize,
+            (&raw const (*ip).dst_addr as *const [u32; 4]).read_unaligned(),
+        )
+    };
+    if next != PROTO_ICMPV6
+        || payload_len < ICMP_HDR_LEN
+        || ETH_LEN + IPV6_LEN + payload_len > ctx.data_end() - ctx.data()
+        || unsafe { (*icmp)[0] != ICMPV6_ECHO_REQUEST || (*icmp)[1] != 0 }
+        || !listener::is_vip::<V6>(dst)
+    {
+        return None;
+    }
+    // SAFETY: as above; the frame keeps its size.
+    unsafe {
+        let kind = icmp as *mut u16;
+        let check = (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2);
+        let old_kind = kind.read_unaligned();
+        let new_kind = u16::from_ne_bytes([ICMPV6_ECHO_REPLY, 0]);
+        kind.write_unaligned(new_kind);
+        check.write_unaligned(checksum_replace(check.read_unaligned(), old_kind, new_kind));
+        let src = (*ip).src_addr;
+        (*ip).src_addr = (*ip).dst_addr;
+        (*ip).dst_addr = src;
+        (*ip).hop_limit = ECHO_TTL;
         let client = (*eth).src_addr;
         (*eth).src_addr = (*eth).dst_addr;
         (*eth).dst_addr = client;
