@@ -389,3 +389,29 @@ pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, kind: u8) -> Vec<u8> {
     ip.extend(icmp);
     ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
 }
+
+/// An ICMPv6 message: its 8-byte `header` (checksum left 0, filled in here), then `body`.
+pub fn icmp6_message(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    header: [u8; 8],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut icmp = header.to_vec();
+    icmp.extend(body);
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend((icmp.len() as u32).to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    let check = checksum(&[pseudo, icmp.clone()].concat());
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend((icmp.len() as u16).to_be_bytes());
+    ip.extend([58, hop_limit]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    ip.extend(icmp);
+    ethernet(LB_MAC, CLIENT_MAC, 0x86dd, &ip)
+}

@@ -47,6 +47,7 @@ pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
 /// The router in front of the far client ([`Lab::add_far_client`]), and that client.
 pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 4);
 pub const FAR_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const FAR_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
 /// Name of every namespace's lab interface.
 pub const IFACE: &str = "eth0";
 
@@ -319,13 +320,15 @@ impl Lab {
             .collect()
     }
 
-    /// Adds a client network behind a router: host `far` (`FAR_CLIENT_ADDR`) reaches the lab
-    /// only through `rt` (198.51.100.4 on the lab's bridge), which routes the VIP range to the
-    /// balancer and whose link to `far` has MTU `mtu` on the router's side only. `far` sees
-    /// 1500 and announces a TCP MSS to match, so a target's full-size replies reach the router,
-    /// which cannot pass them on and answers "fragmentation needed" to their source, the VIP:
-    /// the path MTU black hole of direct server return.
+    /// Adds a client network behind a router, both families (IPv6 as [`Lab::enable_ipv6`]
+    /// gives the lab): host `far` (`FAR_CLIENT_ADDR`, `FAR_CLIENT_ADDR6`) reaches the lab only
+    /// through `rt` (198.51.100.4 and 2001:db8:1::4 on the lab's bridge), which routes the VIP
+    /// ranges to the balancer and whose link to `far` has MTU `mtu` on the router's side only.
+    /// `far` sees 1500 and announces a TCP MSS to match, so a target's full-size replies reach
+    /// the router, which cannot pass them on and answers "fragmentation needed" or "packet too
+    /// big" to their source, the VIP: the path MTU black hole of direct server return.
     pub fn add_far_client(&mut self, mtu: u32) -> Result<()> {
+        self.enable_ipv6()?;
         self.add_host("rt", ROUTER_ADDR)?;
         let (rt, far) = (self.ns("rt"), self.add_netns("far")?);
         ip(&[
@@ -383,15 +386,68 @@ impl Lab {
             "via",
             &LB_ADDR.to_string(),
         ])?;
-        for i in 0..self.targets {
+        // IPv6 alike: 2001:db8:2::/64 behind the router, which the lab knows as 2001:db8:1::4.
+        let (router6, router6_far) = ("2001:db8:1::4", "2001:db8:2::1");
+        let far6 = FAR_CLIENT_ADDR6.to_string();
+        for (ns, addr, dev) in [
+            (&rt, router6, IFACE),
+            (&rt, router6_far, "far0"),
+            (&far, far6.as_str(), IFACE),
+        ] {
             ip(&[
                 "-n",
-                &self.target_ns(i),
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+        }
+        ip(&[
+            "-n",
+            &far,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            router6_far,
+        ])?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &rt,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ]))?;
+        let lb6 = LB_ADDR6.to_string();
+        ip(&[
+            "-n",
+            &rt,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:10::/64",
+            "via",
+            &lb6,
+        ])?;
+        for i in 0..self.targets {
+            let ns = self.target_ns(i);
+            let router = ROUTER_ADDR.to_string();
+            ip(&["-n", &ns, "route", "add", "192.0.2.0/24", "via", &router])?;
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
                 "route",
                 "add",
-                "192.0.2.0/24",
+                "2001:db8:2::/64",
                 "via",
-                &ROUTER_ADDR.to_string(),
+                router6,
             ])?;
         }
         Ok(())

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     time::Duration,
 };
@@ -175,12 +175,13 @@ fn ipip_spreads_flows_and_replies_bypass_the_balancer() -> Result<()> {
     spreads_flows_and_replies_bypass_the_balancer("ipip")
 }
 
-/// Path MTU discovery through the balancer. A client behind a router whose link to it has a
-/// 1280-byte MTU downloads 4 MB from a DSR target over TCP. The target's 1500-byte segments
-/// stop at the router, whose "fragmentation needed" goes to their source, the VIP, so to the
-/// balancer: lb sends it on to the flow's target, which lowers its path MTU and resends
-/// smaller. Without that the download stalls: a build whose `icmp::to_target` dropped errors
-/// for dsr groups failed here with "stalled after 0 bytes" (every full-size segment was lost).
+/// Path MTU discovery through the balancer, both families. A client behind a router whose link
+/// to it has a 1280-byte MTU downloads 4 MB from a DSR target over TCP, over IPv4 and over
+/// IPv6. The target's 1500-byte segments stop at the router, whose "fragmentation needed" or
+/// "packet too big" goes to their source, the VIP, so to the balancer: lb sends it on to the
+/// flow's target, which lowers its path MTU and resends smaller. Without that the download
+/// stalls: a build whose `icmp::to_target` dropped errors for dsr groups failed here with
+/// "stalled after 0 bytes" (every full-size segment was lost).
 #[test]
 fn a_download_over_a_smaller_mtu_path_completes_because_lb_forwards_fragmentation_needed()
 -> Result<()> {
@@ -189,7 +190,8 @@ fn a_download_over_a_smaller_mtu_path_completes_because_lb_forwards_fragmentatio
     let name = format!("lbt-pmtu-{}", std::process::id() % 10000);
     let mut lab = Lab::new(&name, 1)?;
     lab.add_far_client(1280)?;
-    lab.prepare_targets("dsr", &[VIP])?;
+    let vips = [IpAddr::V4(VIP), IpAddr::V6(VIP6)];
+    lab.prepare_targets("dsr", &vips)?;
     lab.start_tcp_server(0, PORT, DOWNLOAD)?;
     let config = std::env::temp_dir().join(format!("{name}.yaml"));
     std::fs::write(
@@ -197,6 +199,7 @@ fn a_download_over_a_smaller_mtu_path_completes_because_lb_forwards_fragmentatio
         format!(
             "listeners:
   - {{name: files, address: {VIP}, port: {PORT}, protocol: tcp, target_group: files}}
+  - {{name: files6, address: '{VIP6}', port: {PORT}, protocol: tcp, target_group: files}}
 target_groups:
   - name: files
     targets: [{{address: {}, port: {PORT}}}]
@@ -206,29 +209,31 @@ target_groups:
     )?;
     let _balancer = lab.start_balancer(&config, &[])?;
 
-    let received = in_netns(&lab.ns("far"), || -> Result<usize> {
-        let addr = SocketAddr::from(SocketAddrV4::new(VIP, PORT));
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        // A stalled download shows as a read that times out.
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut writer = stream.try_clone()?;
-        writeln!(writer, "download")?;
-        let mut line = Vec::with_capacity(DOWNLOAD);
-        let read = BufReader::new(stream).read_until(b'\n', &mut line);
-        read.with_context(|| format!("stalled after {} bytes", line.len()))?;
-        Ok(line.len())
-    })??;
-    ensure!(
-        received == DOWNLOAD,
-        "received {received} of {DOWNLOAD} bytes"
-    );
-    let status = lab.status()?;
-    let forwarded = status.icmp.get("error_to_target").copied().unwrap_or(0);
-    ensure!(
-        forwarded > 0,
-        "no ICMP error went to a target: {:?}",
-        status.icmp
-    );
+    for (family, vip) in vips.into_iter().enumerate() {
+        let received = in_netns(&lab.ns("far"), move || -> Result<usize> {
+            let addr = SocketAddr::new(vip, PORT);
+            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            // A stalled download shows as a read that times out.
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut writer = stream.try_clone()?;
+            writeln!(writer, "download")?;
+            let mut line = Vec::with_capacity(DOWNLOAD);
+            let read = BufReader::new(stream).read_until(b'\n', &mut line);
+            read.with_context(|| format!("{vip}: stalled after {} bytes", line.len()))?;
+            Ok(line.len())
+        })??;
+        ensure!(
+            received == DOWNLOAD,
+            "{vip}: received {received} of {DOWNLOAD} bytes"
+        );
+        let status = lab.status()?;
+        let forwarded = status.icmp.get("error_to_target").copied().unwrap_or(0);
+        ensure!(
+            forwarded > family as u64,
+            "{vip}: no new ICMP error went to the target: {:?}",
+            status.icmp
+        );
+    }
     let _ = std::fs::remove_file(config);
     Ok(())
 }

@@ -378,6 +378,10 @@ impl Model {
             .listeners
             .iter()
             .any(|l| l.address == IpAddr::V6(dst.into()));
+        // The error's checks read the frame, not the length the packet declares.
+        if frame[20] == 58 && frame.len() >= 62 && (1..=4).contains(&frame[54]) {
+            return self.error6(frame, vip);
+        }
         if frame[20] != 58 || end < 62 || frame[54] != 128 || frame[55] != 0 || !vip {
             return Outcome::Pass;
         }
@@ -391,6 +395,45 @@ impl Model {
         let check = u16::from_be_bytes([frame[56], frame[57]]);
         out[56..58].copy_from_slice(&incremental_checksum(check, 0x8000, 0x8100).to_be_bytes());
         Outcome::Tx(out)
+    }
+
+    /// An ICMPv6 error (its header at 54, sent to a VIP if `to_vip`) quoting a reply of an IPv6
+    /// listener, sent to that VIP: to the flow's target (the Maglev pick of the reversed quote),
+    /// MACs rewritten. Anything else it quotes: dropped if it went to a VIP, else passed.
+    fn error6(&self, frame: &[u8], to_vip: bool) -> Outcome {
+        use Outcome::{Drop, Pass, Tx};
+        let unmatched = if to_vip {
+            Drop(DropReason::IcmpUnmatched)
+        } else {
+            Pass
+        };
+        let q = 62;
+        if frame.len() < q + 44 {
+            return unmatched;
+        }
+        let addr = |at: usize| {
+            let octets: [u8; 16] = frame[at..at + 16].try_into().expect("16 bytes");
+            std::net::Ipv6Addr::from(octets)
+        };
+        let (proto, src, dst) = (frame[q + 6], addr(q + 8), addr(q + 24));
+        let sport = u16::from_be_bytes([frame[q + 40], frame[q + 41]]);
+        let dport = u16::from_be_bytes([frame[q + 42], frame[q + 43]]);
+        let listener = self.config.listeners.iter().find(|l| {
+            l.address == IpAddr::V6(src)
+                && l.port == sport
+                && l.protocol.ip_protocols().contains(&proto)
+        });
+        let Some(listener) =
+            listener.filter(|_| (proto == PROTO_TCP || proto == PROTO_UDP) && src == addr(38))
+        else {
+            return unmatched;
+        };
+        let key = FlowKey6::new(be6(dst), be6(src), dport.to_be(), sport.to_be(), proto);
+        let target = self.maglev_target(&listener.target_group, &key);
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&target.mac);
+        out[6..12].copy_from_slice(&LB_MAC);
+        Tx(out)
     }
 
     fn expect(&mut self, frame: &[u8]) -> Outcome {
@@ -911,7 +954,31 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
         extensions,
         payload: (0..rng.below(64)).map(|_| rng.byte()).collect(),
     };
-    let mut frame = packet.frame();
+    let mut frame = if rng.percent(15) {
+        // An error about its reply, from a router, to the VIP (or the client); the quote cut
+        // anywhere from its ports on.
+        let reply = Packet6 {
+            src: packet.dst,
+            dst: packet.src,
+            sport: packet.dport,
+            dport: packet.sport,
+            extensions: Vec::new(),
+            ..packet.clone()
+        }
+        .ip_packet();
+        let cut = 44 + rng.below(reply.len() - 43);
+        let to = if rng.percent(90) {
+            packet.dst
+        } else {
+            packet.src
+        };
+        let kind = rng.pick(&[1, 2, 2, 3, 4]);
+        let router = "2001:db8:1::4".parse().expect("an address");
+        let header = [kind, 0, 0, 0, 0, 0, 0x05, 0x00];
+        lb_tests::frames::icmp6_message(router, to, 64, header, &reply[..cut])
+    } else {
+        packet.frame()
+    };
     if rng.percent(5) {
         frame.extend((0..rng.below(40)).map(|_| rng.byte()));
     }

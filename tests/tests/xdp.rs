@@ -21,9 +21,9 @@ use lb::{
 };
 use lb_common::{DropReason, IcmpCounter};
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet, Packet6, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
-    checksum, dataplane_for, ethernet, icmp_frame, l4_checksum_ok, mac_of, next_hop_of, registered,
-    run_xdp, test_interface,
+    CLIENT_MAC, CLIENT6, LB_ADDR, LB_MAC, Packet, Packet6, VIP, VIP6, XDP_DROP, XDP_PASS,
+    XDP_REDIRECT, XDP_TX, checksum, dataplane_for, ethernet, icmp_frame, icmp6_message,
+    l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp, test_interface,
 };
 
 const CONFIG: &str = "
@@ -1969,22 +1969,13 @@ fn ipv6_sources_are_allowed_denied_and_limited_by_prefix() -> Result<()> {
 
 /// An ICMPv6 echo request (`kind` 128) or another ICMPv6 message from `src` to `dst`.
 fn icmp6_frame(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, kind: u8) -> Vec<u8> {
-    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
-    icmp.extend(b"abcdefghijklmnop");
-    let mut pseudo = Vec::new();
-    pseudo.extend(src.octets());
-    pseudo.extend(dst.octets());
-    pseudo.extend((icmp.len() as u32).to_be_bytes());
-    pseudo.extend([0, 0, 0, 58]);
-    let check = checksum(&[pseudo, icmp.clone()].concat());
-    icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    let mut ip = vec![0x60, 0, 0, 0];
-    ip.extend((icmp.len() as u16).to_be_bytes());
-    ip.extend([58, hop_limit]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    ip.extend(icmp);
-    ethernet(LB_MAC, CLIENT_MAC, 0x86dd, &ip)
+    icmp6_message(
+        src,
+        dst,
+        hop_limit,
+        [kind, 0, 0, 0, 0x12, 0x34, 0, 1],
+        b"abcdefghijklmnop",
+    )
 }
 
 /// `ping -6`: an echo request to an IPv6 VIP is answered from the balancer, byte for byte what
@@ -2007,5 +1998,49 @@ fn ipv6_echo_requests_to_a_vip_are_answered_and_counted() -> Result<()> {
     ] {
         ensure!(run(&mut dp, &frame)? == (XDP_PASS, frame.clone()));
     }
+    Ok(())
+}
+
+/// A router that cannot pass an IPv6 dsr target's reply on sends "packet too big" to the VIP:
+/// the balancer sends it on to the flow's target, unchanged but for the MACs; a flow it never
+/// saw, to where the hash places it. One about a port without a listener is dropped and
+/// counted; one to another address passed.
+#[test]
+fn ipv6_errors_about_replies_go_to_the_flows_target() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(IPV6)?;
+    let router: Ipv6Addr = "2001:db8:1::4".parse()?;
+    let too_big = |to: Ipv6Addr, quote: &Packet6| {
+        icmp6_message(
+            router,
+            to,
+            64,
+            [2, 0, 0, 0, 0, 0, 0x05, 0x00],
+            &quote.ip_packet(),
+        )
+    };
+    let reply = |request: &Packet6| Packet6 {
+        src: request.dst,
+        dst: request.src,
+        sport: request.dport,
+        dport: request.sport,
+        payload: vec![0x5a; 1400],
+        ..request.clone()
+    };
+    let seen = Packet6::tcp(80, 6000, 0x02);
+    run(&mut dp, &seen.frame())?;
+    let never = Packet6::tcp(80, 6001, 0x10);
+    for request in [seen, never] {
+        let error = too_big(request.dst, &reply(&request));
+        let (verdict, out) = run(&mut dp, &error)?;
+        let (_, target) = expected_target6(&state, 0, &request);
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        ensure!(out[0..6] == target.mac && out[6..12] == LB_MAC && out[12..] == error[12..]);
+    }
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == 2);
+    let no_listener = too_big(VIP6, &reply(&Packet6::tcp(81, 6002, 0x10)));
+    ensure!(run(&mut dp, &no_listener)?.0 == XDP_DROP);
+    ensure!(drops(&dp, DropReason::IcmpUnmatched)? == 1);
+    let elsewhere = too_big(CLIENT6, &reply(&Packet6::tcp(80, 6003, 0x10)));
+    ensure!(run(&mut dp, &elsewhere)? == (XDP_PASS, elsewhere.clone()));
     Ok(())
 }

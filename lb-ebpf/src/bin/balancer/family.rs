@@ -227,17 +227,22 @@ impl Family for V6 {
         parse::parse6(ctx)
     }
 
-    /// Echo requests to a VIP answered; other ICMPv6 (neighbour discovery among it) is the
-    /// kernel's.
+    /// ICMPv6: echo requests to a VIP answered, errors about flows sent on to their targets;
+    /// the rest (neighbour discovery among it) is the kernel's.
     #[inline(always)]
     fn other(ctx: &XdpContext) -> u32 {
-        let answer = SETTINGS
-            .get(SETTINGS_KEY)
-            .is_some_and(|s| s.answer_ping != 0);
-        if answer && let Some(action) = icmp::echo6(ctx) {
+        let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
+            return XDP_PASS;
+        };
+        if settings.answer_ping != 0
+            && let Some(action) = icmp::echo6(ctx)
+        {
             return action;
         }
-        XDP_PASS
+        match icmp::error6(ctx, settings, crate::clock()) {
+            Ok(action) => action.unwrap_or(XDP_PASS),
+            Err((dst, reason)) => crate::refuse::<Self>(dst, reason),
+        }
     }
 
     #[inline(always)]

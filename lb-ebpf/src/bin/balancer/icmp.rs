@@ -12,8 +12,9 @@
 //!   - from the target's side, about a NAT request (quoting client → target:port): to the
 //!     client, as if from VIP:listener-port (the outer source and the quoted destination).
 //!
-//!   An error to a VIP that names no flow lb can place is dropped and counted
-//!   (`icmp_unmatched`); others are left to the kernel.
+//!   ICMPv6's errors about IPv6 dsr flows go the same way (`error6`). An error to a VIP that
+//!   names no flow lb can place is dropped and counted (`icmp_unmatched`); others are left to
+//!   the kernel.
 //! - A packet too big to encapsulate is answered with "fragmentation needed" (`too_big`).
 
 use aya_ebpf::{
@@ -22,8 +23,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowTable, IcmpCounter, Listener,
-    ListenerKey, PROTO_TCP, PROTO_UDP, Settings,
+    DropReason, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowKey6, FlowTable,
+    IcmpCounter, Listener, ListenerKey, PROTO_TCP, PROTO_UDP, Settings,
 };
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum, checksum_replace,
@@ -174,6 +175,82 @@ pub fn echo6(ctx: &XdpContext) -> Option<u32> {
     }
     counters::icmp(IcmpCounter::EchoReply);
     Some(XDP_TX)
+}
+
+/// ICMPv6's errors (RFC 4443): destination unreachable, packet too big, time exceeded,
+/// parameter problem.
+const ICMPV6_ERRORS: [u8; 4] = [1, 2, 3, 4];
+
+/// The frame sent on to the flow's target if it is an ICMPv6 error about a reply of an IPv6
+/// dsr flow (quoting VIP:listener-port → client, sent to the VIP): IPv6's `error`, by the same
+/// rules. `Ok(None)` if it is no ICMPv6 error; the destination and `IcmpUnmatched` if it is one
+/// that names no flow lb can place.
+#[inline(always)]
+pub fn error6(
+    ctx: &XdpContext,
+    settings: &Settings,
+    now: u64,
+) -> Result<Option<u32>, ([u32; 4], DropReason)> {
+    let (Some(eth), Some(ip), Some(icmp)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv6Hdr>(ctx, ETH_LEN),
+        ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, ETH_LEN + IPV6_LEN),
+    ) else {
+        return Ok(None);
+    };
+    // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
+    let (next, kind, outer_dst) = unsafe {
+        (
+            (*ip).next_hdr,
+            (*icmp)[0],
+            (&raw const (*ip).dst_addr as *const [u32; 4]).read_unaligned(),
+        )
+    };
+    if next != PROTO_ICMPV6 || !ICMPV6_ERRORS.contains(&kind) {
+        return Ok(None);
+    }
+    let unmatched = (outer_dst, DropReason::IcmpUnmatched);
+    // The quoted packet: its IPv6 header, then (no extension header) its ports.
+    let quote = ETH_LEN + IPV6_LEN + ICMP_HDR_LEN;
+    let (Some(inner), Some(ports)) = (
+        ptr_at::<Ipv6Hdr>(ctx, quote),
+        ptr_at::<[u16; 2]>(ctx, quote + IPV6_LEN),
+    ) else {
+        return Err(unmatched);
+    };
+    // SAFETY: as above.
+    let (proto, src, dst, [sport, dport]) = unsafe {
+        (
+            (*inner).next_hdr,
+            (&raw const (*inner).src_addr as *const [u32; 4]).read_unaligned(),
+            (&raw const (*inner).dst_addr as *const [u32; 4]).read_unaligned(),
+            *ports,
+        )
+    };
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || src != outer_dst {
+        return Err(unmatched);
+    }
+    let slot = listener::find_key::<V6>(&V6::listener_key(src, sport, proto)).ok_or(unmatched)?;
+    let listener = &slot.listener;
+    let group = GROUPS.get(listener.group).ok_or(unmatched)?;
+    let table = flows::FLOW_TABLE.get(V6::INDEX).ok_or(unmatched)?;
+    let key = FlowKey6::new(dst, src, dport, sport, proto);
+    let (entry, found, hash) = flows::lookup::<V6>(table, &key).ok_or(unmatched)?;
+    let remembered = if found {
+        flows::existing_target(entry, hash, listener, false, now)
+    } else {
+        None
+    };
+    let id = remembered
+        .or_else(|| pick::placed_by_hash(&key, listener, group, settings))
+        .ok_or(unmatched)?;
+    let target = TARGETS.get(id).ok_or(unmatched)?;
+    // IPv6 listeners forward with dsr and without port translation (the config sees to it).
+    if group.forwarding != FORWARDING_DSR || target.port != sport {
+        return Err(unmatched);
+    }
+    counters::icmp(IcmpCounter::ErrorToTarget);
+    Ok(Some(forward::dsr(ctx, eth, target, settings)))
 }
 
 /// The frame sent where it belongs if it is an ICMP error (destination unreachable, which
