@@ -70,6 +70,11 @@ pub struct Settings {
     pub rate_limited_sources: u32,
     /// Whether the data plane answers echo requests to a VIP.
     pub answer_ping: bool,
+    /// Whether any listener has an IPv6 VIP (not a setting of its own: from the listeners).
+    /// Only then are the data plane's IPv6 tables sized as the settings say; without, they
+    /// hold one entry, and cost an IPv4-only balancer no memory. Sized at start: the first
+    /// IPv6 listener needs a restart.
+    pub ipv6: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -655,18 +660,23 @@ impl Validator<'_> {
                 );
             }
         }
+        let ipv6 = listeners.iter().any(|l| l.address.is_ipv6());
         Config {
             warnings: Vec::new(),
             denied_sources,
-            settings: settings.unwrap_or(Settings {
-                maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
-                hash_seed: 0,
-                connection_table_size: DEFAULT_CONNECTION_TABLE_SIZE,
-                max_target_groups: DEFAULT_MAX_TARGET_GROUPS,
-                stickiness_table_size: DEFAULT_STICKINESS_TABLE_SIZE,
-                rate_limited_sources: DEFAULT_RATE_LIMITED_SOURCES,
-                answer_ping: true,
-            }),
+            settings: Settings {
+                ipv6,
+                ..settings.unwrap_or(Settings {
+                    maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+                    hash_seed: 0,
+                    connection_table_size: DEFAULT_CONNECTION_TABLE_SIZE,
+                    max_target_groups: DEFAULT_MAX_TARGET_GROUPS,
+                    stickiness_table_size: DEFAULT_STICKINESS_TABLE_SIZE,
+                    rate_limited_sources: DEFAULT_RATE_LIMITED_SOURCES,
+                    answer_ping: true,
+                    ipv6,
+                })
+            },
             listeners,
             target_groups: groups,
         }
@@ -732,6 +742,7 @@ impl Validator<'_> {
             stickiness_table_size: sticky as u32,
             rate_limited_sources: sources as u32,
             answer_ping: raw.answer_ping.unwrap_or(true),
+            ipv6: false,
         })
     }
 
@@ -1050,9 +1061,8 @@ impl Validator<'_> {
         }
     }
 
-    /// A VIP: a unicast address of either family that routes beyond one link. IPv6 link-local
-    /// (and so scoped) addresses, loopback, and IPv4-mapped ones (an IPv4 VIP in disguise)
-    /// are refused.
+    /// A VIP: a unicast address of either family. Of IPv6's, link-local (and so scoped)
+    /// addresses, the loopback and IPv4-mapped ones (an IPv4 VIP in disguise) are refused.
     fn vip(&mut self, at: &str, text: &str) -> Option<IpAddr> {
         if text.contains('%') {
             self.error(

@@ -46,10 +46,12 @@ use crate::{
 /// Name of the balancer program in the embedded object.
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
 
-/// Every map of the balancer that holds state, and the size of its values: all are pinned, so
-/// that a successor adopts them, which it can only if its maps have the same layout. (`STAGES`,
-/// which holds the programs it hands frames on to, is each process's own.)
-const MAPS: [(&str, usize); 28] = [
+/// Every map of the balancer and the size of its values: all are pinned, so that a successor
+/// adopts them, which it can only if its maps have the same layout. `STAGES` too, though each
+/// lb fills it with its own programs: the kernel empties a program array that nothing holds
+/// any more, and a balancer whose lb died must go on handing frames to its stages.
+const MAPS: [(&str, usize); 29] = [
+    ("STAGES", size_of::<u32>()),
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENER_SLOTS6", size_of::<ListenerSlot6>()),
     ("FLOWS6", size_of::<FlowBucket6>()),
@@ -421,7 +423,11 @@ pub struct MapMemory {
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     match map {
-        Map::Array(d) | Map::PerCpuArray(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => Some(d),
+        Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::LruHashMap(d)
+        | Map::LpmTrie(d)
+        | Map::ProgramArray(d) => Some(d),
         _ => None,
     }
 }
@@ -717,9 +723,16 @@ impl Dataplane {
     pub fn load(settings: &config::Settings, pin_dir: Option<&Path>) -> Result<Self> {
         let maglev_slots = settings.max_target_groups * 2 * settings.maglev_table_size;
         let flow_buckets = settings.connection_table_size.div_ceil(FLOW_WAYS as u32);
+        // IPv6's tables hold one entry unless a listener has an IPv6 VIP.
+        let ipv6 = |size: u32| if settings.ipv6 { size } else { 1 };
+        let flow_buckets6 = ipv6(flow_buckets);
         let sizes = [
             ("FLOWS", flow_buckets, "connection_table_size"),
-            ("FLOWS6", flow_buckets, "connection_table_size"),
+            (
+                "FLOWS6",
+                flow_buckets6,
+                "connection_table_size (or IPv6 listeners came or went)",
+            ),
             ("GROUPS", settings.max_target_groups, "max_target_groups"),
             (
                 "ROUND_ROBIN",
@@ -738,8 +751,8 @@ impl Dataplane {
             ),
             (
                 "STICKY6",
-                settings.stickiness_table_size,
-                "stickiness_table_size",
+                ipv6(settings.stickiness_table_size),
+                "stickiness_table_size (or IPv6 listeners came or went)",
             ),
             (
                 "SOURCE_BUCKETS",
@@ -748,8 +761,8 @@ impl Dataplane {
             ),
             (
                 "SOURCE_BUCKETS6",
-                settings.rate_limited_sources,
-                "rate_limited_sources",
+                ipv6(settings.rate_limited_sources),
+                "rate_limited_sources (or IPv6 listeners came or went)",
             ),
         ];
         let mut loader = EbpfLoader::new();
@@ -792,7 +805,11 @@ impl Dataplane {
         // One shape per family (IPv4's first). An adopted table keeps its hash: its flows are
         // where that hash put them.
         let mut shapes = [FlowTable::default(); 2];
-        for (family, table) in shapes.iter_mut().enumerate() {
+        for ((family, table), flow_buckets) in shapes
+            .iter_mut()
+            .enumerate()
+            .zip([flow_buckets, flow_buckets6])
+        {
             *table = shape.get(&(family as u32), 0)?;
             if table.buckets == 0 {
                 *table = FlowTable {
@@ -815,8 +832,8 @@ impl Dataplane {
             .context("balancer program missing from the embedded object")?
             .try_into()?;
         program.load().map_err(crate::xdp::explain_program_error)?;
-        // The programs it hands frames on to, each verified on its own. Their array is this
-        // process's (never pinned): a successor fills its own.
+        // The programs it hands frames on to, each verified on its own, in place of those of
+        // the lb this one takes over from, if any.
         let mut stages = Vec::new();
         for name in STAGE_PROGRAMS {
             let stage: &mut Xdp = ebpf

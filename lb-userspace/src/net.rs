@@ -49,25 +49,20 @@ impl Interface {
         })?;
         // SAFETY: SIOCGIFMTU fills ifru_mtu.
         let mtu = ifreq_ioctl(name, libc::SIOCGIFMTU, |r| unsafe { r.ifr_ifru.ifru_mtu })? as u32;
+        let (mut ipv4, mut ipv6) = (Vec::new(), Vec::new());
+        for addr in addresses(name)? {
+            match addr {
+                IpAddr::V4(a) => ipv4.push(a),
+                IpAddr::V6(a) => ipv6.push(a),
+            }
+        }
         Ok(Interface {
             name: name.to_owned(),
             index,
             mac,
             mtu,
-            ipv4: addresses(name)?
-                .into_iter()
-                .filter_map(|a| match a {
-                    IpAddr::V4(a) => Some(a),
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
-            ipv6: addresses(name)?
-                .into_iter()
-                .filter_map(|a| match a {
-                    IpAddr::V6(a) => Some(a),
-                    IpAddr::V4(_) => None,
-                })
-                .collect(),
+            ipv4,
+            ipv6,
         })
     }
 

@@ -530,6 +530,11 @@ impl Controller {
                 bail!("settings.{what} changed from {old} to {now}: that needs a restart of lb");
             }
         }
+        if new.settings.ipv6 && !self.config.settings.ipv6 {
+            bail!(
+                "the first listener with an IPv6 VIP needs a restart of lb: its IPv6 tables are sized when it starts, and it started without"
+            );
+        }
         // Everything that can fail comes before anything changes. New targets' MACs are asked
         // for, not waited for: each joins when the kernel has it.
         // Targets the new config drops drain, and keep their routes meanwhile.

@@ -396,7 +396,6 @@ fn effective_rp_filter(iface: &str) -> Result<String> {
     Ok(all.max(dev))
 }
 
-/// Adds `vip`/32 to the loopback interface, or removes it.
 /// The IPv4 addresses of `vips`.
 fn ipv4_only<'a>(vips: impl IntoIterator<Item = &'a IpAddr>) -> impl Iterator<Item = Ipv4Addr> {
     vips.into_iter().filter_map(|v| match v {
@@ -405,8 +404,8 @@ fn ipv4_only<'a>(vips: impl IntoIterator<Item = &'a IpAddr>) -> impl Iterator<It
     })
 }
 
-/// Puts `vip` on lo (or takes it away). An IPv6 one needs no duplicate address detection
-/// there: the kernel does none on loopback.
+/// Puts `vip` on lo as a /32 or /128 (or takes it away). An IPv6 one needs no duplicate
+/// address detection there: the kernel does none on loopback.
 fn vip_on_loopback(vip: IpAddr, present: bool) -> Result<()> {
     let lo = Interface::lookup("lo")?.index;
     net::with_netlink(async |handle| net::set_host_address(handle, lo, vip, present).await)

@@ -489,6 +489,20 @@ impl Lab {
         Ok(())
     }
 
+    /// `ping -c count vip` from the client (0.2 s apart, 1 s for each answer): fails unless
+    /// every request was answered.
+    pub fn ping(&self, vip: impl Into<IpAddr>, count: u32) -> Result<()> {
+        let vip = vip.into().to_string();
+        let count = count.to_string();
+        let said = run(Command::new("ip")
+            .args(["netns", "exec", &self.ns("client"), "ping"])
+            .args(["-c", &count, "-i", "0.2", "-W", "1", &vip]))?;
+        if !said.contains(&format!("{count} received")) {
+            bail!("ping {vip}: {said}");
+        }
+        Ok(())
+    }
+
     /// lb's `/status`, from inside the lab.
     pub fn status(&self) -> Result<lb::metrics::Status> {
         let body = in_netns(&self.ns("lb"), || {

@@ -374,26 +374,7 @@ fn ping_of_a_vip_is_answered_by_the_balancer() -> Result<()> {
     std::fs::write(&config, text)?;
     let _balancer = lab.start_balancer(&config, &[])?;
     for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns("client"),
-                "ping",
-                "-c",
-                "3",
-                "-i",
-                "0.2",
-            ])
-            .args(["-W", "1"])
-            .arg(vip.to_string())
-            .output()?;
-        let said = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success() && said.contains("3 received"),
-            "{said}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.ping(vip, 3)?;
     }
     let metrics = admin(&lab, "GET /metrics HTTP/1.0\r\n\r\n")?;
     ensure!(

@@ -183,6 +183,23 @@ fn reload_adding_a_target_keeps_established_flows_and_bad_reloads_change_nothing
         still == kept,
         "an invalid reload moved flows: {still} kept, was {kept}"
     );
+
+    // The first IPv6 listener: a valid config (`lb reload` checks it and asks), but the IPv6
+    // tables of an lb started without one hold one entry: lb refuses it, saying why.
+    write(
+        &config,
+        &extended.replace(
+            "target_groups:",
+            "  - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp, target_group: web}\ntarget_groups:",
+        ),
+    )?;
+    balancer.mark();
+    reload(&lab)?;
+    let line = balancer.wait_for_log(&["reload refused"], Duration::from_secs(5))?;
+    ensure!(
+        line.contains("the first listener with an IPv6 VIP needs a restart of lb"),
+        "{line}"
+    );
     let _ = std::fs::remove_file(config);
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use lb_tests::{Connection, UdpStream, VIP, tcp_clients};
+use lb_tests::{Connection, UdpStream, VIP, VIP6, tcp_clients};
 
 const CONNECTIONS: usize = 60;
 /// Each of 8 flows sends a datagram every 2 ms: about 4000 datagrams a second.
@@ -42,9 +42,20 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     let name = format!("lbt-takeover-{}", std::process::id() % 10000);
     let (mut lab, config) =
         lb_tests::serving_lab(&name, lb_tests::FAST_TCP_CHECK, lb_tests::FAST_TCP_CHECK)?;
+    // An IPv6 listener too: IPv6 (and IPv4's ICMP) run in programs the balancer hands frames
+    // to, which must outlive the lb that loaded them.
+    lab.enable_ipv6()?;
+    lab.prepare_targets("dsr", &[VIP6])?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        "target_groups:",
+        &format!("  - {{name: web6, address: '{VIP6}', port: 80, protocol: tcp, target_group: web}}\ntarget_groups:"),
+    );
+    std::fs::write(&config, text)?;
 
     let mut first = lab.start_balancer(&config, &[])?;
     first.wait_all_healthy(3, Duration::from_secs(5))?;
+    let (answers, _) = tcp_clients(&lab, VIP6, 80, 5, 1)?;
+    ensure!(answers.len() == 5, "IPv6 connections");
     let mut connections = (0..CONNECTIONS)
         .map(|_| {
             let mut c = Connection::open(&lab, VIP, 80)?;
@@ -91,6 +102,12 @@ fn takeover_and_kill_9_lose_no_flow() -> Result<()> {
     all_kept(&mut connections, "with no controller")?;
     let (answers, _) = tcp_clients(&lab, VIP, 80, 30, 1)?;
     ensure!(answers.len() == 30, "new connections with no controller");
+    let (answers, _) = tcp_clients(&lab, VIP6, 80, 10, 1)?;
+    ensure!(
+        answers.len() == 10,
+        "new IPv6 connections with no controller"
+    );
+    lab.ping(VIP, 1)?;
 
     // The next lb adopts it.
     let mut third = lab.start_balancer(&config, &[])?;

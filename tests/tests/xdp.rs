@@ -1042,6 +1042,18 @@ fn icmp_errors_about_replies_go_to_the_flows_target() -> Result<()> {
         "verdict {verdict}"
     );
     forwarded += 1;
+    // A round-robin flow the table holds: its error reaches the target the table remembers,
+    // which no hash could tell.
+    let turn = Packet::tcp(8080, 5300, 0x02);
+    let (_, out) = run(&mut dp, &turn.frame())?;
+    let remembered = out[0..6].to_vec();
+    let quote = reply_to(&turn, VIP, 8080, 0x10).ip_packet();
+    let (verdict, out) = run(&mut dp, &icmp_error(router, VIP, FRAG_NEEDED, MTU, &quote))?;
+    ensure!(
+        verdict == XDP_TX && out[0..6] == remembered[..],
+        "verdict {verdict}"
+    );
+    forwarded += 1;
     ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == forwarded);
 
     // Dropped and counted: under round robin, and about a port without a listener.
@@ -1869,6 +1881,7 @@ fn ipv6_dsr_rewrites_only_the_macs() -> Result<()> {
         p.extensions = extension_headers(n);
         cases.push((p, 0));
     }
+    let mut ids = Vec::new();
     for (packet, group) in cases {
         let frame = packet.frame();
         let (verdict, out) = run(&mut dp, &frame)?;
@@ -1879,11 +1892,17 @@ fn ipv6_dsr_rewrites_only_the_macs() -> Result<()> {
             dp.flow(&packet.key()).map(|f| f.target) == Some(id),
             "{packet:?}: no flow"
         );
+        ids.push(id);
     }
     // The IPv4 listener of the same group, beside.
     ensure!(run(&mut dp, &Packet::tcp(80, 1111, 0x02).frame())?.0 == XDP_TX);
     let web6 = registry.listener_id("web6").unwrap();
-    ensure!(dp.active_flows(&state).listeners.get(&web6) == Some(&6));
+    let active = dp.active_flows(&state);
+    ensure!(active.listeners.get(&web6) == Some(&6));
+    ensure!(
+        ids.iter()
+            .all(|id| active.targets.get(id).is_some_and(|&n| n > 0))
+    );
     Ok(())
 }
 

@@ -219,6 +219,9 @@ fn ipv6_vips() {
         config.listeners[0].endpoint().to_string(),
         "[2001:db8::10]:80"
     );
+    // An IPv6 listener sizes the IPv6 tables; without one they stay empty.
+    assert!(config.settings.ipv6);
+    assert!(!parse(Path::new("lb.yaml"), VALID).unwrap().settings.ipv6);
     for (vip, why) in [
         ("fe80::1", "it is link-local (fe80::/10)"),
         ("::1", "it is the loopback address"),

@@ -1,19 +1,19 @@
 //! The two IP families: what differs between an IPv4 and an IPv6 packet's way through the
 //! balancer (its headers, its keys, the maps they index), so that every stage is written once
 //! and compiled for each (`balance::<V4>`, `balance::<V6>`). IPv4's path is the one lb ran
-//! before IPv6 came; IPv6's maps are its own, and cost it nothing.
+//! before IPv6 came; IPv6's maps and program are its own, and cost it no time (and, with no
+//! IPv6 listener, no memory: the controller sizes them to one entry).
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, maps::Array, programs::XdpContext};
+use aya_ebpf::{maps::Array, programs::XdpContext};
 use lb_common::{
     ClientKey, ClientKey6, DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowBucket6,
     FlowEntry, FlowKey, FlowKey6, FlowKeyOf, FlowTable, Group, Listener, ListenerKey, ListenerKey6,
-    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, SETTINGS_KEY, STAGE_ICMP4, Settings,
-    Sticky, Target,
+    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, STAGE_ICMP4, Settings, Sticky,
+    Target,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    SETTINGS,
     counters::drop,
     flows, forward, icmp, limits, listener, nat,
     parse::{self, Packet, TCP_FIN, TCP_RST},
@@ -33,8 +33,18 @@ pub trait Family: Sized + 'static {
     fn parse(ctx: &XdpContext) -> Result<Option<Packet<Self>>, (Self::Addr, DropReason)>;
 
     /// What becomes of a frame that holds no TCP or UDP packet of this family: ICMP answered
-    /// or sent on, or passed.
+    /// or sent on (`icmp_stage`), or passed.
     fn other(ctx: &XdpContext) -> u32;
+
+    /// The echo reply to the frame, if it is an echo request to a VIP (`icmp`).
+    fn echo(ctx: &XdpContext) -> Option<u32>;
+
+    /// The frame sent on if it is an ICMP error about a flow (`icmp`).
+    fn icmp_error(
+        ctx: &XdpContext,
+        settings: &Settings,
+        now: u64,
+    ) -> Result<Option<u32>, (Self::Addr, DropReason)>;
 
     /// What becomes of a packet for no listener, if it is a NAT target's reply.
     fn reply(ctx: &XdpContext, packet: &Packet<Self>, settings: &Settings) -> Option<u32>;
@@ -97,6 +107,20 @@ impl Family for V4 {
     #[inline(always)]
     fn other(ctx: &XdpContext) -> u32 {
         crate::hand_on(ctx, STAGE_ICMP4)
+    }
+
+    #[inline(always)]
+    fn echo(ctx: &XdpContext) -> Option<u32> {
+        icmp::echo(ctx)
+    }
+
+    #[inline(always)]
+    fn icmp_error(
+        ctx: &XdpContext,
+        settings: &Settings,
+        now: u64,
+    ) -> Result<Option<u32>, (u32, DropReason)> {
+        icmp::error(ctx, settings, now)
     }
 
     #[inline(always)]
@@ -227,22 +251,24 @@ impl Family for V6 {
         parse::parse6(ctx)
     }
 
-    /// ICMPv6: echo requests to a VIP answered, errors about flows sent on to their targets;
-    /// the rest (neighbour discovery among it) is the kernel's.
+    /// ICMPv6, in this program (neighbour discovery among what it passes).
     #[inline(always)]
     fn other(ctx: &XdpContext) -> u32 {
-        let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
-            return XDP_PASS;
-        };
-        if settings.answer_ping != 0
-            && let Some(action) = icmp::echo6(ctx)
-        {
-            return action;
-        }
-        match icmp::error6(ctx, settings, crate::clock()) {
-            Ok(action) => action.unwrap_or(XDP_PASS),
-            Err((dst, reason)) => crate::refuse::<Self>(dst, reason),
-        }
+        crate::icmp_stage::<Self>(ctx)
+    }
+
+    #[inline(always)]
+    fn echo(ctx: &XdpContext) -> Option<u32> {
+        icmp::echo6(ctx)
+    }
+
+    #[inline(always)]
+    fn icmp_error(
+        ctx: &XdpContext,
+        settings: &Settings,
+        now: u64,
+    ) -> Result<Option<u32>, ([u32; 4], DropReason)> {
+        icmp::error6(ctx, settings, now)
     }
 
     #[inline(always)]

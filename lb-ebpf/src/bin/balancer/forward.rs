@@ -13,12 +13,7 @@ use lb_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{
-    counters::drop,
-    family::{Family, V4},
-    icmp,
-    parse::Packet,
-};
+use crate::{counters::drop, family::V4, icmp, parse::Packet};
 
 const IP_DF: u8 = 0x40;
 
@@ -32,12 +27,10 @@ pub const IP_DST: usize = 16;
 /// are in: the TCP or UDP checksum (whose pseudo-header holds the addresses; a UDP checksum of
 /// 0, "none", stays 0, and a computed 0 goes out as 0xffff) and the IPv4 header's.
 /// Incrementally (RFC 1624): only the changed words are summed.
-///
-/// An address is IPv4's only (NAT); an IPv6 packet has only its port rewritten.
 #[inline(always)]
-pub fn rewrite<F: Family>(
+pub fn rewrite(
     ctx: &XdpContext,
-    packet: &Packet<F>,
+    packet: &Packet<V4>,
     addr: Option<(usize, u32)>,
     port: usize,
     new_port: u16,
@@ -78,9 +71,9 @@ pub fn rewrite<F: Family>(
 
 /// Port translation: the packet to the target's port, if it is not the listener's.
 #[inline(always)]
-pub fn translate_port<F: Family>(
+pub fn translate_port(
     ctx: &XdpContext,
-    packet: &Packet<F>,
+    packet: &Packet<V4>,
     target: &Target,
 ) -> Result<(), DropReason> {
     if target.port == packet.dport {

@@ -15,7 +15,8 @@
 //!   ICMPv6's errors about IPv6 dsr flows go the same way (`error6`). An error to a VIP that
 //!   names no flow lb can place is dropped and counted (`icmp_unmatched`); others are left to
 //!   the kernel.
-//! - A packet too big to encapsulate is answered with "fragmentation needed" (`too_big`).
+//! - A packet too big to encapsulate, with DF set, is answered with "fragmentation needed"
+//!   (`too_big`).
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_TX,
@@ -24,7 +25,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     DropReason, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowKey6, FlowTable,
-    IcmpCounter, Listener, ListenerKey, PROTO_TCP, PROTO_UDP, Settings,
+    Group, IcmpCounter, Listener, ListenerKey, PROTO_TCP, PROTO_UDP, Settings,
 };
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum, checksum_replace,
@@ -97,14 +98,9 @@ pub fn echo(ctx: &XdpContext) -> Option<u32> {
     {
         return None;
     }
+    reply_in_place(eth, icmp, ICMP_ECHO_REPLY);
     // SAFETY: as above; the frame keeps its size.
     unsafe {
-        let kind = icmp as *mut u16;
-        let check = (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2);
-        let old_kind = kind.read_unaligned();
-        let new_kind = u16::from_ne_bytes([ICMP_ECHO_REPLY, 0]);
-        kind.write_unaligned(new_kind);
-        check.write_unaligned(checksum_replace(check.read_unaligned(), old_kind, new_kind));
         // Swapped addresses leave the header's sum as it was; the TTL changes it.
         let (src, ttl_proto) = (
             (*ip).src_addr,
@@ -120,12 +116,28 @@ pub fn echo(ctx: &XdpContext) -> Option<u32> {
             ttl_proto,
             new_ttl_proto,
         ));
+    }
+    Some(XDP_TX)
+}
+
+/// Turns the echo request whose ICMP or ICMPv6 header is `icmp` into a reply of type `reply`
+/// (its checksum updated incrementally), addressed back to the MAC it came from, and counts
+/// it; the IP header is the caller's to turn around. Both pointers bounds-checked.
+#[inline(always)]
+fn reply_in_place(eth: *mut EthHdr, icmp: *mut [u8; ICMP_HDR_LEN], reply: u8) {
+    // SAFETY: the caller checked both headers against data_end; the frame keeps its size.
+    unsafe {
+        let kind = icmp as *mut u16;
+        let check = (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2);
+        let old_kind = kind.read_unaligned();
+        let new_kind = u16::from_ne_bytes([reply, 0]);
+        kind.write_unaligned(new_kind);
+        check.write_unaligned(checksum_replace(check.read_unaligned(), old_kind, new_kind));
         let client = (*eth).src_addr;
         (*eth).src_addr = (*eth).dst_addr;
         (*eth).dst_addr = client;
     }
     counters::icmp(IcmpCounter::EchoReply);
-    Some(XDP_TX)
 }
 
 /// ICMPv6's echo request and reply (RFC 4443).
@@ -157,23 +169,14 @@ pub fn echo6(ctx: &XdpContext) -> Option<u32> {
     {
         return None;
     }
-    // SAFETY: as above; the frame keeps its size.
+    reply_in_place(eth, icmp, ICMPV6_ECHO_REPLY);
+    // SAFETY: as above; the frame keeps its size. No header checksum in IPv6.
     unsafe {
-        let kind = icmp as *mut u16;
-        let check = (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2);
-        let old_kind = kind.read_unaligned();
-        let new_kind = u16::from_ne_bytes([ICMPV6_ECHO_REPLY, 0]);
-        kind.write_unaligned(new_kind);
-        check.write_unaligned(checksum_replace(check.read_unaligned(), old_kind, new_kind));
         let src = (*ip).src_addr;
         (*ip).src_addr = (*ip).dst_addr;
         (*ip).dst_addr = src;
         (*ip).hop_limit = ECHO_TTL;
-        let client = (*eth).src_addr;
-        (*eth).src_addr = (*eth).dst_addr;
-        (*eth).dst_addr = client;
     }
-    counters::icmp(IcmpCounter::EchoReply);
     Some(XDP_TX)
 }
 
@@ -235,15 +238,7 @@ pub fn error6(
     let group = GROUPS.get(listener.group).ok_or(unmatched)?;
     let table = flows::FLOW_TABLE.get(V6::INDEX).ok_or(unmatched)?;
     let key = FlowKey6::new(dst, src, dport, sport, proto);
-    let (entry, found, hash) = flows::lookup::<V6>(table, &key).ok_or(unmatched)?;
-    let remembered = if found {
-        flows::existing_target(entry, hash, listener, false, now)
-    } else {
-        None
-    };
-    let id = remembered
-        .or_else(|| pick::placed_by_hash(&key, listener, group, settings))
-        .ok_or(unmatched)?;
+    let id = flow_target::<V6>(table, &key, listener, group, settings, now).ok_or(unmatched)?;
     let target = TARGETS.get(id).ok_or(unmatched)?;
     // IPv6 listeners forward with dsr and without port translation (the config sees to it).
     if group.forwarding != FORWARDING_DSR || target.port != sport {
@@ -398,20 +393,9 @@ fn to_target(
     now: u64,
 ) -> Option<u32> {
     let group = GROUPS.get(listener.group)?;
-    let (entry, found, hash) = flows::lookup::<V4>(table, key)?;
-    let remembered = if found {
-        flows::existing_target(entry, hash, listener, false, now)
-    } else {
-        None
-    };
-    let id = match remembered {
-        Some(id) => id,
-        None if group.forwarding != FORWARDING_NAT => {
-            pick::placed_by_hash(key, listener, group, settings)?
-        }
-        None => return None,
-    };
-    let target = TARGETS.get(id)?;
+    let target = TARGETS.get(flow_target::<V4>(
+        table, key, listener, group, settings, now,
+    )?)?;
     counters::icmp(IcmpCounter::ErrorToTarget);
     if group.forwarding == FORWARDING_NAT {
         quoted.rewrite(IP_SRC, target.addr, 0, target.port);
@@ -426,6 +410,30 @@ fn to_target(
         forward::encapsulate(ctx, ip, target, settings)
     } else {
         forward::dsr(ctx, eth, target, settings)
+    })
+}
+
+/// The target of `listener`'s flow `key` that an error is about: the one the connection table
+/// remembers, or else (a flow it does not hold: another node's, or one it had no room for)
+/// where the group's hash places it; none under NAT, whose flows exist only in the table.
+#[inline(always)]
+fn flow_target<F: Family>(
+    table: &FlowTable,
+    key: &F::Key,
+    listener: &Listener,
+    group: &Group,
+    settings: &Settings,
+    now: u64,
+) -> Option<u32> {
+    let remembered = flows::lookup::<F>(table, key).and_then(|(entry, found, hash)| {
+        found
+            .then(|| flows::existing_target(entry, hash, listener, false, now))
+            .flatten()
+    });
+    remembered.or_else(|| {
+        (group.forwarding != FORWARDING_NAT)
+            .then(|| pick::placed_by_hash(key, listener, group, settings))
+            .flatten()
     })
 }
 

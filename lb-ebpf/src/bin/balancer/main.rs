@@ -89,20 +89,28 @@ pub fn lb_balancer6(ctx: XdpContext) -> u32 {
     balance_or_refuse::<V6>(&ctx)
 }
 
-/// IPv4 that is neither TCP nor UDP: ICMP (`icmp`).
+/// IPv4 that is neither TCP nor UDP: ICMP.
 #[xdp]
 pub fn lb_icmp4(ctx: XdpContext) -> u32 {
+    icmp_stage::<V4>(&ctx)
+}
+
+/// ICMP of family `F` (`icmp`): echo requests to a VIP answered, errors about flows sent
+/// where they belong; one to a VIP that names no flow lb can place dropped and counted; the
+/// rest passed.
+#[inline(always)]
+fn icmp_stage<F: Family>(ctx: &XdpContext) -> u32 {
     let Some(settings) = SETTINGS.get(SETTINGS_KEY) else {
         return XDP_PASS;
     };
     if settings.answer_ping != 0
-        && let Some(action) = icmp::echo(&ctx)
+        && let Some(action) = F::echo(ctx)
     {
         return action;
     }
-    match icmp::error(&ctx, settings, clock()) {
+    match F::icmp_error(ctx, settings, clock()) {
         Ok(action) => action.unwrap_or(XDP_PASS),
-        Err((dst, reason)) => refuse::<V4>(dst, reason),
+        Err((dst, reason)) => refuse::<F>(dst, reason),
     }
 }
 
@@ -114,7 +122,7 @@ fn hand_on(ctx: &XdpContext, stage: u32) -> u32 {
     XDP_PASS
 }
 
-/// The action for a frame of family `F`. One place per family asks whether an unforwardable
+/// The action for a TCP or UDP frame of family `F`. One place asks whether an unforwardable
 /// packet was for a VIP: each inlined copy of the listener table's probe loop costs hundreds
 /// of instructions.
 #[inline(always)]
