@@ -158,27 +158,13 @@ impl Packet {
     }
 
     pub fn ip_packet(&self) -> Vec<u8> {
-        let l4 = if self.proto == PROTO_TCP {
-            let mut h = Vec::new();
-            h.extend(self.sport.to_be_bytes());
-            h.extend(self.dport.to_be_bytes());
-            h.extend(1u32.to_be_bytes()); // seq
-            h.extend(0u32.to_be_bytes()); // ack
-            h.push(5 << 4);
-            h.push(self.tcp_flags);
-            h.extend(64240u16.to_be_bytes());
-            h.extend([0, 0, 0, 0]); // checksum, urgent
-            h.extend(&self.payload);
-            h
-        } else {
-            let mut h = Vec::new();
-            h.extend(self.sport.to_be_bytes());
-            h.extend(self.dport.to_be_bytes());
-            h.extend(((8 + self.payload.len()) as u16).to_be_bytes());
-            h.extend([0, 0]);
-            h.extend(&self.payload);
-            h
-        };
+        let l4 = segment(
+            self.proto,
+            self.sport,
+            self.dport,
+            self.tcp_flags,
+            &self.payload,
+        );
         let ihl = 20 + self.ip_options.len();
         let mut ip = Vec::new();
         ip.push(0x40 | (ihl / 4) as u8);
@@ -272,25 +258,14 @@ impl Packet6 {
 
     /// The TCP or UDP header and payload, its checksum over the IPv6 pseudo-header.
     fn l4(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        l4.extend(self.sport.to_be_bytes());
-        l4.extend(self.dport.to_be_bytes());
-        if self.proto == PROTO_TCP {
-            l4.extend(1u32.to_be_bytes());
-            l4.extend(0u32.to_be_bytes());
-            l4.extend([5 << 4, self.tcp_flags]);
-            l4.extend(64240u16.to_be_bytes());
-            l4.extend([0, 0, 0, 0]);
-        } else {
-            l4.extend(((8 + self.payload.len()) as u16).to_be_bytes());
-            l4.extend([0, 0]);
-        }
-        l4.extend(&self.payload);
-        let mut pseudo = Vec::new();
-        pseudo.extend(self.src.octets());
-        pseudo.extend(self.dst.octets());
-        pseudo.extend((l4.len() as u32).to_be_bytes());
-        pseudo.extend([0, 0, 0, self.proto]);
+        let mut l4 = segment(
+            self.proto,
+            self.sport,
+            self.dport,
+            self.tcp_flags,
+            &self.payload,
+        );
+        let pseudo = pseudo_header6(self.src, self.dst, self.proto, l4.len());
         let check = checksum(&[pseudo, l4.clone()].concat());
         let at = if self.proto == PROTO_TCP { 16 } else { 6 };
         let check = if check == 0 && self.proto == PROTO_UDP {
@@ -347,6 +322,36 @@ pub fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> 
     h
 }
 
+/// A TCP segment (sequence 1, a window of 64240) or a UDP datagram (anything but TCP) with
+/// `payload`, its checksum left 0.
+fn segment(proto: u8, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend(sport.to_be_bytes());
+    h.extend(dport.to_be_bytes());
+    if proto == PROTO_TCP {
+        h.extend(1u32.to_be_bytes()); // seq
+        h.extend(0u32.to_be_bytes()); // ack
+        h.extend([5 << 4, tcp_flags]);
+        h.extend(64240u16.to_be_bytes());
+        h.extend([0, 0, 0, 0]); // checksum, urgent
+    } else {
+        h.extend(((8 + payload.len()) as u16).to_be_bytes());
+        h.extend([0, 0]);
+    }
+    h.extend(payload);
+    h
+}
+
+/// The IPv6 pseudo-header that TCP, UDP and ICMPv6 checksums cover.
+pub fn pseudo_header6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend(src.octets());
+    h.extend(dst.octets());
+    h.extend((len as u32).to_be_bytes());
+    h.extend([0, 0, 0, proto]);
+    h
+}
+
 /// Whether the TCP or UDP checksum of the IPv4 packet `ip` (without options) verifies; a UDP
 /// checksum of 0 (none) counts as verifying.
 pub fn l4_checksum_ok(ip: &[u8]) -> bool {
@@ -400,11 +405,7 @@ pub fn icmp6_message(
 ) -> Vec<u8> {
     let mut icmp = header.to_vec();
     icmp.extend(body);
-    let mut pseudo = Vec::new();
-    pseudo.extend(src.octets());
-    pseudo.extend(dst.octets());
-    pseudo.extend((icmp.len() as u32).to_be_bytes());
-    pseudo.extend([0, 0, 0, 58]);
+    let pseudo = pseudo_header6(src, dst, 58, icmp.len());
     let check = checksum(&[pseudo, icmp.clone()].concat());
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
     let mut ip = vec![0x60, 0, 0, 0];
