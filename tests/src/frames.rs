@@ -380,13 +380,31 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 
 /// An ICMP echo request (`kind` 8) or another ICMP message from `src` to `dst`, with `ttl`.
 pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, kind: u8) -> Vec<u8> {
-    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1];
-    icmp.extend(b"abcdefghijklmnop");
+    icmp_message(
+        src,
+        dst,
+        ttl,
+        [kind, 0, 0, 0, 0x12, 0x34, 0, 1],
+        b"abcdefghijklmnop",
+    )
+}
+
+/// An ICMP message over IPv4: its 8-byte `header` (checksum left 0, filled in here), then
+/// `body`.
+pub fn icmp_message(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    header: [u8; 8],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut icmp = header.to_vec();
+    icmp.extend(body);
     let check = checksum(&icmp);
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
     let mut ip = vec![0x45, 0];
     ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend([0x56, 0x78, 0x40, 0, ttl, 1, 0, 0]);
+    ip.extend([0, 0, 0, 0, ttl, 1, 0, 0]);
     ip.extend(src.octets());
     ip.extend(dst.octets());
     let check = checksum(&ip);

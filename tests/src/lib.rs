@@ -147,6 +147,11 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Sets `setting` (`key=value`) in namespace `ns`.
+fn sysctl(ns: &str, setting: &str) -> Result<String> {
+    run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", setting]))
+}
+
 fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
@@ -369,14 +374,7 @@ impl Lab {
         for (ns, dev) in [(&far, IFACE), (&rt, "far0")] {
             run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]))?;
         }
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &rt,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]))?;
+        sysctl(&rt, "net.ipv4.ip_forward=1")?;
         ip(&[
             "-n",
             &rt,
@@ -416,14 +414,7 @@ impl Lab {
             "via",
             router6_far,
         ])?;
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &rt,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ]))?;
+        sysctl(&rt, "net.ipv6.conf.all.forwarding=1")?;
         let lb6 = LB_ADDR6.to_string();
         ip(&[
             "-n",

@@ -230,12 +230,7 @@ impl Model {
             l.address == src && l.port == sport && l.protocol.ip_protocols().contains(&proto)
         });
         if let Some(listener) = listener.filter(|_| outer_dst == src) {
-            let group = self
-                .config
-                .target_groups
-                .iter()
-                .find(|g| g.name == listener.target_group)
-                .expect("a listener's group");
+            let group = self.group_of(listener);
             let mut out = frame.to_vec();
             if group.forwarding == Forwarding::Nat {
                 let Some(((target, ..), flow)) =
@@ -283,6 +278,13 @@ impl Model {
         } else {
             Rewritten(out)
         }
+    }
+
+    /// The target group of `listener`.
+    fn group_of(&self, listener: &config::Listener) -> &config::TargetGroup {
+        self.config
+            .target_group(&listener.target_group)
+            .expect("a listener's group")
     }
 
     /// The target the Maglev table of group `name` gives the flow `key`.
@@ -500,12 +502,7 @@ impl Model {
         if denied || !allowed {
             return Drop(DropReason::DeniedSource);
         }
-        let group = self
-            .config
-            .target_groups
-            .iter()
-            .find(|g| g.name == listener.target_group)
-            .expect("a listener's group");
+        let group = self.group_of(listener);
         // Maglev: the slot the flow's hash chooses in the group's table.
         let key = FlowKey::new(be(src), be(dst), sport.to_be(), dport.to_be(), proto);
         let target = self.maglev_target(&group.name, &key);

@@ -22,8 +22,8 @@ use lb::{
 use lb_common::{DropReason, IcmpCounter};
 use lb_tests::frames::{
     CLIENT_MAC, CLIENT6, LB_ADDR, LB_MAC, Packet, Packet6, VIP, VIP6, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, XDP_TX, checksum, dataplane_for, ethernet, icmp_frame, icmp6_message,
-    l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp, test_interface,
+    XDP_REDIRECT, XDP_TX, checksum, dataplane_for, ethernet, icmp_frame, icmp_message,
+    icmp6_message, l4_checksum_ok, mac_of, next_hop_of, registered, run_xdp, test_interface,
 };
 
 const CONFIG: &str = "
@@ -843,20 +843,8 @@ fn icmp_error(
     rest: [u8; 4],
     quoted: &[u8],
 ) -> Vec<u8> {
-    let mut icmp = vec![kind[0], kind[1], 0, 0];
-    icmp.extend(rest);
-    icmp.extend(quoted);
-    let check = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let check = checksum(&ip);
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    ip.extend(icmp);
-    ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+    let [a, b, c, d] = rest;
+    icmp_message(src, dst, 64, [kind[0], kind[1], 0, 0, a, b, c, d], quoted)
 }
 
 /// Checks an ICMP error the balancer sent: both checksums verify, it goes from `src` to `dst`
