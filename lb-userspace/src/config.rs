@@ -1061,8 +1061,9 @@ impl Validator<'_> {
         }
     }
 
-    /// A VIP: a unicast address of either family. Of IPv6's, link-local (and so scoped)
-    /// addresses, the loopback and IPv4-mapped ones (an IPv4 VIP in disguise) are refused.
+    /// A VIP: a unicast address of either family that routes beyond one host and one link:
+    /// loopback and link-local addresses (IPv6's scoped ones among them) are refused, and so
+    /// are IPv4-mapped IPv6 ones (an IPv4 VIP in disguise).
     fn vip(&mut self, at: &str, text: &str) -> Option<IpAddr> {
         if text.contains('%') {
             self.error(
@@ -1079,6 +1080,10 @@ impl Validator<'_> {
             IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
                 Some("it must be a unicast address")
             }
+            IpAddr::V4(a) if a.is_loopback() => Some("it is a loopback address (127.0.0.0/8)"),
+            IpAddr::V4(a) if a.is_link_local() => Some(
+                "it is link-local (169.254.0.0/16), valid on one link only: a VIP must be routable",
+            ),
             IpAddr::V4(_) => None,
             IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
                 Some("it must be a unicast address")

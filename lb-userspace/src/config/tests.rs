@@ -198,6 +198,18 @@ fn bad_address() {
         "must be a unicast address",
     );
     refused(
+        &VALID.replace("203.0.113.10", "127.0.0.2"),
+        3,
+        14,
+        "VIP 127.0.0.2 cannot be used: it is a loopback address",
+    );
+    refused(
+        &VALID.replace("203.0.113.10", "169.254.1.1"),
+        3,
+        14,
+        "VIP 169.254.1.1 cannot be used: it is link-local",
+    );
+    refused(
         &VALID.replace("198.51.100.11", "2001:db8::1"),
         12,
         18,
