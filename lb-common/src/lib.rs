@@ -578,7 +578,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 11;
+pub const MAP_LAYOUT: u32 = 12;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -774,6 +774,11 @@ pub struct Settings {
     pub denied_sources: u32,
     /// Whether echo requests to a VIP are answered (`settings.answer_ping`).
     pub answer_ping: u32,
+    /// Whether any listener has an IPv6 VIP: only then does the balancer hand IPv6 frames to
+    /// `lb_balancer6`; without, they pass at once, and a balancer without IPv6 listeners pays
+    /// nothing for IPv6 (neighbour discovery among it).
+    pub ipv6: u32,
+    pub pad: u32,
     /// The interfaces the program is attached to, first the one named first; a target's
     /// `egress` is an index into them.
     pub interfaces: [Egress; MAX_INTERFACES],
@@ -946,7 +951,7 @@ const _: () = {
     assert!(size_of::<NewFlowLimits>() == 32);
     assert!(size_of::<Group>() == 24);
     assert!(size_of::<Egress>() == 20);
-    assert!(size_of::<Settings>() == 16 + 20 * MAX_INTERFACES + 88);
+    assert!(size_of::<Settings>() == 24 + 20 * MAX_INTERFACES + 88);
     assert!(size_of::<Counters>() == 24);
 };
 

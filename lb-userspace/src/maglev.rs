@@ -208,6 +208,8 @@ mod tests {
             nat: 0,
             denied_sources: 0,
             answer_ping: 0,
+            ipv6: 0,
+            pad: 0,
             interfaces: Default::default(),
             pick: lb_common::FlowHasher::from_seed(0),
         };

@@ -192,6 +192,8 @@ impl MapState {
                 .map(|net| if net.network().is_ipv6() { 2 } else { 1 })
                 .fold(0, |bits, bit| bits | bit),
             answer_ping: config.settings.answer_ping as u32,
+            ipv6: config.settings.ipv6 as u32,
+            pad: 0,
             interfaces: egress,
             pick: FlowHasher::from_seed(config.settings.hash_seed),
         };

@@ -78,7 +78,9 @@ static STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_COUNT, 0);
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
     match ptr_at::<EthHdr>(&ctx, 0).map(|eth| unsafe { (*eth).ether_type }) {
         Some(ETH_P_IP_BE) => balance_or_refuse::<V4>(&ctx),
-        Some(ETH_P_IPV6_BE) => hand_on(&ctx, STAGE_IPV6),
+        Some(ETH_P_IPV6_BE) if SETTINGS.get(SETTINGS_KEY).is_some_and(|s| s.ipv6 != 0) => {
+            hand_on(&ctx, STAGE_IPV6)
+        }
         _ => XDP_PASS,
     }
 }
