@@ -364,6 +364,10 @@ fn per_packet(plan: &Plan) -> Result<String> {
     };
     let nat_elsewhere = elsewhere.clone();
     let echo = icmp_frame(nat_request.src, nat_request.dst, 64, 8);
+    let elsewhere6 = Packet6 {
+        dst: "2001:db8:99::1".parse()?,
+        ..Packet6::tcp(22, 5555, 0x10)
+    };
     use Input::Frame;
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
@@ -497,22 +501,14 @@ fn per_packet(plan: &Plan) -> Result<String> {
         ),
         (
             "not for a VIP, IPv6 (XDP_PASS)",
-            Packet6 {
-                dst: "2001:db8:99::1".parse()?,
-                ..Packet6::tcp(22, 5555, 0x10)
-            }
-            .into(),
+            elsewhere6.clone().into(),
             None,
             Repeat,
             Plain,
         ),
         (
             "IPv6, no IPv6 listener configured (XDP_PASS)",
-            Packet6 {
-                dst: "2001:db8:99::1".parse()?,
-                ..Packet6::tcp(22, 5555, 0x10)
-            }
-            .into(),
+            elsewhere6.clone().into(),
             None,
             Repeat,
             Nat,
