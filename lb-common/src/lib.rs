@@ -84,8 +84,13 @@ pub struct ListenerKey6 {
 /// What the listener table needs of a key, in either family.
 pub trait ListenerKeyOf: Copy + PartialEq {
     type Addr: Copy + PartialEq;
+    /// The key of (VIP, port, protocol), addresses and port in network byte order.
+    fn new(addr: Self::Addr, port: u16, proto: u8) -> Self;
     /// The key that marks a VIP: no listener has port 0 or protocol 0.
-    fn vip(addr: Self::Addr) -> Self;
+    #[inline(always)]
+    fn vip(addr: Self::Addr) -> Self {
+        Self::new(addr, 0, 0)
+    }
     /// Its VIP.
     fn address(&self) -> Self::Addr;
     /// Whether the slot holding this key is empty (all zero; the unspecified address is never
@@ -101,8 +106,13 @@ impl ListenerKeyOf for ListenerKey {
     type Addr = u32;
 
     #[inline(always)]
-    fn vip(addr: u32) -> Self {
-        ListenerKey::vip(addr)
+    fn new(addr: u32, port: u16, proto: u8) -> Self {
+        ListenerKey {
+            addr,
+            port,
+            proto,
+            pad: 0,
+        }
     }
 
     #[inline(always)]
@@ -130,11 +140,11 @@ impl ListenerKeyOf for ListenerKey6 {
     type Addr = [u32; 4];
 
     #[inline(always)]
-    fn vip(addr: [u32; 4]) -> Self {
+    fn new(addr: [u32; 4], port: u16, proto: u8) -> Self {
         ListenerKey6 {
             addr,
-            port: 0,
-            proto: 0,
+            port,
+            proto,
             pad: 0,
         }
     }

@@ -322,26 +322,14 @@ impl MapState {
                         0
                     },
                 };
-                let (port, pad) = (l.port.to_be(), 0);
+                let port = l.port.to_be();
                 match l.address {
                     IpAddr::V4(vip) => {
-                        let addr = be(vip);
-                        let key = ListenerKey {
-                            addr,
-                            port,
-                            proto,
-                            pad,
-                        };
+                        let key = ListenerKey::new(be(vip), port, proto);
                         state.listeners.insert(key, listener);
                     }
                     IpAddr::V6(vip) => {
-                        let addr = be6(vip);
-                        let key = ListenerKey6 {
-                            addr,
-                            port,
-                            proto,
-                            pad,
-                        };
+                        let key = ListenerKey6::new(be6(vip), port, proto);
                         state.listeners6.insert(key, listener);
                     }
                 }
@@ -523,12 +511,9 @@ pub trait TableKey: FlowKeyOf + aya::Pod {
 
 impl TableKey for FlowKey {
     fn listener<'a>(&self, state: &'a MapState) -> Option<&'a Listener> {
-        state.listeners.get(&ListenerKey {
-            addr: self.dst,
-            port: self.dport,
-            proto: self.proto,
-            pad: 0,
-        })
+        state
+            .listeners
+            .get(&ListenerKey::new(self.dst, self.dport, self.proto))
     }
 
     fn table(dataplane: &Dataplane) -> &FlowMap<Self> {
@@ -538,12 +523,9 @@ impl TableKey for FlowKey {
 
 impl TableKey for FlowKey6 {
     fn listener<'a>(&self, state: &'a MapState) -> Option<&'a Listener> {
-        state.listeners6.get(&ListenerKey6 {
-            addr: self.dst,
-            port: self.dport,
-            proto: self.proto,
-            pad: 0,
-        })
+        state
+            .listeners6
+            .get(&ListenerKey6::new(self.dst, self.dport, self.proto))
     }
 
     fn table(dataplane: &Dataplane) -> &FlowMap<Self> {

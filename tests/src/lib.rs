@@ -147,6 +147,17 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Routes the lab's VIP range of one family (203.0.113.0/24, or 2001:db8:10::/64) in namespace
+/// `ns` through the balancer.
+fn route_vips(ns: &str, ipv6: bool) -> Result<String> {
+    let (family, vips, lb) = if ipv6 {
+        ("-6", "2001:db8:10::/64", LB_ADDR6.to_string())
+    } else {
+        ("-4", "203.0.113.0/24", LB_ADDR.to_string())
+    };
+    ip(&["-n", ns, family, "route", "add", vips, "via", &lb])
+}
+
 /// Sets `setting` (`key=value`) in namespace `ns`.
 fn sysctl(ns: &str, setting: &str) -> Result<String> {
     run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", setting]))
@@ -237,15 +248,7 @@ impl Lab {
             lab.connect("lb", "lb-int", INTERNAL_IFACE, "br1", LB_INTERNAL_ADDR)?;
             attach_pass_program(&sw, "lb-int")?;
         }
-        ip(&[
-            "-n",
-            &lab.ns("client"),
-            "route",
-            "add",
-            "203.0.113.0/24",
-            "via",
-            &LB_ADDR.to_string(),
-        ])?;
+        route_vips(&lab.ns("client"), false)?;
         // veth hands XDP_TX frames to its peer promptly only when the peer runs XDP itself.
         attach_pass_program(&sw, "lb")?;
         Ok(lab)
@@ -375,15 +378,7 @@ impl Lab {
             run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]))?;
         }
         sysctl(&rt, "net.ipv4.ip_forward=1")?;
-        ip(&[
-            "-n",
-            &rt,
-            "route",
-            "add",
-            "203.0.113.0/24",
-            "via",
-            &LB_ADDR.to_string(),
-        ])?;
+        route_vips(&rt, false)?;
         // IPv6 alike: 2001:db8:2::/64 behind the router, which the lab knows as 2001:db8:1::4.
         let (router6, router6_far) = ("2001:db8:1::4", "2001:db8:2::1");
         let far6 = FAR_CLIENT_ADDR6.to_string();
@@ -415,17 +410,7 @@ impl Lab {
             router6_far,
         ])?;
         sysctl(&rt, "net.ipv6.conf.all.forwarding=1")?;
-        let lb6 = LB_ADDR6.to_string();
-        ip(&[
-            "-n",
-            &rt,
-            "-6",
-            "route",
-            "add",
-            "2001:db8:10::/64",
-            "via",
-            &lb6,
-        ])?;
+        route_vips(&rt, true)?;
         for i in 0..self.targets {
             let ns = self.target_ns(i);
             let router = ROUTER_ADDR.to_string();
@@ -466,17 +451,7 @@ impl Lab {
                 "nodad",
             ])?;
         }
-        let lb = LB_ADDR6.to_string();
-        ip(&[
-            "-n",
-            &self.ns("client"),
-            "-6",
-            "route",
-            "add",
-            "2001:db8:10::/64",
-            "via",
-            &lb,
-        ])?;
+        route_vips(&self.ns("client"), true)?;
         Ok(())
     }
 

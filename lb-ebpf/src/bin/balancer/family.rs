@@ -71,7 +71,6 @@ pub trait Family: Sized + 'static {
         target: &Target,
     ) -> Result<(), DropReason>;
 
-    fn listener_key(addr: Self::Addr, port: u16, proto: u8) -> Self::ListenerKey;
     fn listener_slots() -> &'static Array<ListenerSlot<Self::ListenerKey>>;
     /// The seed half `half` of the listener table was placed with.
     fn seed(table: &ListenerTable, half: u32) -> u32;
@@ -169,16 +168,6 @@ impl Family for V4 {
         target: &Target,
     ) -> Result<(), DropReason> {
         forward::translate_port(ctx, packet, target)
-    }
-
-    #[inline(always)]
-    fn listener_key(addr: u32, port: u16, proto: u8) -> ListenerKey {
-        ListenerKey {
-            addr,
-            port,
-            proto,
-            pad: 0,
-        }
     }
 
     #[inline(always)]
@@ -306,16 +295,6 @@ impl Family for V6 {
             Ok(())
         } else {
             Err(DropReason::NoTarget)
-        }
-    }
-
-    #[inline(always)]
-    fn listener_key(addr: [u32; 4], port: u16, proto: u8) -> ListenerKey6 {
-        ListenerKey6 {
-            addr,
-            port,
-            proto,
-            pad: 0,
         }
     }
 

@@ -25,7 +25,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     DropReason, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowKey6, FlowTable,
-    Group, IcmpCounter, Listener, ListenerKey, PROTO_TCP, PROTO_UDP, Settings,
+    Group, IcmpCounter, Listener, ListenerKey, ListenerKey6, ListenerKeyOf, PROTO_TCP, PROTO_UDP,
+    Settings,
 };
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum, checksum_replace,
@@ -233,7 +234,7 @@ pub fn error6(
     if (proto != PROTO_TCP && proto != PROTO_UDP) || src != outer_dst {
         return Err(unmatched);
     }
-    let slot = listener::find_key::<V6>(&V6::listener_key(src, sport, proto)).ok_or(unmatched)?;
+    let slot = listener::find_key::<V6>(&ListenerKey6::new(src, sport, proto)).ok_or(unmatched)?;
     let listener = &slot.listener;
     let group = GROUPS.get(listener.group).ok_or(unmatched)?;
     let table = flows::FLOW_TABLE.get(V6::INDEX).ok_or(unmatched)?;
@@ -293,12 +294,7 @@ pub fn error(
     let table = flows::FLOW_TABLE.get(V4::INDEX).ok_or(unmatched)?;
 
     // About a reply, which left from VIP:listener-port, so the error went to the VIP.
-    let listener_key = ListenerKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        pad: 0,
-    };
+    let listener_key = ListenerKey::new(key.dst, key.dport, key.proto);
     if outer_dst == key.dst
         && let Some(slot) = listener::find_key::<V4>(&listener_key)
     {

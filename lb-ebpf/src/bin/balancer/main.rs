@@ -46,8 +46,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FLOW_FLAGS, FORWARDING_DSR, Group, LISTENER_RATE_LIMITED, MAX_TARGETS,
-    SETTINGS_KEY, STAGE_COUNT, STAGE_IPV6, Settings, Target,
+    DropReason, FLOW_FLAGS, FORWARDING_DSR, Group, LISTENER_RATE_LIMITED, ListenerKeyOf,
+    MAX_TARGETS, SETTINGS_KEY, STAGE_COUNT, STAGE_IPV6, Settings, Target,
 };
 use lb_ebpf::{ETH_P_IP_BE, ETH_P_IPV6_BE, ptr_at};
 use network_types::eth::EthHdr;
@@ -151,7 +151,7 @@ fn balance<F: Family>(ctx: &XdpContext) -> Result<u32, (F::Addr, DropReason)> {
         return Ok(F::other(ctx));
     };
 
-    let listener_key = F::listener_key(packet.dst, packet.dport, packet.proto);
+    let listener_key = F::ListenerKey::new(packet.dst, packet.dport, packet.proto);
     let Some(slot) = listener::find_key::<F>(&listener_key) else {
         if let Some(settings) = SETTINGS.get(SETTINGS_KEY)
             && let Some(action) = F::reply(ctx, &packet, settings)
