@@ -588,7 +588,7 @@ pub struct FlowTable {
 /// The version of what the maps hold and mean. A successor adopts pinned maps only if their
 /// layout is its own: bump this whenever a map's contents change meaning (a key's hash, a
 /// field), even if no size changes.
-pub const MAP_LAYOUT: u32 = 12;
+pub const MAP_LAYOUT: u32 = 13;
 
 impl FlowTable {
     /// The two buckets a flow with this hash may live in: each half of the hash scaled to the
@@ -627,7 +627,7 @@ pub const TARGET_UNHEALTHY: u16 = 3;
 
 /// A target as the data plane needs it: where to send, never how it was configured.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Target {
     /// Target address, network byte order (outer destination in IPIP mode).
     pub addr: u32,
@@ -644,7 +644,11 @@ pub struct Target {
     pub egress: u16,
     /// Its weight (1 to 1000): least connections compares active connections per weight.
     pub weight: u16,
-    pub pad: u16,
+    /// Whether the target is named by an IPv6 address (`addr6`; `addr` then 0): ipip then
+    /// encapsulates in IPv6 (ip6ip6, or IPv4-in-IPv6 for an IPv4 VIP).
+    pub ipv6: u16,
+    /// Its IPv6 address, network byte order, if it has one.
+    pub addr6: [u32; 4],
 }
 
 pub const FORWARDING_DSR: u32 = 0;
@@ -822,6 +826,8 @@ pub struct Egress {
     /// The source of every frame sent from it.
     pub mac: [u8; 6],
     pub pad: u16,
+    /// Its global IPv6 address, network byte order: the outer source of IPv6 encapsulation.
+    pub addr6: [u32; 4],
 }
 
 /// Packet, byte and new-flow counters, kept per CPU.
@@ -955,13 +961,13 @@ const _: () = {
     assert!(size_of::<ListenerKey6>() == 20);
     assert!(size_of::<ListenerSlot6>() == 36);
     assert!(size_of::<ClientKey6>() == 20);
-    assert!(size_of::<Target>() == 24);
+    assert!(size_of::<Target>() == 40);
     assert!(size_of::<ClientKey>() == 8);
     assert!(size_of::<Sticky>() == 16);
     assert!(size_of::<NewFlowLimits>() == 32);
     assert!(size_of::<Group>() == 24);
-    assert!(size_of::<Egress>() == 20);
-    assert!(size_of::<Settings>() == 24 + 20 * MAX_INTERFACES + 88);
+    assert!(size_of::<Egress>() == 36);
+    assert!(size_of::<Settings>() == 24 + 36 * MAX_INTERFACES + 88);
     assert!(size_of::<Counters>() == 24);
 };
 

@@ -2,16 +2,21 @@
 #![no_std]
 
 use aya_ebpf::programs::XdpContext;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
+pub const IPV6_LEN: usize = Ipv6Hdr::LEN;
 /// EtherType of IPv4, as it reads from the wire into a native `u16`.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// EtherType of IPv6, alike.
 pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-/// IP protocol number of IP-in-IP.
+/// IP protocol number of IP-in-IP (IPv4 inside), and of IPv6 inside (IPv6-in-IPv6).
 pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
 /// Where the checksum sits in a TCP and in a UDP header.
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const UDP_CHECK_OFFSET: usize = 6;
@@ -63,7 +68,13 @@ pub fn set_ipv4_checksum(ip: *mut Ipv4Hdr) {
 /// for them), as it is written into the packet.
 #[inline(always)]
 pub fn checksum(data: *const [u8; 2], words: usize) -> u16 {
-    let mut sum: u32 = 0;
+    checksum_from(0, data, words)
+}
+
+/// The Internet checksum of the `words` 16-bit words at `data` and of what `sum` already
+/// summed (a pseudo-header's words, each as read from the packet).
+#[inline(always)]
+pub fn checksum_from(mut sum: u32, data: *const [u8; 2], words: usize) -> u16 {
     let mut i = 0;
     while i < words {
         // SAFETY: the caller checked `words` words at `data`.

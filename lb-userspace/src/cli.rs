@@ -199,8 +199,8 @@ fn prepare_target(
             _ => Forwarding::Dsr,
         };
         if vips.iter().any(|v| v.is_ipv6()) {
-            if mode != Forwarding::Dsr {
-                bail!("lb forwards IPv6 VIPs with dsr only, for now: --mode dsr");
+            if mode == Forwarding::Nat {
+                bail!("lb forwards IPv6 VIPs with dsr and ipip only, for now: --mode dsr or ipip");
             }
             if ports.iter().any(|&(l, t, _)| l != t) {
                 bail!(
@@ -212,7 +212,10 @@ fn prepare_target(
         return target::run(interface, &plan, action, false);
     };
     let config = config::load(&path)?;
-    let host = crate::net::Interface::lookup(interface)?.ipv4;
+    let iface = crate::net::Interface::lookup(interface)?;
+    let host: Vec<IpAddr> = (iface.ipv4.iter().map(|&a| IpAddr::from(a)))
+        .chain(iface.ipv6.iter().map(|&a| IpAddr::from(a)))
+        .collect();
     let plan = target::Plan::from_config(&config, &host);
     if plan.vips.is_empty() && !plan.nat && action != target::Action::Undo {
         bail!(

@@ -8,7 +8,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -126,11 +126,20 @@ pub struct TargetGroup {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6. A dsr target serves VIPs of either family (its address names it for its
+    /// MAC and its health check); ipip encapsulates in its address's family.
+    pub address: IpAddr,
     /// Where the target serves: its own `port`, else its group's. The data plane translates a
     /// listener port that differs.
     pub port: u16,
     pub weight: u32,
+}
+
+impl Target {
+    /// Where it serves: address:port, an IPv6 address in brackets.
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
@@ -603,10 +612,11 @@ impl Validator<'_> {
                 }
                 nets
             });
-            if address.is_ipv6()
-                && let Some(g) = group
-            {
-                self.ipv6_group(&at, &l.name, port, g);
+            if let Some(g) = group {
+                self.families_match(&at, &l.name, address, g);
+                if address.is_ipv6() {
+                    self.ipv6_group(&at, &l.name, port, g);
+                }
             }
             let [max_new_flows_per_second, max_new_flows_per_second_per_source] = [
                 ("max_new_flows_per_second", l.max_new_flows_per_second),
@@ -812,7 +822,8 @@ impl Validator<'_> {
                 self.error(
                     &format!("{at}.address"),
                     format!(
-                        "target {address}:{port} appears twice in target group `{}`",
+                        "target {} appears twice in target group `{}`",
+                        SocketAddr::new(address, port),
                         g.name
                     ),
                 );
@@ -1012,7 +1023,7 @@ impl Validator<'_> {
         if !self.errors.is_empty() {
             return;
         }
-        let mut answered: HashMap<(IpAddr, Ipv4Addr, u16, u8), &Listener> = HashMap::new();
+        let mut answered: HashMap<(IpAddr, IpAddr, u16, u8), &Listener> = HashMap::new();
         for l in listeners {
             // In nat, the balancer itself restores each reply's port, from the flow.
             let Some(gi) = groups
@@ -1027,9 +1038,8 @@ impl Validator<'_> {
                     match answered.get(&key) {
                         Some(other) if other.port != l.port => {
                             let message = format!(
-                                "target {}:{}/{} serves listeners `{}` ({}) and `{}` ({}): its host could not tell which port to answer from; give it another port in one of the groups",
-                                t.address,
-                                t.port,
+                                "target {}/{} serves listeners `{}` ({}) and `{}` ({}): its host could not tell which port to answer from; give it another port in one of the groups",
+                                t.endpoint(),
                                 protocol_name(proto),
                                 other.name,
                                 other.endpoint(),
@@ -1104,42 +1114,79 @@ impl Validator<'_> {
         Some(address)
     }
 
-    /// A target's address: a unicast IPv4 address. A dsr target is a host on the balancer's
-    /// segment, which its address names for its MAC and its health check, so it serves IPv6
-    /// VIPs too.
-    fn target_address(&mut self, at: &str, text: &str) -> Option<Ipv4Addr> {
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
-                self.error(
-                    at,
-                    format!("target address {a} cannot be used: it must be a unicast address"),
-                );
-                None
+    /// A target's address: a unicast address of either family, global (a link-local IPv6
+    /// address would need its interface named, and an IPv4-mapped one is an IPv4 address in
+    /// disguise).
+    fn target_address(&mut self, at: &str, text: &str) -> Option<IpAddr> {
+        let Ok(address) = text.parse::<IpAddr>() else {
+            self.error(at, format!("`{text}` is not an IP address"));
+            return None;
+        };
+        let refusal = match address {
+            IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+                Some("it must be a unicast address")
             }
-            Ok(IpAddr::V4(a)) => Some(a),
-            Ok(IpAddr::V6(a)) => {
-                self.error(
-                    at,
-                    format!("target address {a} is IPv6, which lb does not take yet: name the target by its IPv4 address (a dsr target serves IPv6 VIPs as well)"),
-                );
-                None
+            IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() || a.is_loopback() => {
+                Some("it must be a unicast address")
             }
-            Err(_) => {
-                self.error(at, format!("`{text}` is not an IP address"));
-                None
+            IpAddr::V6(a) if a.is_unicast_link_local() => Some(
+                "it is link-local (fe80::/10), which names no host without an interface: use the target's global address",
+            ),
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+                Some("it is an IPv4-mapped address: write the IPv4 address as it is")
             }
+            _ => None,
+        };
+        if let Some(why) = refusal {
+            self.error(
+                at,
+                format!("target address {address} cannot be used: {why}"),
+            );
+            return None;
         }
+        Some(address)
     }
 
-    /// What an IPv6 listener's group must be, for now: dsr, without port translation (the
-    /// target's reply ports are rewritten for IPv4 VIPs only).
-    fn ipv6_group(&mut self, at: &str, listener: &str, port: u16, group: &TargetGroup) {
-        if group.forwarding != Forwarding::Dsr {
+    /// Whether listener `listener` (VIP `address`) can reach each target of its group in the
+    /// group's mode. dsr rewrites only MACs, so any target serves any VIP. ipip encapsulates
+    /// in the target's family: IPv4 in IPv4 or in IPv6, IPv6 in IPv6 (an IPv6 packet in IPv4,
+    /// which Katran does not do either, would need a target host with an IPv4 address for what
+    /// IPv6 could carry as well). nat rewrites addresses, so it keeps the family: no NAT64.
+    fn families_match(&mut self, at: &str, listener: &str, address: IpAddr, group: &TargetGroup) {
+        let refused = |t: &Target| match group.forwarding {
+            Forwarding::Dsr => false,
+            Forwarding::Ipip => address.is_ipv6() && t.address.is_ipv4(),
+            Forwarding::Nat => address.is_ipv6() != t.address.is_ipv6(),
+        };
+        if let Some(t) = group.targets.iter().find(|t| refused(t)) {
+            let why = if group.forwarding == Forwarding::Ipip {
+                "ipip carries an IPv6 packet in IPv6 only: give the group IPv6 target addresses, or use dsr"
+            } else {
+                "nat keeps the address family (no NAT64): give the group targets of the VIP's family"
+            };
             self.error(
                 &format!("{at}.target_group"),
                 format!(
-                    "listener `{listener}` has an IPv6 VIP, and its target group `{}` forwards with {}: lb forwards IPv6 with dsr only, for now",
-                    group.name, group.forwarding
+                    "listener `{listener}` has an {} VIP, and target {} of its group `{}` ({}) is {}: {why}",
+                    family(address),
+                    t.endpoint(),
+                    group.name,
+                    group.forwarding,
+                    family(t.address),
+                ),
+            );
+        }
+    }
+
+    /// What an IPv6 listener's group must be, for now: dsr or ipip, without port translation
+    /// (the target's reply ports are rewritten for IPv4 VIPs only).
+    fn ipv6_group(&mut self, at: &str, listener: &str, port: u16, group: &TargetGroup) {
+        if group.forwarding == Forwarding::Nat {
+            self.error(
+                &format!("{at}.target_group"),
+                format!(
+                    "listener `{listener}` has an IPv6 VIP, and its target group `{}` forwards with nat: lb forwards IPv6 with dsr and ipip only, for now",
+                    group.name
                 ),
             );
         }
@@ -1147,8 +1194,8 @@ impl Validator<'_> {
             self.error(
                 &format!("{at}.port"),
                 format!(
-                    "listener `{listener}` has an IPv6 VIP on port {port}, and target {}:{} of group `{}` serves on another: lb translates ports for IPv4 VIPs only, for now",
-                    t.address, t.port, group.name
+                    "listener `{listener}` has an IPv6 VIP on port {port}, and target {} of group `{}` serves on another: lb translates ports for IPv4 VIPs only, for now",
+                    t.endpoint(), group.name
                 ),
             );
         }

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::SocketAddrV4,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,7 @@ use crate::{
 /// 10,000 targets) then mostly compares integers rather than group names.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetKey {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub group: String,
 }
 
@@ -154,7 +154,7 @@ impl Registry {
             for t in &group.targets {
                 let key = TargetKey {
                     group: group.name.clone(),
-                    addr: SocketAddrV4::new(t.address, t.port),
+                    addr: t.endpoint(),
                 };
                 wanted.insert(key, (t.weight, group.deregistration_delay));
             }
@@ -292,7 +292,7 @@ pub struct Snapshot {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TargetSnapshot {
     pub group: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub id: u32,
     pub weight: u32,
     /// `initial`, `healthy`, `unhealthy` or `draining`.
@@ -430,20 +430,24 @@ mod tests {
     fn key(host: u8) -> TargetKey {
         TargetKey {
             group: "web".into(),
-            addr: SocketAddrV4::new([198, 51, 100, host].into(), 80),
+            addr: SocketAddr::new([198, 51, 100, host].into(), 80),
+        }
+    }
+
+    /// The last byte of a test target's address: 198.51.100.`host`.
+    fn host_of(key: &TargetKey) -> u8 {
+        match key.addr.ip() {
+            std::net::IpAddr::V4(a) => a.octets()[3],
+            std::net::IpAddr::V6(a) => a.octets()[15],
         }
     }
 
     fn states(r: &Registry) -> Vec<(u8, TargetState)> {
-        r.targets()
-            .map(|(k, e)| (k.addr.ip().octets()[3], e.state()))
-            .collect()
+        r.targets().map(|(k, e)| (host_of(k), e.state())).collect()
     }
 
     fn usable(r: &Registry) -> Vec<u8> {
-        r.usable("web")
-            .map(|(k, _)| k.addr.ip().octets()[3])
-            .collect()
+        r.usable("web").map(|(k, _)| host_of(k)).collect()
     }
 
     #[test]

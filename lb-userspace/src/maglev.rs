@@ -5,12 +5,14 @@
 //! from its position in the config, so the table depends only on the set of targets, their
 //! weights and the seed: every lb node with the same config builds the same table.
 
+use std::net::IpAddr;
+#[cfg(test)]
 use std::net::Ipv4Addr;
 
 /// What Maglev needs to know of a target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
 }
@@ -67,12 +69,24 @@ pub fn build(entries: &[Entry], size: u32, seed: u32) -> Vec<u32> {
     }
 }
 
-/// Murmur3's 32-bit body and finaliser over a target's address and port.
+/// Murmur3's 32-bit body and finaliser over a target's address and port. An IPv4 address is
+/// one word, as before IPv6 came, so an upgrade keeps every IPv4 group's table.
 fn target_hash(e: &Entry, seed: u32, salt: u32) -> u32 {
     let mut h = seed ^ salt;
-    h = murmur_round(h, u32::from(e.address));
+    let len = match e.address {
+        IpAddr::V4(a) => {
+            h = murmur_round(h, u32::from(a));
+            8
+        }
+        IpAddr::V6(a) => {
+            for word in a.octets().chunks(4) {
+                h = murmur_round(h, u32::from_be_bytes([word[0], word[1], word[2], word[3]]));
+            }
+            20
+        }
+    };
     h = murmur_round(h, e.port as u32);
-    murmur_finish(h ^ 8)
+    murmur_finish(h ^ len)
 }
 
 fn murmur_round(h: u32, k: u32) -> u32 {
@@ -101,7 +115,7 @@ mod tests {
     fn targets(n: u32) -> Vec<Entry> {
         (0..n)
             .map(|i| Entry {
-                address: Ipv4Addr::from(0xc633_6400 + i),
+                address: Ipv4Addr::from(0xc633_6400 + i).into(),
                 port: 80,
                 weight: 1,
             })

@@ -178,6 +178,7 @@ impl MapState {
                 mtu: iface.mtu,
                 mac: iface.mac,
                 pad: 0,
+                addr6: iface.global_ipv6().map(be6).unwrap_or_default(),
             };
         }
         let settings = Settings {
@@ -231,24 +232,37 @@ impl MapState {
                         interfaces.len()
                     ));
                 }
+                let out = &interfaces[hop.interface];
+                if group.forwarding == Forwarding::Ipip
+                    && key.addr.is_ipv6()
+                    && known.is_some()
+                    && out.global_ipv6().is_none()
+                {
+                    return Err(anyhow!(
+                        "target {} of group {} is named by an IPv6 address, and {}, which reaches it, has no global IPv6 address to send ipip from: give {} one, or name the target by its IPv4 address",
+                        key.addr,
+                        group.name,
+                        out.name,
+                        out.name
+                    ));
+                }
                 state.targets.insert(
                     entry.id,
                     Target {
-                        addr: be(*key.addr.ip()),
                         group: gid,
                         mac: hop.mac,
                         state: state_flag,
                         port: key.addr.port().to_be(),
                         egress: hop.interface as u16,
                         weight: entry.weight as u16,
-                        pad: 0,
+                        ..target_address(key.addr.ip())
                     },
                 );
             }
             let entries: Vec<maglev::Entry> = usable
                 .iter()
                 .map(|(k, _, weight)| maglev::Entry {
-                    address: *k.addr.ip(),
+                    address: k.addr.ip(),
                     port: k.addr.port(),
                     weight: *weight,
                 })
@@ -657,6 +671,21 @@ fn monotonic_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A target's address as `Target` holds it: `addr`, or `ipv6` and `addr6`.
+fn target_address(addr: IpAddr) -> Target {
+    match addr {
+        IpAddr::V4(a) => Target {
+            addr: be(a),
+            ..Target::default()
+        },
+        IpAddr::V6(a) => Target {
+            ipv6: 1,
+            addr6: be6(a),
+            ..Target::default()
+        },
+    }
 }
 
 /// An IPv4 address as the maps hold it: network byte order in a native `u32`.
@@ -1069,14 +1098,8 @@ impl Dataplane {
             .filter(|id| !new.targets.contains_key(id))
         {
             let free = Target {
-                addr: 0,
-                group: 0,
-                mac: [0; 6],
                 state: TARGET_FREE,
-                port: 0,
-                egress: 0,
-                weight: 0,
-                pad: 0,
+                ..Target::default()
             };
             targets.set(*id, free, 0)?;
         }
@@ -1430,7 +1453,7 @@ mod tests {
             interface: 0,
             mac: [2, 0, 0, 0, 0, 0x11],
         };
-        let hop = |k: &TargetKey| (*k.addr.ip() != unknown).then_some(known);
+        let hop = |k: &TargetKey| (k.addr.ip() != unknown).then_some(known);
         let entry = |state: &MapState| {
             state
                 .targets
@@ -1512,7 +1535,7 @@ mod tests {
             port: 80u16.to_be(),
             egress: 0,
             weight: 1,
-            pad: 0,
+            ..Target::default()
         };
         let mut state = MapState::default();
         state.listeners.insert(vip, listener);

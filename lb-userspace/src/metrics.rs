@@ -5,7 +5,7 @@
 //! Counters of a listener or target live in map slots indexed by their ids, which reloads keep,
 //! so they survive any reload that keeps the listener or target.
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::Result;
 use prometheus::{
@@ -63,7 +63,7 @@ pub struct GroupStatus {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TargetStatus {
-    pub target: SocketAddrV4,
+    pub target: SocketAddr,
     pub state: String,
     pub weight: u32,
     pub traffic: Traffic,

@@ -73,6 +73,15 @@ impl Interface {
             .ok_or_else(|| anyhow!("interface {} has no IPv4 address", self.name))
     }
 
+    /// Its first global IPv6 address (not link-local), if it has one: the source of what lb
+    /// sends over IPv6 from it.
+    pub fn global_ipv6(&self) -> Option<Ipv6Addr> {
+        self.ipv6
+            .iter()
+            .copied()
+            .find(|a| !a.is_unicast_link_local())
+    }
+
     /// Whether it holds `addr`.
     pub fn holds(&self, addr: IpAddr) -> bool {
         match addr {

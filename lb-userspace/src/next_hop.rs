@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr as IpSocketAddr, UdpSocket},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -35,7 +35,7 @@ use crate::{
 
 /// Per target address: the interface that reaches it (an index into lb's) and the neighbour
 /// whose MAC its frames carry.
-pub type Routes = HashMap<Ipv4Addr, (usize, Ipv4Addr)>;
+pub type Routes = HashMap<IpAddr, (usize, IpAddr)>;
 
 /// A change the kernel announced that matters to lb.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub enum Event {
     /// not resolved yet, or resolution `failed` (no answer).
     Neighbour {
         ifindex: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         mac: Option<[u8; 6]>,
         failed: bool,
     },
@@ -61,11 +61,11 @@ pub struct NextHops {
     handle: Handle,
     routes: Routes,
     /// The MAC of each neighbour lb sends to, as the kernel last said.
-    macs: HashMap<(usize, Ipv4Addr), [u8; 6]>,
+    macs: HashMap<(usize, IpAddr), [u8; 6]>,
     /// Neighbours whose entry lb had the kernel drop to ask for their MAC afresh: they keep
     /// their MAC until the kernel has an answer, so that a target that merely failed a check
     /// (still serving a group that fails open) never loses it for the time of an ARP.
-    rechecking: HashSet<(usize, Ipv4Addr)>,
+    rechecking: HashSet<(usize, IpAddr)>,
 }
 
 impl NextHops {
@@ -111,7 +111,7 @@ impl NextHops {
     pub async fn route(
         &self,
         config: &Config,
-        draining: &[Ipv4Addr],
+        draining: &[IpAddr],
         ifaces: &[Interface],
     ) -> Result<Routes> {
         let mut routes = Routes::new();
@@ -154,16 +154,21 @@ impl NextHops {
     /// goes through any more.
     pub fn use_routes(&mut self, routes: Routes) {
         self.routes = routes;
-        let needed: HashSet<(usize, Ipv4Addr)> = self.routes.values().copied().collect();
+        let needed: HashSet<(usize, IpAddr)> = self.routes.values().copied().collect();
         self.macs.retain(|hop, _| needed.contains(hop));
         self.rechecking.retain(|hop| needed.contains(hop));
     }
 
     /// The kernel's route to `dst`: the interface index and the gateway, if any.
-    async fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>)> {
-        let question = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .build();
+    async fn route_to(&self, dst: IpAddr) -> Result<(u32, Option<IpAddr>)> {
+        let question = match dst {
+            IpAddr::V4(dst) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst, 32)
+                .build(),
+            IpAddr::V6(dst) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst, 128)
+                .build(),
+        };
         let route = self
             .handle
             .route()
@@ -177,7 +182,8 @@ impl NextHops {
         for attribute in route.attributes {
             match attribute {
                 RouteAttribute::Oif(index) => found.0 = Some(index),
-                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => found.1 = Some(gw),
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => found.1 = Some(gw.into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => found.1 = Some(gw.into()),
                 _ => {}
             }
         }
@@ -190,19 +196,21 @@ impl NextHops {
     /// Learns the MACs not known yet from the kernel's neighbour table, and asks the kernel to
     /// resolve those it does not have (see [`NextHops::probe_unknown`]).
     pub async fn learn(&mut self, ifaces: &[Interface]) -> Result<()> {
-        let mut table = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        while let Some(entry) = table
-            .try_next()
-            .await
-            .context("reading the neighbour table")?
-        {
-            if let Some(event) = neighbour_event(entry, false) {
-                self.on_event(ifaces, &event);
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut table = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(entry) = table
+                .try_next()
+                .await
+                .context("reading the neighbour table")?
+            {
+                if let Some(event) = neighbour_event(entry, false) {
+                    self.on_event(ifaces, &event);
+                }
             }
         }
         self.probe_unknown(ifaces);
@@ -224,7 +232,7 @@ impl NextHops {
     /// its probes. Its entry is deleted, if it still holds the MAC lb uses (the kernel may have
     /// learnt the new one meanwhile), and the kernel asked for the MAC again at once. Only for
     /// a target that is its own next hop: a gateway serves other targets too.
-    pub fn recheck(&mut self, target: &Ipv4Addr, ifaces: &[Interface]) {
+    pub fn recheck(&mut self, target: &IpAddr, ifaces: &[Interface]) {
         let Some(&(interface, neighbour)) = self.routes.get(target) else {
             return;
         };
@@ -245,8 +253,8 @@ impl NextHops {
     }
 
     /// The neighbours lb needs whose MAC it does not know.
-    pub fn unknown(&self) -> Vec<(usize, Ipv4Addr)> {
-        let mut unknown: Vec<(usize, Ipv4Addr)> = self
+    pub fn unknown(&self) -> Vec<(usize, IpAddr)> {
+        let mut unknown: Vec<(usize, IpAddr)> = self
             .routes
             .values()
             .filter(|hop| !self.macs.contains_key(hop))
@@ -258,7 +266,7 @@ impl NextHops {
     }
 
     /// The next hop of a target, if its MAC is known.
-    pub fn get(&self, target: &Ipv4Addr) -> Option<NextHop> {
+    pub fn get(&self, target: &IpAddr) -> Option<NextHop> {
         let &(interface, neighbour) = self.routes.get(target)?;
         let mac = *self.macs.get(&(interface, neighbour))?;
         Some(NextHop { interface, mac })
@@ -297,12 +305,16 @@ impl NextHops {
     }
 }
 
-/// Has the kernel resolve `neighbour`'s MAC on `dev` by sending it an empty UDP datagram (to
-/// the discard port).
-fn probe(dev: &str, neighbour: Ipv4Addr) {
-    if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
+/// Has the kernel resolve `neighbour`'s MAC on `dev` (by ARP or neighbour discovery) by
+/// sending it an empty UDP datagram (to the discard port).
+fn probe(dev: &str, neighbour: IpAddr) {
+    let any: IpAddr = match neighbour {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    if let Ok(socket) = UdpSocket::bind(IpSocketAddr::new(any, 0)) {
         let _ = set_socket_option(&socket, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev);
-        let _ = socket.send_to(&[], SocketAddrV4::new(neighbour, 9));
+        let _ = socket.send_to(&[], IpSocketAddr::new(neighbour, 9));
     }
 }
 
@@ -310,13 +322,18 @@ fn probe(dev: &str, neighbour: Ipv4Addr) {
 async fn forget_if_still(
     handle: &Handle,
     ifindex: u32,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     mac: [u8; 6],
 ) -> Result<(), rtnetlink::Error> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let mut table = handle
         .neighbours()
         .get()
-        .set_address_family(AddressFamily::Inet)
+        .set_address_family(family)
         .execute();
     while let Some(entry) = table.try_next().await? {
         let holds = neighbour_event(entry.clone(), false)
@@ -363,17 +380,15 @@ fn event_of(message: RouteNetlinkMessage) -> Option<Event> {
     }
 }
 
-/// An IPv4 neighbour entry as an event: its MAC while the kernel holds one it trusts (a stale
-/// entry still carries the last MAC that answered), none once resolution failed or the entry
-/// went.
+/// A neighbour entry (ARP's or neighbour discovery's) as an event: its MAC while the kernel
+/// holds one it trusts (a stale entry still carries the last MAC that answered), none once
+/// resolution failed or the entry went.
 fn neighbour_event(n: NeighbourMessage, deleted: bool) -> Option<Event> {
-    if n.header.family != AddressFamily::Inet {
-        return None;
-    }
     let (mut addr, mut lladdr) = (None, None);
     for attribute in n.attributes {
         match attribute {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(a),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(a.into()),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => addr = Some(a.into()),
             NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = <[u8; 6]>::try_from(bytes).ok(),
             _ => {}
         }
@@ -442,8 +457,19 @@ mod tests {
         );
         assert_eq!(event(entry(NeighbourState::Failed, Some(mac)), false), None);
         assert_eq!(event(entry(NeighbourState::Incomplete, None), false), None);
+        // Neighbour discovery's entries alike.
         let mut v6 = entry(NeighbourState::Reachable, Some(mac));
         v6.header.family = AddressFamily::Inet6;
-        assert_eq!(neighbour_event(v6, false), None);
+        let addr6: Ipv6Addr = "2001:db8:1::11".parse().unwrap();
+        v6.attributes[0] = NeighbourAttribute::Destination(NeighbourAddress::Inet6(addr6));
+        assert_eq!(
+            neighbour_event(v6, false),
+            Some(Event::Neighbour {
+                ifindex: 2,
+                addr: addr6.into(),
+                mac: Some(mac),
+                failed: false
+            })
+        );
     }
 }

@@ -225,7 +225,7 @@ impl Controller {
         } else {
             MapState::default()
         };
-        let state = MapState::build(&config, &registry, &ifaces, |k| next_hops.get(k.addr.ip()))?;
+        let state = MapState::build(&config, &registry, &ifaces, |k| next_hops.get(&k.addr.ip()))?;
         dataplane.apply(&current, &state)?;
         if let Some(old) = &predecessor {
             instance::signal_and_wait(old.pid, libc::SIGUSR2, HANDOVER_TIMEOUT)
@@ -450,7 +450,7 @@ impl Controller {
             let why = result.error.map(|e| format!(" ({e})")).unwrap_or_default();
             info!("target {}: {} -> {}{why}", t.target, t.from, t.to);
             if t.to == TargetState::Unhealthy {
-                self.next_hops.recheck(t.target.addr.ip(), &self.ifaces);
+                self.next_hops.recheck(&t.target.addr.ip(), &self.ifaces);
             }
             // A group starts failing open only when its last healthy target stops being healthy,
             // so only such a transition needs a look at the group.
@@ -562,7 +562,7 @@ impl Controller {
     fn refresh(&mut self) -> Result<()> {
         let next_hops = &self.next_hops;
         let new = MapState::build(&self.config, &self.registry, &self.ifaces, |k| {
-            next_hops.get(k.addr.ip())
+            next_hops.get(&k.addr.ip())
         })?;
         self.dataplane.apply(&self.state, &new)?;
         self.state = new;
@@ -580,10 +580,7 @@ impl Controller {
             if let Some(group) = self.config.target_group(&key.group) {
                 let check = group.health_check.clone();
                 let port = check.port.unwrap_or(key.addr.port());
-                wanted.insert(
-                    key.clone(),
-                    (SocketAddr::from((*key.addr.ip(), port)), check),
-                );
+                wanted.insert(key.clone(), (SocketAddr::new(key.addr.ip(), port), check));
             }
         }
         self.probes.retain(|key, probe| {
@@ -695,8 +692,8 @@ fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
 }
 
 /// The addresses of the targets `registry` holds that `config` does not: those that drain.
-fn not_in(registry: &Registry, config: &Config) -> Vec<std::net::Ipv4Addr> {
-    let configured: std::collections::HashSet<std::net::Ipv4Addr> = config
+fn not_in(registry: &Registry, config: &Config) -> Vec<std::net::IpAddr> {
+    let configured: std::collections::HashSet<std::net::IpAddr> = config
         .target_groups
         .iter()
         .flat_map(|g| &g.targets)
@@ -704,7 +701,7 @@ fn not_in(registry: &Registry, config: &Config) -> Vec<std::net::Ipv4Addr> {
         .collect();
     registry
         .targets()
-        .map(|(k, _)| *k.addr.ip())
+        .map(|(k, _)| k.addr.ip())
         .filter(|a| !configured.contains(a))
         .collect()
 }

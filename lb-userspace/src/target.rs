@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Config, Forwarding, protocol_name},
-    maps::be,
+    maps::{be, be6},
     net::{self, Interface},
     xdp::{XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, netlink_set_xdp},
 };
@@ -121,7 +121,7 @@ impl Plan {
 
     /// What the targets of `config` whose address is one of `host` need: their listeners' VIPs,
     /// the decap if any is in an ipip group, and the reply ports of translated listeners.
-    pub fn from_config(config: &Config, host: &[Ipv4Addr]) -> Self {
+    pub fn from_config(config: &Config, host: &[IpAddr]) -> Self {
         let mut plan = Plan::default();
         for l in &config.listeners {
             let Some(group) = config.target_group(&l.target_group) else {
@@ -438,6 +438,13 @@ fn attach_decap(iface: &str) -> Result<()> {
     for addr in &iface.ipv4 {
         local.insert(be(*addr), 1, 0)?;
     }
+    let mut local6: HashMap<_, [u32; 4], u8> = HashMap::try_from(
+        ebpf.map_mut("LOCAL_ADDRS6")
+            .context("LOCAL_ADDRS6 missing from the decap object")?,
+    )?;
+    for addr in &iface.ipv6 {
+        local6.insert(be6(*addr), 1, 0)?;
+    }
     let program: &mut Xdp = ebpf
         .program_mut(DECAP_PROGRAM)
         .context("decap program missing from the decap object")?
@@ -675,7 +682,7 @@ mod tests {
         )
         .unwrap();
         let vip = Ipv4Addr::new(203, 0, 113, 30);
-        let plan = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 11)]);
+        let plan = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 11).into()]);
         let answers: Vec<(u16, u16)> = plan
             .reply_ports
             .iter()
@@ -684,7 +691,7 @@ mod tests {
         assert_eq!(plan.vips, BTreeSet::from([IpAddr::V4(vip)]));
         assert_eq!(answers, [(7001, 7000), (7002, 7000)]);
         assert!(!plan.ipip && !plan.nat);
-        let elsewhere = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 12)]);
+        let elsewhere = Plan::from_config(&config, &[Ipv4Addr::new(198, 51, 100, 12).into()]);
         assert_eq!(elsewhere, Plan::default());
     }
 }

@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN: what the XDP tests and the benchmarks send.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -24,6 +24,8 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
+/// The balancer's global IPv6 address: the outer source of IPv6 encapsulation.
+pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
 
 /// The verdicts of an XDP program (`enum xdp_action`), as `run_xdp` returns them.
 pub const XDP_DROP: u32 = 1;
@@ -39,13 +41,20 @@ pub fn test_interface() -> Interface {
         mac: LB_MAC,
         mtu: 1500,
         ipv4: vec![LB_ADDR],
-        ipv6: Vec::new(),
+        // A link-local address first: encapsulation must not take it for its source.
+        ipv6: vec!["fe80::3".parse().unwrap(), LB_ADDR6],
     }
 }
 
-/// The made-up MAC of a target: 02:00 followed by its address.
-pub fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
+/// The made-up MAC of a target: 02:00 followed by its address's last four bytes.
+pub fn mac_of(addr: impl Into<IpAddr>) -> [u8; 6] {
+    let o = match addr.into() {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
     [0x02, 0x00, o[0], o[1], o[2], o[3]]
 }
 
@@ -53,7 +62,7 @@ pub fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
 pub fn next_hop_of(key: &TargetKey) -> Option<NextHop> {
     Some(NextHop {
         interface: 0,
-        mac: mac_of(*key.addr.ip()),
+        mac: mac_of(key.addr.ip()),
     })
 }
 

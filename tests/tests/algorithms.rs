@@ -81,7 +81,10 @@ fn active_connections(lab: &Lab, group: &str) -> Result<BTreeMap<String, u64>> {
     Ok(g.targets
         .iter()
         .map(|t| {
-            let host = t.target.ip().octets()[3] as usize - 10;
+            let host = match t.target.ip() {
+                std::net::IpAddr::V4(a) => a.octets()[3] as usize - 10,
+                std::net::IpAddr::V6(a) => a.octets()[15] as usize - 10,
+            };
             (format!("t{host}"), t.active_connections)
         })
         .collect())

@@ -236,7 +236,7 @@ fn a_target_whose_mac_changes_gets_traffic_again_without_a_reload() -> Result<()
         .target_groups
         .iter()
         .flat_map(|g| &g.targets)
-        .find(|t| t.target.ip().octets()[3] == 11)
+        .find(|t| t.target.ip() == std::net::Ipv4Addr::new(198, 51, 100, 11))
         .map(|t| t.mac.clone());
     balancer.mark();
     ensure!(

@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
-    Answers, IFACE, Lab, VIP, VIP6, in_netns, share, target_addr, tcp_clients, udp_clients,
+    Answers, FAST_TCP_CHECK, IFACE, Lab, VIP, VIP6, in_netns, share, target_addr, target_addr6,
+    tcp_clients, udp_clients,
 };
 
 const TARGETS: usize = 3;
@@ -311,6 +312,96 @@ target_groups:
         .context("web6 in lb status")?;
     ensure!(web6.address == format!("[{VIP6}]:{TCP_PORT}"), "{web6:?}");
     ensure!(web6.traffic.new_flows >= flows as u64, "{web6:?}");
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+/// ipip to targets named by their IPv6 addresses: IPv6 clients' packets travel as ip6ip6, IPv4
+/// clients' as IPv4-in-IPv6, through one group. `lb target -c` finds each host's targets by
+/// its IPv6 address and installs the decap for both; health checks go over IPv6, next hops by
+/// neighbour discovery; replies go straight to the clients.
+#[test]
+fn ipv4_and_ipv6_clients_reach_ipv6_targets_through_ipip() -> Result<()> {
+    let name = format!("lbt-ip6ip6-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, TARGETS)?;
+    lab.enable_ipv6()?;
+    let vips = [IpAddr::V4(VIP), IpAddr::V6(VIP6)];
+    let targets = |port: u16| -> String {
+        (0..TARGETS)
+            .map(|i| format!("{{address: '{}', port: {port}}}", target_addr6(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:
+  - {{name: web, address: {VIP}, port: {TCP_PORT}, protocol: tcp, target_group: web}}
+  - {{name: web6, address: '{VIP6}', port: {TCP_PORT}, protocol: tcp, target_group: web}}
+  - {{name: game, address: {VIP}, port: {UDP_PORT}, protocol: udp, target_group: game}}
+  - {{name: game6, address: '{VIP6}', port: {UDP_PORT}, protocol: udp, target_group: game}}
+target_groups:
+  - {{name: web, forwarding: ipip, health_check: {FAST_TCP_CHECK}, targets: [{}]}}
+  - {{name: game, forwarding: ipip, health_check: {FAST_TCP_CHECK}, targets: [{}]}}
+",
+            targets(TCP_PORT),
+            targets(UDP_PORT)
+        ),
+    )?;
+    let path = config.to_string_lossy();
+    for i in 1..=TARGETS {
+        let said = lab.lb(&format!("t{i}"), &["target", "-i", IFACE, "-c", &path])?;
+        ensure!(said.contains("decap"), "t{i}: {said}");
+    }
+    lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
+    for vip in vips {
+        lab.start_udp_servers(vip, UDP_PORT, UDP_REPLY)?;
+    }
+    let mut balancer = lab.start_balancer(&config, &[])?;
+    for (group, port) in [("web", TCP_PORT), ("game", UDP_PORT)] {
+        for i in 0..TARGETS {
+            let target = format!("[{}]:{port} in {group}", target_addr6(i));
+            balancer.wait_for_log(&[&target, "-> healthy"], Duration::from_secs(10))?;
+        }
+    }
+
+    let rx_before = lab.rx_bytes("lb")?;
+    let flows = FLOWS / 2;
+    let mut reply_bytes = 0;
+    for vip in vips {
+        let (tcp, tcp_bytes) = tcp_clients(&lab, vip, TCP_PORT, flows, REQUESTS)?;
+        let (udp, udp_bytes) = udp_clients(&lab, vip, UDP_PORT, flows, REQUESTS)?;
+        for (kind, answers) in [("tcp", &tcp), ("udp", &udp)] {
+            let per_target = flows_per_target(kind, answers)?;
+            ensure!(
+                per_target.len() == TARGETS && per_target.values().all(|&n| n >= flows / 6),
+                "{vip} {kind}: {per_target:?}"
+            );
+        }
+        reply_bytes += tcp_bytes + udp_bytes;
+    }
+    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+    ensure!(
+        reply_bytes >= (2 * flows * REQUESTS * (TCP_REPLY + UDP_REPLY)) as u64,
+        "the clients received only {reply_bytes} reply bytes"
+    );
+    ensure!(
+        rx_delta * 2 < reply_bytes,
+        "the balancer received {rx_delta} bytes while the clients got {reply_bytes}: replies are not bypassing it"
+    );
+    let status = lab.status()?;
+    let web = status
+        .target_groups
+        .iter()
+        .find(|g| g.name == "web")
+        .context("web in lb status")?;
+    ensure!(
+        web.targets
+            .iter()
+            .all(|t| t.target.is_ipv6() && t.state == "healthy"),
+        "{web:?}"
+    );
     let _ = std::fs::remove_file(config);
     Ok(())
 }

@@ -642,7 +642,7 @@ fn flows_leave_a_target_that_turns_unhealthy_and_no_other_flow_moves() -> Result
         before.push(out[0..6].to_vec());
     }
     let sick = &keys[0];
-    let sick_mac = mac_of(*sick.addr.ip()).to_vec();
+    let sick_mac = mac_of(sick.addr.ip()).to_vec();
     ensure!(
         before.contains(&sick_mac),
         "no flow on the target that will fail"
@@ -1300,7 +1300,7 @@ fn least_connections_counts_connections_from_start_to_end() -> Result<()> {
     // A target that fails its health check loses its flows: none of its connections count.
     let sick = keys
         .iter()
-        .find(|k| k.addr.ip().octets()[3] == 13)
+        .find(|k| k.addr.ip() == std::net::Ipv4Addr::new(198, 51, 100, 13))
         .context("target .13")?;
     registry.record(sick, false, 1, 1);
     let degraded = MapState::build(&config, &registry, &[test_interface()], next_hop_of)?;
@@ -2049,5 +2049,188 @@ fn ipv6_errors_about_replies_go_to_the_flows_target() -> Result<()> {
     ensure!(drops(&dp, DropReason::IcmpUnmatched)? == 1);
     let elsewhere = too_big(CLIENT6, &reply(&Packet6::tcp(80, 6003, 0x10)));
     ensure!(run(&mut dp, &elsewhere)? == (XDP_PASS, elsewhere.clone()));
+    Ok(())
+}
+
+/// ipip to targets named by IPv6 address: an IPv6 listener's packets in IPv6 (ip6ip6), an
+/// IPv4 listener's in IPv6 too (IPv4-in-IPv6), on one group.
+const IPV6_IPIP: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: tunnel6, address: '2001:db8:10::10', port: 80, protocol: tcp_udp, target_group: hosts6}
+  - {name: tunnel4, address: 203.0.113.10, port: 80, protocol: tcp_udp, target_group: hosts6}
+target_groups:
+  - name: hosts6
+    forwarding: ipip
+    targets: [{address: '2001:db8:1::11', port: 80}, {address: '2001:db8:1::12', port: 80}]
+";
+
+/// The outer IPv6 header lb puts in front of a packet of `inner_len` bytes for `target`.
+fn outer6(
+    class: [u8; 4],
+    inner_len: usize,
+    next: u8,
+    hop_limit: u8,
+    target: &lb_common::Target,
+) -> Vec<u8> {
+    let mut outer = class.to_vec();
+    outer.extend((inner_len as u16).to_be_bytes());
+    outer.extend([next, hop_limit]);
+    outer.extend(lb_tests::frames::LB_ADDR6.octets());
+    outer.extend(target.addr6.iter().flat_map(|w| w.to_ne_bytes()));
+    outer
+}
+
+/// ip6ip6 and IPv4-in-IPv6: the outer header comes from the balancer's global IPv6 address
+/// (not its link-local one) to the target's, carries the inner packet's traffic class (an
+/// IPv6 packet's flow label too) and hop limit, and the inner packet follows unchanged.
+#[test]
+fn ipip_to_ipv6_targets_prepends_an_outer_ipv6_header() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(IPV6_IPIP)?;
+    for packet in [Packet6::tcp(80, 1234, 0x02), Packet6::udp(80, 1235)] {
+        let mut frame = packet.frame();
+        // Traffic class 0xb8 (EF), flow label 0x12345.
+        frame[14..18].copy_from_slice(&[0x6b, 0x81, 0x23, 0x45]);
+        let (verdict, out) = run(&mut dp, &frame)?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let (_, target) = expected_target6(&state, 0, &packet);
+        ensure!(target.ipv6 == 1);
+        let inner = &frame[14..];
+        let mut want = ethernet(
+            target.mac,
+            LB_MAC,
+            0x86dd,
+            &outer6(
+                [0x6b, 0x81, 0x23, 0x45],
+                inner.len(),
+                41,
+                packet.hop_limit,
+                &target,
+            ),
+        );
+        want.extend(inner);
+        ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+    }
+    for packet in [Packet::tcp(80, 1236, 0x02), Packet::udp(80, 1237)] {
+        let mut frame = packet.frame();
+        // TOS 0xb8, the header checksum kept right.
+        frame[15] = 0xb8;
+        frame[24..26].copy_from_slice(&[0, 0]);
+        let check = checksum(&frame[14..34]);
+        frame[24..26].copy_from_slice(&check.to_be_bytes());
+        let (verdict, out) = run(&mut dp, &frame)?;
+        ensure!(verdict == XDP_TX, "verdict {verdict}");
+        let (_, target) = expected_target(&state, 0, &packet);
+        let inner = &frame[14..];
+        let mut want = ethernet(
+            target.mac,
+            LB_MAC,
+            0x86dd,
+            &outer6([0x6b, 0x80, 0, 0], inner.len(), 4, packet.ttl, &target),
+        );
+        want.extend(inner);
+        ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+    }
+    Ok(())
+}
+
+/// A packet that would exceed the MTU once in IPv6: an IPv6 one is always answered with
+/// "packet too big" (IPv6 is never fragmented on the way), an IPv4 one with DF with
+/// "fragmentation needed"; both carry the MTU less the 40-byte outer header, from the VIP, and
+/// quote the packet (an IPv6 one for 128 bytes). One byte less is encapsulated.
+#[test]
+fn packets_too_big_for_ipv6_encapsulation_get_packet_too_big() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(IPV6_IPIP)?;
+    let mtu = test_interface().mtu as usize;
+    let mut big6 = Packet6::tcp(80, 2000, 0x10);
+    big6.payload = vec![7; mtu - 40 - 40 - 20 + 1];
+    let sent = big6.ip_packet();
+    ensure!(sent.len() == mtu - 40 + 1);
+    let (verdict, out) = run(&mut dp, &big6.frame())?;
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    let next_hop_mtu = ((mtu - 40) as u32).to_be_bytes();
+    let mut want = icmp6_message(
+        VIP6,
+        CLIENT6,
+        64,
+        [
+            2,
+            0,
+            0,
+            0,
+            next_hop_mtu[0],
+            next_hop_mtu[1],
+            next_hop_mtu[2],
+            next_hop_mtu[3],
+        ],
+        &sent[..128],
+    );
+    want[0..6].copy_from_slice(&CLIENT_MAC);
+    want[6..12].copy_from_slice(&LB_MAC);
+    ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+
+    let mut big4 = Packet::tcp(80, 2001, 0x10);
+    big4.payload = vec![7; mtu - 40 - 40 + 1];
+    let sent = big4.ip_packet();
+    let (verdict, out) = run(&mut dp, &big4.frame())?;
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    let mut want = icmp_error(
+        VIP,
+        big4.src,
+        [3, 4],
+        [0, 0, next_hop_mtu[2], next_hop_mtu[3]],
+        &sent[..64],
+    );
+    want[0..6].copy_from_slice(&CLIENT_MAC);
+    want[6..12].copy_from_slice(&LB_MAC);
+    ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+    ensure!(dp.icmp_sent_of(IcmpCounter::TooBigSent)? == 2);
+    ensure!(drops(&dp, DropReason::TooBig)? == 2);
+
+    big6.payload.pop();
+    big4.payload.pop();
+    for frame in [big6.frame(), big4.frame()] {
+        let (verdict, out) = run(&mut dp, &frame)?;
+        ensure!(verdict == XDP_TX && out.len() == 14 + mtu && out[12..14] == [0x86, 0xdd]);
+    }
+    Ok(())
+}
+
+/// A router's "packet too big" about an ip6ip6 flow's reply reaches the flow's target
+/// encapsulated like the flow's packets, the message unchanged inside.
+#[test]
+fn ipv6_errors_about_ip6ip6_replies_go_to_the_target_encapsulated() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(IPV6_IPIP)?;
+    let request = Packet6::tcp(80, 3000, 0x02);
+    run(&mut dp, &request.frame())?;
+    let reply = Packet6 {
+        src: request.dst,
+        dst: request.src,
+        sport: request.dport,
+        dport: request.sport,
+        // A router's message is at most 1280 bytes (RFC 4443), so it fits the tunnel.
+        payload: vec![0x5a; 1280 - 48 - 60],
+        ..request.clone()
+    };
+    let error = icmp6_message(
+        "2001:db8:1::4".parse()?,
+        VIP6,
+        64,
+        [2, 0, 0, 0, 0, 0, 0x05, 0x00],
+        &reply.ip_packet(),
+    );
+    let (verdict, out) = run(&mut dp, &error)?;
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    let (_, target) = expected_target6(&state, 0, &request);
+    let inner = &error[14..];
+    let mut want = ethernet(
+        target.mac,
+        LB_MAC,
+        0x86dd,
+        &outer6([0x60, 0, 0, 0], inner.len(), 41, 64, &target),
+    );
+    want.extend(inner);
+    ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == 1);
     Ok(())
 }

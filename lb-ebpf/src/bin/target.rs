@@ -1,8 +1,9 @@
 //! The target host's programs, which `lb target` installs:
 //!
-//! - `lb_decap` (XDP, ingress) strips the outer IPv4 header of IP-in-IP packets addressed to
-//!   this host and hands the inner packet to the stack, so a target needs no ipip module (this
-//!   is also faster than one).
+//! - `lb_decap` (XDP, ingress) strips the outer header of IP-in-IP packets addressed to this
+//!   host (IPv4 or IPv6 outside, IPv4 or IPv6 inside: ipip, IPv4-in-IPv6, ip6ip6) and hands
+//!   the inner packet to the stack, so a target needs no tunnel module (this is also faster
+//!   than one).
 //! - `lb_reply_ports` (TC, egress) undoes the balancer's port translation on what this host
 //!   sends: a reply from (VIP, target port, protocol) leaves with the listener's port as its
 //!   source port, which is what the client talked to. Stateless, from `REPLY_PORTS`.
@@ -18,13 +19,20 @@ use aya_ebpf::{
 };
 use lb_common::{ListenerKey, PROTO_TCP, PROTO_UDP};
 use lb_ebpf::{
-    ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
+    ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN,
+    TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
-/// This host's IPv4 addresses (network order); only tunnels addressed to them are opened.
+/// This host's IPv4 and IPv6 addresses (network order); only tunnels addressed to them are
+/// opened.
 #[map]
 static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+#[map]
+static LOCAL_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(64, 0);
 
 /// Index 0: packets decapsulated.
 #[map]
@@ -32,10 +40,15 @@ static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    decap(&ctx);
+    match ptr_at::<EthHdr>(&ctx, 0).map(|eth| unsafe { (*eth).ether_type }) {
+        Some(ETH_P_IP_BE) => decap(&ctx),
+        Some(ETH_P_IPV6_BE) => decap6(&ctx),
+        _ => {}
+    }
     XDP_PASS
 }
 
+/// An IPv4 packet in IPv4.
 #[inline(always)]
 fn decap(ctx: &XdpContext) {
     // One bounds check for all three headers keeps the verifier's view of the pointers simple.
@@ -54,22 +67,54 @@ fn decap(ctx: &XdpContext) {
         )
     };
     // Only option-less outer headers (what lb sends), carrying an IPv4 packet, to this host.
-    if eth_hdr.ether_type != ETH_P_IP_BE
-        || outer.vihl != 0x45
+    if outer.vihl != 0x45
         || outer.proto != IPPROTO_IPIP
         || inner.vihl >> 4 != 4
         || unsafe { LOCAL_ADDRS.get(&u32::from_ne_bytes(outer.dst_addr)) }.is_none()
     {
         return;
     }
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_LEN as i32) } != 0 {
+    strip(ctx, IPV4_LEN, eth_hdr);
+}
+
+/// An IPv4 or IPv6 packet in IPv6 (no extension header: what lb sends).
+#[inline(always)]
+fn decap6(ctx: &XdpContext) {
+    let Some(headers) = ptr_at::<[u8; ETH_LEN + IPV6_LEN + 1]>(ctx, 0) else {
+        return;
+    };
+    // SAFETY: the headers and the inner version byte lie within the bounds-checked range.
+    let (mut eth_hdr, next, dst, inner_version) = unsafe {
+        let outer = (headers as *const u8).add(ETH_LEN) as *const Ipv6Hdr;
+        (
+            *(headers as *const EthHdr),
+            (*outer).next_hdr,
+            (&raw const (*outer).dst_addr as *const [u32; 4]).read_unaligned(),
+            *(headers as *const u8).add(ETH_LEN + IPV6_LEN) >> 4,
+        )
+    };
+    eth_hdr.ether_type = match (next, inner_version) {
+        (IPPROTO_IPIP, 4) => ETH_P_IP_BE,
+        (IPPROTO_IPV6, 6) => ETH_P_IPV6_BE,
+        _ => return,
+    };
+    if unsafe { LOCAL_ADDRS6.get(&dst) }.is_none() {
         return;
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    strip(ctx, IPV6_LEN, eth_hdr);
+}
+
+/// Removes the `outer` bytes of outer header after the Ethernet header, which becomes `eth`.
+#[inline(always)]
+fn strip(ctx: &XdpContext, outer: usize, eth: EthHdr) {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer as i32) } != 0 {
+        return;
+    }
+    let Some(at) = ptr_at::<EthHdr>(ctx, 0) else {
         return;
     };
     // SAFETY: bounds-checked just above, after the head moved.
-    unsafe { *eth = eth_hdr };
+    unsafe { *at = eth };
     if let Some(counter) = DECAP_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU value, no other writer.
         unsafe { *counter += 1 };

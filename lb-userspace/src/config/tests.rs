@@ -209,11 +209,60 @@ fn bad_address() {
         14,
         "VIP 169.254.1.1 cannot be used: it is link-local",
     );
+}
+
+/// Targets named by IPv6 address: global unicast only. dsr takes them for VIPs of either
+/// family; ipip for both (IPv4-in-IPv6, ip6ip6), but an IPv6 VIP needs them (no IPv6 in IPv4);
+/// nat keeps the family.
+#[test]
+fn ipv6_targets() {
+    let v6_targets = VALID
+        .replace("198.51.100.11", "'2001:db8:1::11'")
+        .replace("198.51.100.12", "'2001:db8:1::12'");
+    let config = parse(Path::new("lb.yaml"), &v6_targets).unwrap();
+    assert_eq!(
+        config.target_groups[0].targets[0].endpoint().to_string(),
+        "[2001:db8:1::11]:80"
+    );
+    for (address, why) in [
+        ("fe80::11", "it is link-local (fe80::/10)"),
+        ("::1", "it must be a unicast address"),
+        ("ff02::1", "it must be a unicast address"),
+        ("::ffff:198.51.100.11", "it is an IPv4-mapped address"),
+    ] {
+        refused(
+            &VALID.replace("198.51.100.11", &format!("'{address}'")),
+            12,
+            18,
+            &format!(
+                "target address {} cannot be used: {why}",
+                address.parse::<IpAddr>().unwrap()
+            ),
+        );
+    }
+    let mode = |text: &str, forwarding: &str| text.replace("forwarding: dsr", forwarding);
+    let v6_vip = |text: &str| text.replace("203.0.113.10", "'2001:db8::10'");
+    for text in [
+        v6_targets.clone(),
+        v6_vip(&v6_targets),
+        v6_vip(VALID),
+        mode(&v6_targets, "forwarding: ipip"),
+        mode(&v6_vip(&v6_targets), "forwarding: ipip"),
+        mode(VALID, "forwarding: ipip"),
+    ] {
+        assert!(parse(Path::new("lb.yaml"), &text).is_ok(), "{text}");
+    }
     refused(
-        &VALID.replace("198.51.100.11", "2001:db8::1"),
-        12,
-        18,
-        "target address 2001:db8::1 is IPv6, which lb does not take yet",
+        &mode(&v6_vip(VALID), "forwarding: ipip"),
+        6,
+        19,
+        "listener `web` has an IPv6 VIP, and target 198.51.100.11:80 of its group `web` (ipip) is IPv4: ipip carries an IPv6 packet in IPv6 only",
+    );
+    refused(
+        &mode(&v6_targets, "forwarding: nat"),
+        6,
+        19,
+        "listener `web` has an IPv4 VIP, and target [2001:db8:1::11]:80 of its group `web` (nat) is IPv6: nat keeps the address family (no NAT64)",
     );
 }
 
@@ -258,10 +307,12 @@ fn ipv6_vips() {
         "VIP `fe80::1%eth0` is scoped to one interface",
     );
     refused(
-        &v6("2001:db8::10").replace("forwarding: dsr", "forwarding: ipip"),
+        &v6("2001:db8::10")
+            .replace("forwarding: dsr", "forwarding: nat")
+            .replace("198.51.100.1", "2001:db8:1::1"),
         6,
         19,
-        "listener `web` has an IPv6 VIP, and its target group `web` forwards with ipip: lb forwards IPv6 with dsr only, for now",
+        "listener `web` has an IPv6 VIP, and its target group `web` forwards with nat: lb forwards IPv6 with dsr and ipip only, for now",
     );
     refused(
         &v6("2001:db8::10").replace(

@@ -208,6 +208,8 @@ listeners:
   - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp, target_group: web}
   - {name: game, address: 203.0.113.10, port: 7777, protocol: udp, target_group: game}
   - {name: tunnel, address: 203.0.113.10, port: 5000, protocol: udp, target_group: tunnel}
+  - {name: tunnel4in6, address: 203.0.113.10, port: 5001, protocol: udp, target_group: tunnel6}
+  - {name: tunnel6, address: '2001:db8:10::10', port: 5001, protocol: udp, target_group: tunnel6}
 target_groups:
   - name: web
     targets:
@@ -223,6 +225,11 @@ target_groups:
     targets:
       - {address: 198.51.100.21, port: 5000}
       - {address: 198.51.100.22, port: 5000}
+  - name: tunnel6
+    forwarding: ipip
+    targets:
+      - {address: '2001:db8:1::21', port: 5001}
+      - {address: '2001:db8:1::22', port: 5001}
 ";
 
 /// The same with a NAT group: what NAT costs, and what it costs packets not for a VIP, each of
@@ -372,7 +379,7 @@ fn per_packet(plan: &Plan) -> Result<String> {
     use Setup::{Algorithms, Nat, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Input, Option<f64>, Timing, Setup); 21] = [
+    let cases: [(&str, Input, Option<f64>, Timing, Setup); 23] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10).into(),
@@ -458,6 +465,13 @@ fn per_packet(plan: &Plan) -> Result<String> {
             Plain,
         ),
         (
+            "UDP, established flow, IPv4-in-IPv6 encapsulation ¹",
+            Packet::udp(5001, 4444).into(),
+            None,
+            OneRun,
+            Plain,
+        ),
+        (
             "TCP, established NAT flow, request (to the target's address and port) ¹ ²",
             nat_request.into(),
             None,
@@ -490,6 +504,13 @@ fn per_packet(plan: &Plan) -> Result<String> {
             Packet6::tcp(80, 2222, 0x02).into(),
             None,
             NewFlows,
+            Plain,
+        ),
+        (
+            "UDP over IPv6, established flow, ip6ip6 encapsulation ¹",
+            Packet6::udp(5001, 4444).into(),
+            None,
+            OneRun,
             Plain,
         ),
         (
@@ -1267,7 +1288,7 @@ fn balanced_lab(
     }
     let (config, registry) = registered(&config_text)?;
     let state = MapState::build(&config, &registry, std::slice::from_ref(&lb_iface), |k| {
-        let i = (k.addr.ip().octets()[3] - 11) as usize;
+        let i = (0..lab.targets).find(|&i| k.addr.ip() == target_addr(i))?;
         Some(lb::maps::NextHop {
             interface: 0,
             mac: target_macs[i],
@@ -1384,7 +1405,7 @@ fn run(command: &mut Command) -> Result<()> {
 fn entries(n: u32) -> Vec<maglev::Entry> {
     (0..n)
         .map(|i| maglev::Entry {
-            address: Ipv4Addr::from(0x0a00_0000 + i),
+            address: Ipv4Addr::from(0x0a00_0000 + i).into(),
             port: 80,
             weight: 1,
         })
@@ -1813,7 +1834,7 @@ fn run_checker(n: usize, seconds: u64, placement: Placement) -> Result<Checker> 
         for i in 0..n {
             let key = TargetKey {
                 group: placement.group(i),
-                addr: placement.listener(i),
+                addr: placement.listener(i).into(),
             };
             tokio::spawn(health::probe_loop(
                 Arc::new(key),

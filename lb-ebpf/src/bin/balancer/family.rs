@@ -265,21 +265,36 @@ impl Family for V6 {
         None
     }
 
-    /// Not yet: the config refuses ipip and nat groups for IPv6 listeners.
+    /// ipip only, as IPv6 in IPv6: the config refuses nat groups for IPv6 listeners, for now.
     #[inline(always)]
     fn translate_or_encapsulate(
-        _ctx: &XdpContext,
-        _packet: &Packet<Self>,
-        _target: &Target,
-        _group: &Group,
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        target: &Target,
+        group: &Group,
         _listener: &Listener,
-        _settings: &Settings,
+        settings: &Settings,
         _table: &FlowTable,
         _entry: *mut FlowEntry<FlowKey6>,
         _new_flow: bool,
         _now: u64,
     ) -> u32 {
-        drop(DropReason::EncapFailed)
+        if group.forwarding != FORWARDING_IPIP {
+            return drop(DropReason::EncapFailed);
+        }
+        if let Some(action) = forward::too_big_to_encapsulate6(ctx, packet, target, settings) {
+            return action;
+        }
+        if let Err(reason) = Self::translate_port(ctx, packet, target) {
+            return drop(reason);
+        }
+        // SAFETY: the parse bounds-checked the header, and nothing resized the frame since.
+        forward::encapsulate6(
+            ctx,
+            unsafe { forward::Outer6::of(packet.ip) },
+            target,
+            settings,
+        )
     }
 
     /// Not yet: the config gives an IPv6 listener's targets the listener's port. Nothing past

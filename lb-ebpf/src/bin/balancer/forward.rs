@@ -1,5 +1,7 @@
 //! Stage 5: the packet rewritten for its target and sent: port translation, then either a new
-//! MAC (dsr) or an outer IPv4 header (ipip), out of the interface that reaches the target.
+//! MAC (dsr) or an outer header (ipip: IPv4 for a target named by IPv4 address, IPv6 for one
+//! named by IPv6 address, whatever the inner packet's family), out of the interface that
+//! reaches the target.
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_TX,
@@ -8,12 +10,21 @@ use aya_ebpf::{
 };
 use lb_common::{DropReason, Egress, MAX_INTERFACES, PROTO_TCP, Settings, Target};
 use lb_ebpf::{
-    ETH_LEN, ETH_P_IP_BE, IPPROTO_IPIP, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-    checksum_replace, checksum_replace32, ptr_at, set_ipv4_checksum, write_mac,
+    ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN,
+    TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum_replace, checksum_replace32, ptr_at,
+    set_ipv4_checksum, write_mac,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
-use crate::{counters::drop, family::V4, icmp, parse::Packet};
+use crate::{
+    counters::drop,
+    family::{V4, V6},
+    icmp,
+    parse::Packet,
+};
 
 const IP_DF: u8 = 0x40;
 
@@ -155,24 +166,48 @@ pub fn too_big_to_encapsulate(
     // SAFETY: `ip` was bounds-checked by the parse and the frame has not been resized since.
     let (tot_len, frags) = unsafe { ((*packet.ip).tot_len, (*packet.ip).frags) };
     let mtu = egress(target, settings).mtu;
-    if fits(u16::from_be_bytes(tot_len), mtu) {
+    let overhead = overhead(target);
+    if u16::from_be_bytes(tot_len) as u32 + overhead <= mtu {
         return None;
     }
     Some(if frags[0] & IP_DF != 0 {
-        icmp::too_big(ctx, (mtu - IPV4_LEN as u32) as u16)
+        icmp::too_big(ctx, (mtu - overhead) as u16)
     } else {
         drop(DropReason::TooBig)
     })
 }
 
-/// Whether an IPv4 packet of `len` bytes fits an interface of MTU `mtu` once encapsulated.
+/// `too_big_to_encapsulate` for an IPv6 packet: it has no DF, and is never fragmented on the
+/// way, so its sender is always told ("packet too big", `icmp::too_big6`).
 #[inline(always)]
-fn fits(len: u16, mtu: u32) -> bool {
-    len as u32 + IPV4_LEN as u32 <= mtu
+pub fn too_big_to_encapsulate6(
+    ctx: &XdpContext,
+    packet: &Packet<V6>,
+    target: &Target,
+    settings: &Settings,
+) -> Option<u32> {
+    // SAFETY: as above.
+    let payload_len = u16::from_be_bytes(unsafe { (*packet.ip).payload_len }) as u32;
+    let mtu = egress(target, settings).mtu;
+    if IPV6_LEN as u32 + payload_len + IPV6_LEN as u32 <= mtu {
+        return None;
+    }
+    Some(icmp::too_big6(ctx, mtu - IPV6_LEN as u32))
 }
 
-/// Prepends an outer IPv4 header (LB → target, protocol 4) and a fresh Ethernet header to the
-/// packet whose IPv4 header is `ip`; drops it if it would then exceed the MTU.
+/// What encapsulation for `target` adds: an outer IPv4 or IPv6 header.
+#[inline(always)]
+fn overhead(target: &Target) -> u32 {
+    if target.ipv6 != 0 {
+        IPV6_LEN as u32
+    } else {
+        IPV4_LEN as u32
+    }
+}
+
+/// Prepends an outer header (LB → target: IPv4 with protocol 4, or IPv6 with next header 4
+/// for a target named by IPv6 address) and a fresh Ethernet header to the packet whose IPv4
+/// header is `ip`; drops it if it would then exceed the MTU.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -183,8 +218,21 @@ pub fn encapsulate(
     // SAFETY: the caller bounds-checked `ip` and has not resized the frame since.
     let inner = unsafe { *ip };
     let inner_len = u16::from_be_bytes(inner.tot_len) as u32;
+    if target.ipv6 != 0 {
+        // Traffic class from the TOS byte, no flow label.
+        let class = [0x60 | inner.tos >> 4, inner.tos << 4, 0, 0];
+        return encapsulate_in_ipv6(
+            ctx,
+            inner_len,
+            IPPROTO_IPIP,
+            class,
+            inner.ttl,
+            target,
+            settings,
+        );
+    }
     let out = egress(target, settings);
-    if !fits(inner_len as u16, out.mtu) {
+    if inner_len + IPV4_LEN as u32 > out.mtu {
         return drop(DropReason::TooBig);
     }
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
@@ -213,5 +261,91 @@ pub fn encapsulate(
         };
     }
     set_ipv4_checksum(outer);
+    send_out(ctx, out, settings)
+}
+
+/// What an IPv6 packet's outer header takes from it when it is encapsulated: its traffic
+/// class and flow label (with the version), its length and its hop limit. Read with the
+/// packet's other fields, while its header pointer is fresh.
+#[derive(Clone, Copy)]
+pub struct Outer6 {
+    class: [u8; 4],
+    len: u32,
+    hop_limit: u8,
+}
+
+impl Outer6 {
+    /// # Safety
+    /// `ip` must be bounds-checked for the whole IPv6 header.
+    #[inline(always)]
+    pub unsafe fn of(ip: *const Ipv6Hdr) -> Self {
+        // SAFETY: as the caller promises.
+        unsafe {
+            Outer6 {
+                class: (*ip).vcf,
+                len: IPV6_LEN as u32 + u16::from_be_bytes((*ip).payload_len) as u32,
+                hop_limit: (*ip).hop_limit,
+            }
+        }
+    }
+}
+
+/// Prepends an outer IPv6 header (LB → target, next header 41) and a fresh Ethernet header to
+/// an IPv6 packet (ip6ip6); drops it if it would then exceed the MTU, or if the target has no
+/// IPv6 address (the config gives an IPv6 listener's ipip group none).
+#[inline(always)]
+pub fn encapsulate6(ctx: &XdpContext, inner: Outer6, target: &Target, settings: &Settings) -> u32 {
+    if target.ipv6 == 0 {
+        return drop(DropReason::EncapFailed);
+    }
+    encapsulate_in_ipv6(
+        ctx,
+        inner.len,
+        IPPROTO_IPV6,
+        inner.class,
+        inner.hop_limit,
+        target,
+        settings,
+    )
+}
+
+/// Prepends an outer IPv6 header and a fresh Ethernet header to an inner packet of
+/// `inner_len` bytes (`next`: its protocol), with version, traffic class and flow label
+/// `class` and hop limit `hop_limit`, from the egress interface's IPv6 address to the
+/// target's, and sends it; drops it if it would then exceed the MTU.
+#[inline(always)]
+fn encapsulate_in_ipv6(
+    ctx: &XdpContext,
+    inner_len: u32,
+    next: u8,
+    class: [u8; 4],
+    hop_limit: u8,
+    target: &Target,
+    settings: &Settings,
+) -> u32 {
+    let out = egress(target, settings);
+    if inner_len + IPV6_LEN as u32 > out.mtu {
+        return drop(DropReason::TooBig);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV6_LEN as i32)) } != 0 {
+        return drop(DropReason::EncapFailed);
+    }
+    let (Some(eth), Some(outer)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv6Hdr>(ctx, ETH_LEN))
+    else {
+        return drop(DropReason::EncapFailed);
+    };
+    // SAFETY: both pointers were bounds-checked just above, after the head moved. Addresses
+    // are written as words: a `[u8; 16]` copy would call a byte-wise memcpy.
+    unsafe {
+        write_mac(&raw mut (*eth).dst_addr, &target.mac);
+        write_mac(&raw mut (*eth).src_addr, &out.mac);
+        (*eth).ether_type = ETH_P_IPV6_BE;
+        (*outer).vcf = class;
+        (*outer).payload_len = (inner_len as u16).to_be_bytes();
+        (*outer).next_hdr = next;
+        (*outer).hop_limit = hop_limit;
+        (&raw mut (*outer).src_addr as *mut [u32; 4]).write_unaligned(out.addr6);
+        (&raw mut (*outer).dst_addr as *mut [u32; 4]).write_unaligned(target.addr6);
+    }
     send_out(ctx, out, settings)
 }

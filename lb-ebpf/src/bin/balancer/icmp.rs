@@ -24,13 +24,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, FORWARDING_DSR, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowKey6, FlowTable,
-    Group, IcmpCounter, Listener, ListenerKey, ListenerKey6, ListenerKeyOf, PROTO_TCP, PROTO_UDP,
-    Settings,
+    DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowKey6, FlowTable, Group, IcmpCounter,
+    Listener, ListenerKey, ListenerKey6, ListenerKeyOf, PROTO_TCP, PROTO_UDP, Settings,
 };
 use lb_ebpf::{
-    ETH_LEN, ETH_P_IP_BE, IPV4_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum, checksum_replace,
-    checksum_replace32, ptr_at, set_ipv4_checksum, write_mac,
+    ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
+    checksum, checksum_from, checksum_replace, checksum_replace32, ptr_at, set_ipv4_checksum,
+    write_mac,
 };
 use network_types::{
     eth::EthHdr,
@@ -44,7 +44,7 @@ use crate::{
     flows, forward,
     forward::{IP_DST, IP_SRC, set_address},
     listener, nat,
-    parse::{IP_MF_OFFSET_MASK, IPV6_LEN},
+    parse::IP_MF_OFFSET_MASK,
     pick,
 };
 
@@ -203,11 +203,12 @@ pub fn error6(
         return Ok(None);
     };
     // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
-    let (next, kind, outer_dst) = unsafe {
+    let (next, kind, outer_dst, outer) = unsafe {
         (
             (*ip).next_hdr,
             (*icmp)[0],
             (&raw const (*ip).dst_addr as *const [u32; 4]).read_unaligned(),
+            forward::Outer6::of(ip),
         )
     };
     if next != PROTO_ICMPV6 || !ICMPV6_ERRORS.contains(&kind) {
@@ -241,12 +242,17 @@ pub fn error6(
     let key = FlowKey6::new(dst, src, dport, sport, proto);
     let id = flow_target::<V6>(table, &key, listener, group, settings, now).ok_or(unmatched)?;
     let target = TARGETS.get(id).ok_or(unmatched)?;
-    // IPv6 listeners forward with dsr and without port translation (the config sees to it).
-    if group.forwarding != FORWARDING_DSR || target.port != sport {
+    // IPv6 listeners forward with dsr or ipip, without port translation (the config sees to
+    // it).
+    if group.forwarding == FORWARDING_NAT || target.port != sport {
         return Err(unmatched);
     }
     counters::icmp(IcmpCounter::ErrorToTarget);
-    Ok(Some(forward::dsr(ctx, eth, target, settings)))
+    Ok(Some(if group.forwarding == FORWARDING_IPIP {
+        forward::encapsulate6(ctx, outer, target, settings)
+    } else {
+        forward::dsr(ctx, eth, target, settings)
+    }))
 }
 
 /// The frame sent where it belongs if it is an ICMP error (destination unreachable, which
@@ -445,7 +451,6 @@ const TOO_BIG_FRAME: usize = ETH_LEN + IPV4_LEN + ICMP_HDR_LEN + TOO_BIG_QUOTE;
 /// both as sent and as the `too_big` drop of the packet.
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, mtu: u16) -> u32 {
-    let frame_len = ctx.data_end() - ctx.data();
     let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)) else {
         return drop(DropReason::TooBig);
     };
@@ -458,16 +463,7 @@ pub fn too_big(ctx: &XdpContext, mtu: u16) -> u32 {
             (*ip).dst_addr,
         )
     };
-    let cut = frame_len as i32 - (ETH_LEN + TOO_BIG_QUOTE) as i32;
-    let grow = (IPV4_LEN + ICMP_HDR_LEN) as i32;
-    // SAFETY: plain helper calls; every pointer is checked again after them.
-    if cut < 0
-        || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -cut) } != 0
-        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0
-    {
-        return drop(DropReason::TooBig);
-    }
-    let Some(frame) = ptr_at::<[u8; TOO_BIG_FRAME]>(ctx, 0) else {
+    let Some(frame) = make_room::<TOO_BIG_FRAME>(ctx, TOO_BIG_QUOTE, IPV4_LEN) else {
         return drop(DropReason::TooBig);
     };
     // SAFETY: `frame` was bounds-checked for the whole message just above; the original IPv4
@@ -507,9 +503,98 @@ pub fn too_big(ctx: &XdpContext, mtu: u16) -> u32 {
         let check = checksum(icmp as *const [u8; 2], (ICMP_HDR_LEN + TOO_BIG_QUOTE) / 2);
         (icmp.add(ICMP_CHECK_OFFSET) as *mut u16).write_unaligned(check);
     }
+    sent_too_big()
+}
+
+/// Counts a "too big" message sent, and the `too_big` drop of the packet it answers.
+#[inline(always)]
+fn sent_too_big() -> u32 {
     drop(DropReason::TooBig);
     counters::icmp(IcmpCounter::TooBigSent);
     XDP_TX
+}
+
+/// Makes the frame an ICMP message of `FRAME` bytes about itself: cut to an Ethernet header and
+/// `quote` bytes of the packet, with room for an IP header of `ip_len` bytes and the ICMP header
+/// in front of the quote. The Ethernet header's bytes are then stale, the caller's to write.
+#[inline(always)]
+fn make_room<const FRAME: usize>(
+    ctx: &XdpContext,
+    quote: usize,
+    ip_len: usize,
+) -> Option<*mut [u8; FRAME]> {
+    let frame_len = ctx.data_end() - ctx.data();
+    let cut = frame_len as i32 - (ETH_LEN + quote) as i32;
+    let grow = (ip_len + ICMP_HDR_LEN) as i32;
+    // SAFETY: plain helper calls; the frame is checked again after them.
+    if cut < 0
+        || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -cut) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0
+    {
+        return None;
+    }
+    ptr_at::<[u8; FRAME]>(ctx, 0)
+}
+
+/// ICMPv6's "packet too big" (RFC 4443).
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// How much of an IPv6 packet too big to encapsulate its "packet too big" quotes: the IPv6
+/// header and what follows it, enough for a few extension headers and the ports.
+const TOO_BIG_QUOTE6: usize = 128;
+const TOO_BIG_FRAME6: usize = ETH_LEN + IPV6_LEN + ICMP_HDR_LEN + TOO_BIG_QUOTE6;
+
+/// Answers an IPv6 packet that would exceed the MTU once encapsulated: "packet too big" with
+/// MTU `mtu`, from the VIP to the client, back out where it came in; as `too_big` does for
+/// IPv4. Its checksum covers the IPv6 pseudo-header.
+#[inline(always)]
+pub fn too_big6(ctx: &XdpContext, mtu: u32) -> u32 {
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)) else {
+        return drop(DropReason::TooBig);
+    };
+    // SAFETY: both pointers come from `ptr_at`, which checked them against data_end.
+    let (client_mac, our_mac, client, vip) = unsafe {
+        (
+            (*eth).src_addr,
+            (*eth).dst_addr,
+            (&raw const (*ip).src_addr as *const [u32; 4]).read_unaligned(),
+            (&raw const (*ip).dst_addr as *const [u32; 4]).read_unaligned(),
+        )
+    };
+    let Some(frame) = make_room::<TOO_BIG_FRAME6>(ctx, TOO_BIG_QUOTE6, IPV6_LEN) else {
+        return drop(DropReason::TooBig);
+    };
+    let icmp_len = (ICMP_HDR_LEN + TOO_BIG_QUOTE6) as u16;
+    // The pseudo-header: both addresses, the ICMPv6 length and next header, as the packet
+    // holds them.
+    let mut pseudo = u16::from_ne_bytes(icmp_len.to_be_bytes()) as u32
+        + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
+    let mut i = 0;
+    while i < 4 {
+        pseudo += (vip[i] & 0xffff) + (vip[i] >> 16) + (client[i] & 0xffff) + (client[i] >> 16);
+        i += 1;
+    }
+    // SAFETY: `frame` was bounds-checked for the whole message just above; the original IPv6
+    // header, now the quote, starts right after the ICMPv6 header.
+    unsafe {
+        let eth = frame as *mut EthHdr;
+        write_mac(&raw mut (*eth).dst_addr, &client_mac);
+        write_mac(&raw mut (*eth).src_addr, &our_mac);
+        (*eth).ether_type = ETH_P_IPV6_BE;
+        let ip = (frame as *mut u8).add(ETH_LEN) as *mut Ipv6Hdr;
+        (*ip).vcf = [0x60, 0, 0, 0];
+        (*ip).payload_len = icmp_len.to_be_bytes();
+        (*ip).next_hdr = PROTO_ICMPV6;
+        (*ip).hop_limit = ECHO_TTL;
+        (&raw mut (*ip).src_addr as *mut [u32; 4]).write_unaligned(vip);
+        (&raw mut (*ip).dst_addr as *mut [u32; 4]).write_unaligned(client);
+        let icmp = (frame as *mut u8).add(ETH_LEN + IPV6_LEN);
+        let [m0, m1, m2, m3] = mtu.to_be_bytes();
+        let header = [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m0, m1, m2, m3];
+        (icmp as *mut [u8; ICMP_HDR_LEN]).write_unaligned(header);
+        let check = checksum_from(pseudo, icmp as *const [u8; 2], icmp_len as usize / 2);
+        (icmp.add(ICMP_CHECK_OFFSET) as *mut u16).write_unaligned(check);
+    }
+    sent_too_big()
 }
 
 /// The packet an ICMP error quotes, and the checksums that cover it: its own IPv4 header's, its

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{DropReason, FlowKeyOf, PROTO_TCP, PROTO_UDP};
-use lb_ebpf::{ETH_LEN, IPV4_LEN, ptr_at};
+use lb_ebpf::{ETH_LEN, IPV4_LEN, IPV6_LEN, ptr_at};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -21,7 +21,6 @@ pub const TCP_ACK: u8 = 0x10;
 /// More-fragments flag and fragment offset, in the first byte pair of `frags` (network order).
 pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 
-pub const IPV6_LEN: usize = Ipv6Hdr::LEN;
 /// IPv6 extension headers that lb skips to reach the TCP or UDP header: hop-by-hop options,
 /// routing, destination options. A fragment header ends the search: a fragment.
 const IPV6_HOP_BY_HOP: u8 = 0;
