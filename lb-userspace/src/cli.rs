@@ -198,15 +198,8 @@ fn prepare_target(
             Some(TargetMode::Nat) => Forwarding::Nat,
             _ => Forwarding::Dsr,
         };
-        if vips.iter().any(|v| v.is_ipv6()) {
-            if mode == Forwarding::Nat {
-                bail!("lb forwards IPv6 VIPs with dsr and ipip only, for now: --mode dsr or ipip");
-            }
-            if ports.iter().any(|&(l, t, _)| l != t) {
-                bail!(
-                    "--port translates ports for IPv4 VIPs only, for now: an IPv6 VIP's target must serve on the listener's port"
-                );
-            }
+        if mode == Forwarding::Nat && vips.iter().any(|v| v.is_ipv6()) {
+            bail!("lb forwards IPv6 VIPs with dsr and ipip only, for now: --mode dsr or ipip");
         }
         let plan = target::Plan::from_flags(mode, vips, ports);
         return target::run(interface, &plan, action, false);

@@ -615,7 +615,7 @@ impl Validator<'_> {
             if let Some(g) = group {
                 self.families_match(&at, &l.name, address, g);
                 if address.is_ipv6() {
-                    self.ipv6_group(&at, &l.name, port, g);
+                    self.ipv6_group(&at, &l.name, g);
                 }
             }
             let [max_new_flows_per_second, max_new_flows_per_second_per_source] = [
@@ -1178,24 +1178,14 @@ impl Validator<'_> {
         }
     }
 
-    /// What an IPv6 listener's group must be, for now: dsr or ipip, without port translation
-    /// (the target's reply ports are rewritten for IPv4 VIPs only).
-    fn ipv6_group(&mut self, at: &str, listener: &str, port: u16, group: &TargetGroup) {
+    /// What an IPv6 listener's group must be, for now: dsr or ipip.
+    fn ipv6_group(&mut self, at: &str, listener: &str, group: &TargetGroup) {
         if group.forwarding == Forwarding::Nat {
             self.error(
                 &format!("{at}.target_group"),
                 format!(
                     "listener `{listener}` has an IPv6 VIP, and its target group `{}` forwards with nat: lb forwards IPv6 with dsr and ipip only, for now",
                     group.name
-                ),
-            );
-        }
-        if let Some(t) = group.targets.iter().find(|t| t.port != port) {
-            self.error(
-                &format!("{at}.port"),
-                format!(
-                    "listener `{listener}` has an IPv6 VIP on port {port}, and target {} of group `{}` serves on another: lb translates ports for IPv4 VIPs only, for now",
-                    t.endpoint(), group.name
                 ),
             );
         }

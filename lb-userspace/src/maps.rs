@@ -701,6 +701,15 @@ pub fn be6(addr: Ipv6Addr) -> [u32; 4] {
     })
 }
 
+/// The IPv6 address four words of a map hold (`be6`'s inverse).
+pub fn from_be6(words: [u32; 4]) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(octets)
+}
+
 /// A family's connection table: its shape and hash, and the table itself, mapped into this
 /// process.
 pub struct FlowMap<K> {

@@ -16,7 +16,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsFd as _,
     path::PathBuf,
     process::Command,
@@ -28,12 +28,12 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType, Xdp, tc},
 };
-use lb_common::ListenerKey;
+use lb_common::ListenerKey6;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Config, Forwarding, protocol_name},
-    maps::{be, be6},
+    maps::{be, be6, from_be6},
     net::{self, Interface},
     xdp::{XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, netlink_set_xdp},
 };
@@ -52,16 +52,21 @@ pub enum Action {
 /// `listener_port` as their source port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ReplyPort {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub target_port: u16,
     pub proto: u8,
     pub listener_port: u16,
 }
 
 impl ReplyPort {
-    fn key(&self) -> ListenerKey {
-        ListenerKey {
-            addr: be(self.vip),
+    /// Its key in `REPLY_PORTS`, which holds an IPv4 VIP as its IPv4-mapped IPv6 address.
+    fn key(&self) -> ListenerKey6 {
+        let vip = match self.vip {
+            IpAddr::V4(v) => v.to_ipv6_mapped(),
+            IpAddr::V6(v) => v,
+        };
+        ListenerKey6 {
+            addr: be6(vip),
             port: self.target_port.to_be(),
             proto: self.proto,
             pad: 0,
@@ -70,9 +75,8 @@ impl ReplyPort {
 
     fn describe(&self) -> String {
         format!(
-            "{}:{}/{} answers as :{}",
-            self.vip,
-            self.target_port,
+            "{}/{} answers as :{}",
+            SocketAddr::new(self.vip, self.target_port),
             protocol_name(self.proto),
             self.listener_port
         )
@@ -103,8 +107,9 @@ impl Plan {
             },
             ipip: mode == Forwarding::Ipip,
             nat: mode == Forwarding::Nat,
-            reply_ports: ipv4_only(vips)
-                .flat_map(|vip| {
+            reply_ports: vips
+                .iter()
+                .flat_map(|&vip| {
                     ports
                         .iter()
                         .map(move |&(listener_port, target_port, proto)| ReplyPort {
@@ -134,13 +139,10 @@ impl Plan {
                 }
                 plan.vips.insert(l.address);
                 plan.ipip |= group.forwarding == Forwarding::Ipip;
-                // The config translates ports for IPv4 VIPs only.
-                if let IpAddr::V4(vip) = l.address
-                    && t.port != l.port
-                {
+                if t.port != l.port {
                     for &proto in l.protocol.ip_protocols() {
                         plan.reply_ports.insert(ReplyPort {
-                            vip,
+                            vip: l.address,
                             target_port: t.port,
                             proto,
                             listener_port: l.port,
@@ -234,8 +236,8 @@ impl Step {
             Step::RpFilterLoose(iface) => effective_rp_filter(iface)? != "1",
             Step::Decap(iface) => attached_program(iface)?.as_deref() == Some(DECAP_PROGRAM),
             Step::ReplyPorts { iface, ports } => match attached_reply_ports(iface)? {
-                Some(map) => read_reply_ports(map)? == *ports,
-                None => false,
+                Some(Ok(map)) => read_reply_ports(map)? == *ports,
+                Some(Err(Outdated)) | None => false,
             },
         })
     }
@@ -458,11 +460,12 @@ fn attach_decap(iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// The `REPLY_PORTS` map of the `lb_reply_ports` program on `iface`'s egress, if one is there.
+/// The `REPLY_PORTS` map of the `lb_reply_ports` program on `iface`'s egress, if one is there
+/// (`Err(Outdated)` inside: one of an lb before IPv6, whose map is keyed by IPv4 VIP alone).
 ///
 /// tc lists the filter with its program's id; the kernel gives the program's maps by id. So
 /// `--check` and a converging run read what the host really does, not a record of it.
-fn attached_reply_ports(iface: &str) -> Result<Option<MapData>> {
+fn attached_reply_ports(iface: &str) -> Result<Option<Result<MapData, Outdated>>> {
     let out = Command::new("tc")
         .args(["-j", "filter", "show", "dev", iface, "egress"])
         .output()
@@ -484,8 +487,10 @@ fn attached_reply_ports(iface: &str) -> Result<Option<MapData>> {
         .with_context(|| format!("the program (id {id}) tc lists on {iface} is gone"))?;
     for map_id in program.map_ids()?.unwrap_or_default() {
         let map = MapData::from_id(map_id)?;
-        if map.info()?.name_as_str() == Some("REPLY_PORTS") {
-            return Ok(Some(map));
+        let info = map.info()?;
+        if info.name_as_str() == Some("REPLY_PORTS") {
+            let current = info.key_size() as usize == size_of::<ListenerKey6>();
+            return Ok(Some(if current { Ok(map) } else { Err(Outdated) }));
         }
     }
     bail!("the {REPLY_PORTS_PROGRAM} program on {iface} has no REPLY_PORTS map")
@@ -493,7 +498,7 @@ fn attached_reply_ports(iface: &str) -> Result<Option<MapData>> {
 
 /// Puts every one of `ports` into a `REPLY_PORTS` map, as the program reads them.
 fn write_reply_ports<T: std::borrow::BorrowMut<MapData>>(
-    map: &mut HashMap<T, ListenerKey, u16>,
+    map: &mut HashMap<T, ListenerKey6, u16>,
     ports: &BTreeSet<ReplyPort>,
 ) -> Result<()> {
     for r in ports {
@@ -502,7 +507,7 @@ fn write_reply_ports<T: std::borrow::BorrowMut<MapData>>(
     Ok(())
 }
 
-fn reply_ports_map(map: MapData) -> Result<HashMap<MapData, ListenerKey, u16>> {
+fn reply_ports_map(map: MapData) -> Result<HashMap<MapData, ListenerKey6, u16>> {
     Ok(HashMap::try_from(aya::maps::Map::HashMap(map))?)
 }
 
@@ -510,8 +515,9 @@ fn read_reply_ports(map: MapData) -> Result<BTreeSet<ReplyPort>> {
     let mut ports = BTreeSet::new();
     for entry in reply_ports_map(map)?.iter() {
         let (key, listener_port) = entry?;
+        let vip = from_be6(key.addr);
         ports.insert(ReplyPort {
-            vip: Ipv4Addr::from(key.addr.to_ne_bytes()),
+            vip: vip.to_ipv4_mapped().map_or(IpAddr::V6(vip), IpAddr::V4),
             target_port: u16::from_be(key.port),
             proto: key.proto,
             listener_port: u16::from_be(listener_port),
@@ -524,9 +530,10 @@ fn read_reply_ports(map: MapData) -> Result<BTreeSet<ReplyPort>> {
 /// is updated in place (no reply goes untranslated meanwhile), or the program is loaded and
 /// attached through netlink, where the kernel keeps it after `lb target` exits.
 fn install_reply_ports(iface: &str, ports: &BTreeSet<ReplyPort>) -> Result<()> {
-    if let Some(map) = attached_reply_ports(iface)? {
+    let attached = attached_reply_ports(iface)?;
+    if let Some(Ok(map)) = attached {
         let mut map = reply_ports_map(map)?;
-        let stale: Vec<ListenerKey> = map
+        let stale: Vec<ListenerKey6> = map
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !ports.iter().any(|p| p.key() == *k))
@@ -538,6 +545,11 @@ fn install_reply_ports(iface: &str, ports: &BTreeSet<ReplyPort>) -> Result<()> {
         return Ok(());
     }
     let mut ebpf = load_reply_ports(ports)?;
+    // An outdated program is replaced: replies go untranslated only between its detach and
+    // the new one's attach, with the new one loaded and filled already.
+    if let Some(Err(Outdated)) = attached {
+        detach_reply_ports(iface)?;
+    }
     if let Err(e) = tc::qdisc_add_clsact(iface)
         && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
     {
@@ -556,11 +568,16 @@ fn install_reply_ports(iface: &str, ports: &BTreeSet<ReplyPort>) -> Result<()> {
     Ok(())
 }
 
+/// An `lb_reply_ports` of an lb before IPv6 (its map keyed by IPv4 VIP alone): `lb target`
+/// replaces it, `--check` reports the reply ports missing.
+#[derive(Debug)]
+struct Outdated;
+
 /// The target object with `lb_reply_ports` loaded (not attached anywhere) and its map holding
 /// `ports`.
 pub fn load_reply_ports(ports: &BTreeSet<ReplyPort>) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(crate::TARGET_OBJECT).map_err(crate::xdp::explain_load_error)?;
-    let mut map: HashMap<_, ListenerKey, u16> = HashMap::try_from(
+    let mut map: HashMap<_, ListenerKey6, u16> = HashMap::try_from(
         ebpf.map_mut("REPLY_PORTS")
             .context("REPLY_PORTS missing from the target object")?,
     )?;

@@ -361,9 +361,23 @@ pub fn pseudo_header6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Ve
     h
 }
 
-/// Whether the TCP or UDP checksum of the IPv4 packet `ip` (without options) verifies; a UDP
-/// checksum of 0 (none) counts as verifying.
+/// Whether the TCP or UDP checksum of the IPv4 or IPv6 packet `ip` verifies; a UDP checksum of
+/// 0 (none) counts as verifying in IPv4, which allows it. An IPv6 packet's extension headers
+/// are skipped (hop-by-hop, routing, destination options).
 pub fn l4_checksum_ok(ip: &[u8]) -> bool {
+    if ip[0] >> 4 == 6 {
+        let (mut next, mut at) = (ip[6], 40);
+        while matches!(next, 0 | 43 | 60) {
+            (next, at) = (ip[at], at + (ip[at + 1] as usize + 1) * 8);
+        }
+        let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap());
+        let l4 = &ip[at..];
+        if next == PROTO_UDP && l4[6..8] == [0, 0] {
+            return false;
+        }
+        let pseudo = pseudo_header6(addr(8), addr(24), next, l4.len());
+        return checksum(&[pseudo, l4.to_vec()].concat()) == 0;
+    }
     let proto = ip[9];
     let ihl = (ip[0] & 0x0f) as usize * 4;
     let l4 = &ip[ihl..];

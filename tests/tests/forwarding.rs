@@ -24,6 +24,8 @@ const UDP_PORT: u16 = 7777;
 /// Replies far larger than requests: if they crossed the balancer, its counters would show it.
 const TCP_REPLY: usize = 2000;
 const UDP_REPLY: usize = 1200;
+/// A listener port that the targets serve on `TCP_PORT` (port translation).
+const TRANSLATED_PORT: u16 = 8080;
 
 fn write_config(lab_name: &str, mode: &str) -> Result<PathBuf> {
     let targets = |port: u16| -> String {
@@ -318,7 +320,8 @@ target_groups:
 
 /// ipip to targets named by their IPv6 addresses: IPv6 clients' packets travel as ip6ip6, IPv4
 /// clients' as IPv4-in-IPv6, through one group. `lb target -c` finds each host's targets by
-/// its IPv6 address and installs the decap for both; health checks go over IPv6, next hops by
+/// its IPv6 address and installs the decap for both, and the reply-port translation of the
+/// IPv6 TCP listener (:8080, served on :80); health checks go over IPv6, next hops by
 /// neighbour discovery; replies go straight to the clients.
 #[test]
 fn ipv4_and_ipv6_clients_reach_ipv6_targets_through_ipip() -> Result<()> {
@@ -338,7 +341,7 @@ fn ipv4_and_ipv6_clients_reach_ipv6_targets_through_ipip() -> Result<()> {
         format!(
             "listeners:
   - {{name: web, address: {VIP}, port: {TCP_PORT}, protocol: tcp, target_group: web}}
-  - {{name: web6, address: '{VIP6}', port: {TCP_PORT}, protocol: tcp, target_group: web}}
+  - {{name: web6, address: '{VIP6}', port: {TRANSLATED_PORT}, protocol: tcp, target_group: web}}
   - {{name: game, address: {VIP}, port: {UDP_PORT}, protocol: udp, target_group: game}}
   - {{name: game6, address: '{VIP6}', port: {UDP_PORT}, protocol: udp, target_group: game}}
 target_groups:
@@ -352,7 +355,13 @@ target_groups:
     let path = config.to_string_lossy();
     for i in 1..=TARGETS {
         let said = lab.lb(&format!("t{i}"), &["target", "-i", IFACE, "-c", &path])?;
-        ensure!(said.contains("decap"), "t{i}: {said}");
+        ensure!(
+            said.contains("decap")
+                && said.contains(&format!(
+                    "[{VIP6}]:{TCP_PORT}/tcp answers as :{TRANSLATED_PORT}"
+                )),
+            "t{i}: {said}"
+        );
     }
     lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
     for vip in vips {
@@ -369,8 +378,8 @@ target_groups:
     let rx_before = lab.rx_bytes("lb")?;
     let flows = FLOWS / 2;
     let mut reply_bytes = 0;
-    for vip in vips {
-        let (tcp, tcp_bytes) = tcp_clients(&lab, vip, TCP_PORT, flows, REQUESTS)?;
+    for (vip, tcp_port) in [(vips[0], TCP_PORT), (vips[1], TRANSLATED_PORT)] {
+        let (tcp, tcp_bytes) = tcp_clients(&lab, vip, tcp_port, flows, REQUESTS)?;
         let (udp, udp_bytes) = udp_clients(&lab, vip, UDP_PORT, flows, REQUESTS)?;
         for (kind, answers) in [("tcp", &tcp), ("udp", &udp)] {
             let per_target = flows_per_target(kind, answers)?;

@@ -18,20 +18,21 @@ use lb::{
 };
 use lb_common::{DropReason, FlowKey, FlowKey6, FlowKeyOf, PROTO_TCP, PROTO_UDP, splitmix64};
 use lb_tests::frames::{
-    CLIENT_MAC, LB_ADDR, LB_MAC, Packet6, XDP_DROP, XDP_PASS, XDP_TX, checksum, dataplane_for,
-    ethernet, run_xdp, test_interface,
+    CLIENT_MAC, LB_ADDR, LB_ADDR6, LB_MAC, Packet6, XDP_DROP, XDP_PASS, XDP_TX, checksum,
+    dataplane_for, ethernet, run_xdp, test_interface,
 };
 
 const PROTO_ICMP: u8 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
-/// Every kind of listener the model knows: DSR with and without port translation, IPIP, NAT,
-/// an allow-list, tcp_udp listeners, and a global deny-list. The connection table is large
+/// Every kind of listener the model knows: DSR with and without port translation, IPIP (in
+/// IPv4 and, to targets named by IPv6 address, in IPv6), NAT, an allow-list, tcp_udp listeners,
+/// and a global deny-list; IPv6 listeners in dsr and ip6ip6, with and without port translation. The connection table is large
 /// enough that no flow is ever evicted, so a flow's target is its Maglev pick whether it is
 /// new or not.
 const CONFIG: &str = "
-settings: {maglev_table_size: 4099, connection_table_size: 1048576, max_target_groups: 5}
+settings: {maglev_table_size: 4099, connection_table_size: 1048576, max_target_groups: 6}
 denied_sources: [192.0.2.128/25, '2001:db8:bad::/48']
 listeners:
   - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}
@@ -51,6 +52,9 @@ listeners:
     target_group: guarded
     allowed_sources: [198.51.100.0/24]
   - {name: natted, address: 203.0.113.13, port: 8080, protocol: tcp_udp, target_group: natted}
+  - {name: game6, address: '2001:db8:10::10', port: 7777, protocol: udp, target_group: game}
+  - {name: tunnel6, address: '2001:db8:10::12', port: 5000, protocol: tcp_udp, target_group: tunnel6}
+  - {name: tunnel46, address: 203.0.113.11, port: 5001, protocol: tcp_udp, target_group: tunnel6}
 target_groups:
   - name: web
     targets: [{address: 198.51.100.11, port: 80}, {address: 198.51.100.12, port: 80}, {address: 198.51.100.13, port: 80}]
@@ -66,6 +70,9 @@ target_groups:
     forwarding: nat
     port: 30080
     targets: [{address: 198.51.100.51}, {address: 198.51.100.52}]
+  - name: tunnel6
+    forwarding: ipip
+    targets: [{address: '2001:db8:1::31', port: 5000}, {address: '2001:db8:1::32', port: 5001}]
 ";
 
 /// The NAT group's targets and their port: the sources of replies.
@@ -295,8 +302,9 @@ impl Model {
         self.state.targets[&id]
     }
 
-    /// IPv6: dsr only, past up to 4 extension headers; ICMPv6 and anything else not TCP or
-    /// UDP is the kernel's, and so is anything to an address that is no VIP.
+    /// IPv6: dsr and ip6ip6, past up to 4 extension headers, the port translated where the
+    /// target's differs; ICMPv6 and anything else not TCP or UDP is the kernel's, and so is
+    /// anything to an address that is no VIP.
     fn expect6(&self, frame: &[u8]) -> Outcome {
         use Outcome::{Drop, Pass, Tx};
         // The IPv6 header cut short: not lb's to judge.
@@ -362,8 +370,18 @@ impl Model {
             unreachable!("read as IPv6")
         };
         let key = FlowKey6::new(be6(s), be6(d), sport.to_be(), dport.to_be(), next);
-        let target = self.maglev_target(&listener.target_group, &key);
+        let group = self.group_of(listener);
+        let target = self.maglev_target(&group.name, &key);
         let mut out = frame.to_vec();
+        let target_port = u16::from_be(target.port);
+        if target_port != dport {
+            rewrite(&mut out, l4, next, 1, target_port, None);
+        }
+        // The fuzzer's IPv6 frames are far below the MTU: the xdp tests cover "packet too
+        // big".
+        if group.forwarding == Forwarding::Ipip {
+            return encapsulated(&out, &target);
+        }
         out[0..6].copy_from_slice(&target.mac);
         out[6..12].copy_from_slice(&LB_MAC);
         Tx(out)
@@ -401,7 +419,8 @@ impl Model {
 
     /// An ICMPv6 error (its header at 54, sent to a VIP if `to_vip`) quoting a reply of an IPv6
     /// listener, sent to that VIP: to the flow's target (the Maglev pick of the reversed quote),
-    /// MACs rewritten. Anything else it quotes: dropped if it went to a VIP, else passed.
+    /// the way the flow goes, the quote naming the target's own port. Anything else it quotes:
+    /// dropped if it went to a VIP, else passed.
     fn error6(&self, frame: &[u8], to_vip: bool) -> Outcome {
         use Outcome::{Drop, Pass, Tx};
         let unmatched = if to_vip {
@@ -410,7 +429,7 @@ impl Model {
             Pass
         };
         let q = 62;
-        if frame.len() < q + 44 {
+        if frame.len() < q + 48 {
             return unmatched;
         }
         let addr = |at: usize| {
@@ -431,8 +450,22 @@ impl Model {
             return unmatched;
         };
         let key = FlowKey6::new(be6(dst), be6(src), dport.to_be(), sport.to_be(), proto);
-        let target = self.maglev_target(&listener.target_group, &key);
+        let group = self.group_of(listener);
+        let target = self.maglev_target(&group.name, &key);
         let mut out = frame.to_vec();
+        let target_port = u16::from_be(target.port);
+        if target_port != sport {
+            let quote = Quote {
+                icmp: 54,
+                ip: q,
+                l4: q + 40,
+                proto,
+            };
+            quote.set_port(&mut out, None, 0, target_port);
+        }
+        if group.forwarding == Forwarding::Ipip {
+            return encapsulated(&out, &target);
+        }
         out[0..6].copy_from_slice(&target.mac);
         out[6..12].copy_from_slice(&LB_MAC);
         Tx(out)
@@ -541,10 +574,10 @@ impl Model {
                 out[6..12].copy_from_slice(&LB_MAC);
                 Tx(out)
             }
-            Forwarding::Ipip if tot_len + 20 > test_interface().mtu as usize => {
+            Forwarding::Ipip if tot_len + overhead(&target) > test_interface().mtu as usize => {
                 // Before port translation: the answer quotes the packet as the client sent it.
                 if ip[6] & 0x40 != 0 {
-                    Answered(too_big(frame), DropReason::TooBig)
+                    Answered(too_big(frame, overhead(&target)), DropReason::TooBig)
                 } else {
                     Drop(DropReason::TooBig)
                 }
@@ -555,9 +588,17 @@ impl Model {
     }
 }
 
-/// The frame as IPIP sends it to `target`: an outer IPv4 header from the balancer, or a drop if
-/// it would then exceed the MTU.
+/// What encapsulation for `target` adds: an outer IPv4 or IPv6 header.
+fn overhead(target: &lb_common::Target) -> usize {
+    if target.ipv6 != 0 { 40 } else { 20 }
+}
+
+/// The frame as IPIP sends it to `target`: an outer IPv4 header from the balancer (an IPv6 one
+/// to a target named by IPv6 address), or a drop if it would then exceed the MTU.
 fn encapsulated(frame: &[u8], target: &lb_common::Target) -> Outcome {
+    if target.ipv6 != 0 {
+        return encapsulated6(frame, target);
+    }
     let ip = &frame[14..];
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     if tot_len + 20 > test_interface().mtu as usize {
@@ -574,11 +615,35 @@ fn encapsulated(frame: &[u8], target: &lb_common::Target) -> Outcome {
     Outcome::Tx(ethernet(target.mac, LB_MAC, 0x0800, &outer))
 }
 
+/// The IPv4 or IPv6 frame in IPv6 to `target`: the outer header from the balancer's global
+/// address, with the inner packet's traffic class (an IPv4 one's TOS; an IPv6 one's flow label
+/// too), its hop limit and the length it declares; or a drop if it would exceed the MTU.
+fn encapsulated6(frame: &[u8], target: &lb_common::Target) -> Outcome {
+    let ip = &frame[14..];
+    let (class, len, next, hop_limit) = if ip[0] >> 4 == 6 {
+        let len = 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        ([ip[0], ip[1], ip[2], ip[3]], len, 41, ip[7])
+    } else {
+        let len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        ([0x60 | ip[1] >> 4, ip[1] << 4, 0, 0], len, 4, ip[8])
+    };
+    if len + 40 > test_interface().mtu as usize {
+        return Outcome::Drop(DropReason::TooBig);
+    }
+    let mut outer = class.to_vec();
+    outer.extend((len as u16).to_be_bytes());
+    outer.extend([next, hop_limit]);
+    outer.extend(LB_ADDR6.octets());
+    outer.extend(target.addr6.iter().flat_map(|w| w.to_ne_bytes()));
+    outer.extend(ip);
+    Outcome::Tx(ethernet(target.mac, LB_MAC, 0x86dd, &outer))
+}
+
 /// "Fragmentation needed" for a frame too big to encapsulate: from its destination to its
-/// sender, MACs swapped, the next-hop MTU the interface's less the outer header, quoting the
-/// first 64 bytes of its IPv4 packet.
-fn too_big(frame: &[u8]) -> Vec<u8> {
-    let mtu = (test_interface().mtu - 20) as u16;
+/// sender, MACs swapped, the next-hop MTU the interface's less the outer header (`overhead`
+/// bytes), quoting the first 64 bytes of its IPv4 packet.
+fn too_big(frame: &[u8], overhead: usize) -> Vec<u8> {
+    let mtu = (test_interface().mtu as usize - overhead) as u16;
     let mut icmp = vec![3, 4, 0, 0, 0, 0];
     icmp.extend(mtu.to_be_bytes());
     icmp.extend(&frame[14..14 + 64]);
@@ -613,7 +678,6 @@ impl Quote {
     fn rewrite(&self, out: &mut [u8], at: usize, addr: Ipv4Addr, which: usize, port: u16) {
         let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let put = |b: &mut [u8], i: usize, w: u16| b[i..i + 2].copy_from_slice(&w.to_be_bytes());
-        let udp = self.proto == PROTO_UDP;
         let (old, new) = (out[self.ip + at..self.ip + at + 4].to_vec(), addr.octets());
         let halves = [
             (word(&old, 0), word(&new, 0)),
@@ -629,6 +693,18 @@ impl Quote {
         out[self.ip + at..self.ip + at + 4].copy_from_slice(&new);
         put(out, self.ip + 10, ip_check);
         icmp = incremental_checksum(icmp, old_ip_check, ip_check);
+        put(out, self.icmp + 2, icmp);
+        self.set_port(out, Some(halves), which, port);
+    }
+
+    /// Replaces the quoted packet's port `which` (0 source, 1 destination), updating its TCP or
+    /// UDP checksum if quoted (for the address `halves` that changed too, if any) and the ICMP
+    /// checksum.
+    fn set_port(&self, out: &mut [u8], halves: Option<[(u16, u16); 2]>, which: usize, port: u16) {
+        let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let put = |b: &mut [u8], i: usize, w: u16| b[i..i + 2].copy_from_slice(&w.to_be_bytes());
+        let udp = self.proto == PROTO_UDP;
+        let mut icmp = word(out, self.icmp + 2);
         let port_at = self.l4 + 2 * which;
         let old_port = word(out, port_at);
         put(out, port_at, port);
@@ -637,11 +713,10 @@ impl Quote {
         if check_at + 2 <= out.len() {
             let old = word(out, check_at);
             if !(udp && old == 0) {
-                let mut new = old;
-                for (o, n) in halves {
+                let mut new = incremental_checksum(old, old_port, port);
+                for (o, n) in halves.into_iter().flatten() {
                     new = incremental_checksum(new, o, n);
                 }
-                new = incremental_checksum(new, old_port, port);
                 if udp && new == 0 {
                     new = 0xffff;
                 }
@@ -717,7 +792,7 @@ fn incremental_checksum(check: u16, old: u16, new: u16) -> u16 {
 /// Where the model's flows go: pings to a VIP and elsewhere, each listener, a VIP's port
 /// without a listener, a listener's port over the other protocol, and addresses that are no
 /// VIP.
-const DESTINATIONS: [([u8; 4], u16, u8); 14] = [
+const DESTINATIONS: [([u8; 4], u16, u8); 16] = [
     ([203, 0, 113, 10], 0, PROTO_ICMP),
     ([198, 51, 100, 11], 0, PROTO_ICMP),
     ([203, 0, 113, 13], 8080, PROTO_TCP),
@@ -726,6 +801,8 @@ const DESTINATIONS: [([u8; 4], u16, u8); 14] = [
     ([203, 0, 113, 10], 7777, PROTO_UDP),
     ([203, 0, 113, 11], 5000, PROTO_TCP),
     ([203, 0, 113, 11], 5000, PROTO_UDP),
+    ([203, 0, 113, 11], 5001, PROTO_TCP),
+    ([203, 0, 113, 11], 5001, PROTO_UDP),
     ([203, 0, 113, 12], 443, PROTO_TCP),
     ([203, 0, 113, 10], 81, PROTO_TCP),
     ([203, 0, 113, 10], 80, PROTO_UDP),
@@ -914,16 +991,24 @@ fn error_about(rng: &mut Rng, flow: &Flow) -> Vec<u8> {
     ethernet(LB_MAC, CLIENT_MAC, 0x0800, &ip)
 }
 
-/// An IPv6 frame: TCP or UDP (or now and then ICMPv6) to the dsr listeners' VIPs, to a port
+/// An IPv6 frame: TCP or UDP (or now and then ICMPv6) to the IPv6 listeners' VIPs, to a port
 /// or an address without one, from allowed, denied and any sources, past 0 to 6 extension
 /// headers (a fragment header now and then), with a payload at random.
 fn frame6(rng: &mut Rng) -> Vec<u8> {
-    let dst = rng.pick(&["2001:db8:10::10", "2001:db8:10::11", "2001:db8:99::1"]);
+    let dst = rng.pick(&[
+        "2001:db8:10::10",
+        "2001:db8:10::11",
+        "2001:db8:10::12",
+        "2001:db8:99::1",
+    ]);
     let (dport, proto) = rng.pick(&[
         (80, PROTO_TCP),
         (80, PROTO_UDP),
         (443, PROTO_TCP),
         (81, PROTO_TCP),
+        (7777, PROTO_UDP),
+        (5000, PROTO_TCP),
+        (5000, PROTO_UDP),
         (80, 58),
     ]);
     let any = rng.next() as u16;

@@ -14,24 +14,33 @@ use aya::{
 };
 use lb::target::{ReplyPort, load_reply_ports, reply_ports_program};
 use lb_common::{PROTO_TCP, PROTO_UDP};
-use lb_tests::frames::{CLIENT, Packet, VIP, l4_checksum_ok};
+use lb_tests::frames::{CLIENT, CLIENT6, Packet, Packet6, VIP, VIP6, l4_checksum_ok};
 
 const TC_ACT_OK: u32 = 0;
 
 fn translations() -> BTreeSet<ReplyPort> {
     [
-        (30080, PROTO_TCP, 80),
-        (18600, PROTO_TCP, 6800),
-        (18600, PROTO_UDP, 6800),
+        (VIP.into(), 30080, PROTO_TCP, 80),
+        (VIP.into(), 18600, PROTO_TCP, 6800),
+        (VIP.into(), 18600, PROTO_UDP, 6800),
+        (VIP6.into(), 30080, PROTO_TCP, 8080),
+        (VIP6.into(), 18600, PROTO_UDP, 6800),
     ]
     .into_iter()
-    .map(|(target_port, proto, listener_port)| ReplyPort {
-        vip: VIP,
+    .map(|(vip, target_port, proto, listener_port)| ReplyPort {
+        vip,
         target_port,
         proto,
         listener_port,
     })
     .collect()
+}
+
+/// A reply of the target to an IPv6 client: from VIP6:`sport`.
+fn reply6(mut packet: Packet6, sport: u16) -> Packet6 {
+    (packet.src, packet.dst) = (VIP6, CLIENT6);
+    (packet.sport, packet.dport) = (sport, 40000);
+    packet
 }
 
 /// A reply of the target to the client: from VIP:`sport`.
@@ -85,6 +94,25 @@ fn replies_from_translated_ports_leave_from_the_listener_port() -> Result<()> {
         ensure!(l4_checksum_ok(&out[14..]), "the checksum does not verify");
         ensure!(translated(&ebpf)? == i as u64 + 1);
     }
+    // IPv6: the listener port of the IPv6 VIP's listener, not the IPv4 one's.
+    for (packet, port) in [
+        (reply6(Packet6::tcp(0, 0, 0x12), 30080), 8080),
+        (reply6(Packet6::udp(0, 0), 18600), 6800),
+    ] {
+        let (verdict, out) = run(&mut ebpf, &packet.frame())?;
+        ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
+        let want = Packet6 {
+            sport: port,
+            ..packet.clone()
+        };
+        ensure!(
+            out == want.frame(),
+            "{packet:?}\ngot  {out:02x?}\nwant {:02x?}",
+            want.frame()
+        );
+        ensure!(l4_checksum_ok(&out[14..]), "the checksum does not verify");
+    }
+    ensure!(translated(&ebpf)? == 6);
     Ok(())
 }
 
@@ -104,6 +132,7 @@ fn everything_else_leaves_untouched() -> Result<()> {
         later_fragment.frame(),
         lb_tests::frames::ethernet([2; 6], [3; 6], 0x0800, &icmp),
         lb_tests::frames::ethernet([2; 6], [3; 6], 0x86dd, &[0x60; 60]),
+        reply6(Packet6::udp(0, 0), 30080).frame(), // a port translated for TCP only
     ];
     // Cut short before the checksum ends: nothing to translate, nothing to break. (The
     // kernel runs no skb program on an IPv4 frame without a whole IP header.)

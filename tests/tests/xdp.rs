@@ -2234,3 +2234,106 @@ fn ipv6_errors_about_ip6ip6_replies_go_to_the_target_encapsulated() -> Result<()
     ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == 1);
     Ok(())
 }
+
+/// Port translation for IPv6 VIPs: a dsr group of IPv4-named hosts, an ipip group of an
+/// IPv6-named one.
+const IPV6_TRANSLATED: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp, target_group: web}
+  - {name: game6, address: '2001:db8:10::10', port: 6800, protocol: tcp_udp, target_group: game}
+target_groups:
+  - {name: web, targets: [{address: 198.51.100.11, port: 30080}]}
+  - name: game
+    forwarding: ipip
+    targets: [{address: '2001:db8:1::21', port: 18600}]
+";
+
+/// An IPv6 packet to a VIP whose target serves on another port reaches it on that port, past
+/// any extension headers, its checksum updated so that it verifies; in dsr and in ip6ip6.
+#[test]
+fn ipv6_translated_ports_are_rewritten_with_valid_checksums() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(IPV6_TRANSLATED)?;
+    let mut cases = vec![
+        (Packet6::tcp(80, 1024, 0x02), 30080, false),
+        (Packet6::tcp(6800, 2000, 0x10), 18600, true),
+        (Packet6::udp(6800, 3000), 18600, true),
+    ];
+    for n in 1..=4 {
+        let mut tcp = Packet6::tcp(80, 1100 + n as u16, 0x10);
+        tcp.extensions = extension_headers(n);
+        let mut udp = Packet6::udp(6800, 3100 + n as u16);
+        udp.extensions = extension_headers(n);
+        cases.extend([(tcp, 30080, false), (udp, 18600, true)]);
+    }
+    for (packet, port, ipip) in cases {
+        ensure!(l4_checksum_ok(&packet.ip_packet()), "the test's own input");
+        let (verdict, out) = run(&mut dp, &packet.frame())?;
+        ensure!(verdict == XDP_TX, "{packet:?}: verdict {verdict}");
+        let inner = if ipip {
+            ensure!(out[20] == 41, "not ip6ip6: {out:02x?}");
+            &out[54..]
+        } else {
+            &out[14..]
+        };
+        let want = Packet6 {
+            dport: port,
+            ..packet.clone()
+        };
+        ensure!(
+            inner == want.ip_packet(),
+            "{packet:?}\ngot  {inner:02x?}\nwant {:02x?}",
+            want.ip_packet()
+        );
+        ensure!(
+            l4_checksum_ok(inner),
+            "{packet:?}: the checksum does not verify"
+        );
+    }
+    Ok(())
+}
+
+/// Under port translation, a router's "packet too big" about a reply (which left from the
+/// listener's port) reaches the target naming the target's own port, where its socket is;
+/// the quoted TCP checksum and the ICMPv6 checksum still verify.
+#[test]
+fn ipv6_errors_under_port_translation_name_the_targets_port() -> Result<()> {
+    let (mut dp, _, _) = dataplane_for(IPV6_TRANSLATED)?;
+    let request = Packet6::tcp(80, 5000, 0x02);
+    run(&mut dp, &request.frame())?;
+    let reply = Packet6 {
+        src: request.dst,
+        dst: request.src,
+        sport: request.dport,
+        dport: request.sport,
+        payload: vec![0x5a; 1000],
+        ..request.clone()
+    };
+    let router: Ipv6Addr = "2001:db8:1::4".parse()?;
+    let error = icmp6_message(
+        router,
+        VIP6,
+        64,
+        [2, 0, 0, 0, 0, 0, 0x05, 0x00],
+        &reply.ip_packet(),
+    );
+    let (verdict, out) = run(&mut dp, &error)?;
+    ensure!(verdict == XDP_TX, "verdict {verdict}");
+    let translated = Packet6 {
+        sport: 30080,
+        ..reply.clone()
+    };
+    ensure!(
+        out[62..] == translated.ip_packet()[..],
+        "the quote: {:02x?}",
+        &out[62..]
+    );
+    ensure!(l4_checksum_ok(&out[62..]), "the quoted checksum");
+    let icmp = &out[54..];
+    let pseudo = lb_tests::frames::pseudo_header6(router, VIP6, 58, icmp.len());
+    ensure!(
+        checksum(&[pseudo, icmp.to_vec()].concat()) == 0,
+        "the ICMPv6 checksum"
+    );
+    Ok(())
+}

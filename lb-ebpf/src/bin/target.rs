@@ -5,8 +5,9 @@
 //!   the inner packet to the stack, so a target needs no tunnel module (this is also faster
 //!   than one).
 //! - `lb_reply_ports` (TC, egress) undoes the balancer's port translation on what this host
-//!   sends: a reply from (VIP, target port, protocol) leaves with the listener's port as its
-//!   source port, which is what the client talked to. Stateless, from `REPLY_PORTS`.
+//!   sends, IPv4 and IPv6: a reply from (VIP, target port, protocol) leaves with the listener's
+//!   port as its source port, which is what the client talked to. Stateless, from
+//!   `REPLY_PORTS`.
 #![no_std]
 #![no_main]
 
@@ -17,7 +18,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{ListenerKey, PROTO_TCP, PROTO_UDP};
+use lb_common::{ListenerKey6, PROTO_TCP, PROTO_UDP};
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN,
     TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
@@ -122,9 +123,10 @@ fn strip(ctx: &XdpContext, outer: usize, eth: EthHdr) {
 }
 
 /// (VIP, target port, protocol) → the listener's port, network byte order: what a reply from
-/// that VIP and port says as its source port. Written by `lb target`.
+/// that VIP and port says as its source port. Written by `lb target`. One map for both
+/// families: an IPv4 VIP is keyed as its IPv4-mapped IPv6 address (::ffff:a.b.c.d).
 #[map]
-static REPLY_PORTS: HashMap<ListenerKey, u16> = HashMap::with_max_entries(4096, 0);
+static REPLY_PORTS: HashMap<ListenerKey6, u16> = HashMap::with_max_entries(4096, 0);
 
 /// Index 0: replies whose source port was translated.
 #[map]
@@ -141,6 +143,11 @@ const IP_VIHL: usize = ETH_LEN;
 const IP_FRAGS: usize = ETH_LEN + 6;
 const IP_PROTO: usize = ETH_LEN + 9;
 const IP_SRC: usize = ETH_LEN + 12;
+/// And of the IPv6 header's.
+const IP6_NEXT: usize = ETH_LEN + 6;
+const IP6_SRC: usize = ETH_LEN + 8;
+/// The first three words of an IPv4-mapped IPv6 address, as the map's keys hold them.
+const IPV4_MAPPED: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
 /// Fragment offset (a later fragment carries no ports), in the frags field read as big endian.
 const IP_OFFSET_MASK: u16 = 0x1fff;
 /// The size of the field `bpf_l4_csum_replace` updates the checksum for (BPF_F_HDR_FIELD_MASK).
@@ -150,23 +157,32 @@ const PORT_SIZE: u64 = 2;
 /// read and write a packet whatever its layout, and `l4_csum_replace` knows the checksum
 /// offloads: with a partial checksum (the NIC or GSO completes it) it leaves the field alone,
 /// since ports are not in the pseudo-header that field holds.
+/// The host's own IPv6 replies carry no extension headers: TCP or UDP follows the IPv6 header.
 #[inline(always)]
 fn translate_reply(ctx: &TcContext) -> Option<()> {
-    if ctx.load::<u16>(12).ok()? != ETH_P_IP_BE {
-        return None;
-    }
-    let proto = ctx.load::<u8>(IP_PROTO).ok()?;
+    let (proto, src, l4_off) = match ctx.load::<u16>(12).ok()? {
+        ETH_P_IP_BE => {
+            if u16::from_be(ctx.load::<u16>(IP_FRAGS).ok()?) & IP_OFFSET_MASK != 0 {
+                return None;
+            }
+            let ihl = (ctx.load::<u8>(IP_VIHL).ok()? & 0x0f) as usize * 4;
+            let [a, b, c] = IPV4_MAPPED;
+            let src = [a, b, c, ctx.load::<u32>(IP_SRC).ok()?];
+            (ctx.load::<u8>(IP_PROTO).ok()?, src, ETH_LEN + (ihl & 0x3c))
+        }
+        ETH_P_IPV6_BE => (
+            ctx.load::<u8>(IP6_NEXT).ok()?,
+            ctx.load::<[u32; 4]>(IP6_SRC).ok()?,
+            ETH_LEN + IPV6_LEN,
+        ),
+        _ => return None,
+    };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    if u16::from_be(ctx.load::<u16>(IP_FRAGS).ok()?) & IP_OFFSET_MASK != 0 {
-        return None;
-    }
-    let ihl = (ctx.load::<u8>(IP_VIHL).ok()? & 0x0f) as usize * 4;
-    let l4_off = ETH_LEN + (ihl & 0x3c);
     let sport = ctx.load::<u16>(l4_off).ok()?;
-    let key = ListenerKey {
-        addr: ctx.load::<u32>(IP_SRC).ok()?,
+    let key = ListenerKey6 {
+        addr: src,
         port: sport,
         proto,
         pad: 0,

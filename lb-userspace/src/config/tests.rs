@@ -266,7 +266,7 @@ fn ipv6_targets() {
     );
 }
 
-/// An IPv6 VIP: global unicast only, on a dsr group for now, with the clients' prefixes of its
+/// An IPv6 VIP: global unicast only, on a dsr or ipip group for now, with the clients' prefixes of its
 /// family; a dual-stack service is two listeners on one group.
 #[test]
 fn ipv6_vips() {
@@ -314,15 +314,16 @@ fn ipv6_vips() {
         19,
         "listener `web` has an IPv6 VIP, and its target group `web` forwards with nat: lb forwards IPv6 with dsr and ipip only, for now",
     );
-    refused(
+    // Port translation, as for IPv4 VIPs.
+    let translated = parse(
+        Path::new("lb.yaml"),
         &v6("2001:db8::10").replace(
             "        port: 80\n      - address: 198.51.100.12",
             "        port: 8080\n      - address: 198.51.100.12",
         ),
-        4,
-        11,
-        "listener `web` has an IPv6 VIP on port 80, and target 198.51.100.11:8080 of group `web` serves on another",
-    );
+    )
+    .unwrap();
+    assert_eq!(translated.target_groups[0].targets[0].port, 8080);
     let allowing = |list: &str| {
         v6("2001:db8::10").replace(
             "    target_group: web\n",

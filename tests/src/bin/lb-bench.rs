@@ -701,7 +701,7 @@ fn least_connections_balance(dataplane: &lb::maps::Dataplane, state: &MapState) 
 fn reply_ports_cost(plan: &Plan) -> Result<String> {
     let vip = lb_tests::frames::VIP;
     let ports = [lb::target::ReplyPort {
-        vip,
+        vip: vip.into(),
         target_port: 30080,
         proto: lb_common::PROTO_TCP,
         listener_port: 80,

@@ -297,20 +297,13 @@ impl Family for V6 {
         )
     }
 
-    /// Not yet: the config gives an IPv6 listener's targets the listener's port. Nothing past
-    /// the parse reads an IPv6 packet's `l4_off`, which the extension headers make take one
-    /// value range per header count: dead, it lets the verifier fold those paths into one.
     #[inline(always)]
     fn translate_port(
-        _ctx: &XdpContext,
+        ctx: &XdpContext,
         packet: &Packet<Self>,
         target: &Target,
     ) -> Result<(), DropReason> {
-        if target.port == packet.dport {
-            Ok(())
-        } else {
-            Err(DropReason::NoTarget)
-        }
+        forward::translate_port6(ctx, packet, target)
     }
 
     #[inline(always)]

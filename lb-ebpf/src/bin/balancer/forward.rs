@@ -23,7 +23,7 @@ use crate::{
     counters::drop,
     family::{V4, V6},
     icmp,
-    parse::Packet,
+    parse::{self, Packet},
 };
 
 const IP_DF: u8 = 0x40;
@@ -46,31 +46,52 @@ pub fn rewrite(
     port: usize,
     new_port: u16,
 ) -> Result<(), DropReason> {
-    let check_off = packet.l4_off
-        + if packet.proto == PROTO_TCP {
+    rewrite_l4(ctx, packet.l4_off, packet.proto, port, new_port, |l4| {
+        let Some((at, new_addr)) = addr else {
+            return l4;
+        };
+        let (old_addr, _) = set_address(packet.ip as *mut u8, at, new_addr);
+        checksum_replace32(l4, old_addr, new_addr)
+    })
+}
+
+/// Replaces a port (`port`: 0 source, 1 destination) of the TCP or UDP header at `l4_off` and
+/// updates its checksum, incrementally, for the port and for whatever else `more` changes that
+/// the checksum covers (it takes the checksum and returns it updated). A UDP checksum of 0,
+/// "none", stays 0, and a computed 0 goes out as 0xffff.
+#[inline(always)]
+fn rewrite_l4(
+    ctx: &XdpContext,
+    l4_off: usize,
+    proto: u8,
+    port: usize,
+    new_port: u16,
+    more: impl FnOnce(u16) -> u16,
+) -> Result<(), DropReason> {
+    let check_off = l4_off
+        + if proto == PROTO_TCP {
             TCP_CHECK_OFFSET
         } else {
             UDP_CHECK_OFFSET
         };
     let (Some(ports), Some(l4_check)) = (
-        ptr_at::<[u16; 2]>(ctx, packet.l4_off),
+        ptr_at::<[u16; 2]>(ctx, l4_off),
         ptr_at::<u16>(ctx, check_off),
     ) else {
         return Err(DropReason::Malformed);
     };
-    // SAFETY: the IPv4 header (20 bytes at `ip`) was bounds-checked by the parse, the ports and
-    // the checksum just above.
+    // SAFETY: the ports and the checksum were bounds-checked just above.
     unsafe {
         let port_at = (ports as *mut u16).add(port & 1);
         let old_port = port_at.read_unaligned();
         port_at.write_unaligned(new_port);
-        let mut l4 = checksum_replace(l4_check.read_unaligned(), old_port, new_port);
-        if let Some((at, new_addr)) = addr {
-            let (old_addr, _) = set_address(packet.ip as *mut u8, at, new_addr);
-            l4 = checksum_replace32(l4, old_addr, new_addr);
-        }
-        if packet.proto == PROTO_TCP || l4_check.read_unaligned() != 0 {
-            l4_check.write_unaligned(if l4 == 0 && packet.proto != PROTO_TCP {
+        let l4 = more(checksum_replace(
+            l4_check.read_unaligned(),
+            old_port,
+            new_port,
+        ));
+        if proto == PROTO_TCP || l4_check.read_unaligned() != 0 {
+            l4_check.write_unaligned(if l4 == 0 && proto != PROTO_TCP {
                 0xffff
             } else {
                 l4
@@ -91,6 +112,21 @@ pub fn translate_port(
         return Ok(());
     }
     rewrite(ctx, packet, None, 1, target.port)
+}
+
+/// Port translation of an IPv6 packet: its TCP or UDP header found again past its extension
+/// headers (`parse::l4_offset6`).
+#[inline(always)]
+pub fn translate_port6(
+    ctx: &XdpContext,
+    packet: &Packet<V6>,
+    target: &Target,
+) -> Result<(), DropReason> {
+    if target.port == packet.dport {
+        return Ok(());
+    }
+    let l4_off = parse::l4_offset6(packet, ctx)?;
+    rewrite_l4(ctx, l4_off, packet.proto, 1, target.port, |l4| l4)
 }
 
 /// Replaces the address at `at` (`IP_SRC` or `IP_DST`) of the IPv4 header `ip` and updates its

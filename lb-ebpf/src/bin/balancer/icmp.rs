@@ -217,24 +217,21 @@ pub fn error6(
     let unmatched = (outer_dst, DropReason::IcmpUnmatched);
     // The quoted packet: its IPv6 header, then (no extension header) its ports.
     let quote = ETH_LEN + IPV6_LEN + ICMP_HDR_LEN;
-    let (Some(inner), Some(ports)) = (
-        ptr_at::<Ipv6Hdr>(ctx, quote),
-        ptr_at::<[u16; 2]>(ctx, quote + IPV6_LEN),
-    ) else {
-        return Err(unmatched);
-    };
+    let inner = ptr_at::<Ipv6Hdr>(ctx, quote).ok_or(unmatched)?;
     // SAFETY: as above.
-    let (proto, src, dst, [sport, dport]) = unsafe {
+    let (proto, src, dst) = unsafe {
         (
             (*inner).next_hdr,
             (&raw const (*inner).src_addr as *const [u32; 4]).read_unaligned(),
             (&raw const (*inner).dst_addr as *const [u32; 4]).read_unaligned(),
-            *ports,
         )
     };
     if (proto != PROTO_TCP && proto != PROTO_UDP) || src != outer_dst {
         return Err(unmatched);
     }
+    let quoted =
+        Quoted::at(ctx, icmp, inner as *mut u8, quote + IPV6_LEN, proto).ok_or(unmatched)?;
+    let [sport, dport] = quoted.ports();
     let slot = listener::find_key::<V6>(&ListenerKey6::new(src, sport, proto)).ok_or(unmatched)?;
     let listener = &slot.listener;
     let group = GROUPS.get(listener.group).ok_or(unmatched)?;
@@ -242,10 +239,16 @@ pub fn error6(
     let key = FlowKey6::new(dst, src, dport, sport, proto);
     let id = flow_target::<V6>(table, &key, listener, group, settings, now).ok_or(unmatched)?;
     let target = TARGETS.get(id).ok_or(unmatched)?;
-    // IPv6 listeners forward with dsr or ipip, without port translation (the config sees to
-    // it).
-    if group.forwarding == FORWARDING_NAT || target.port != sport {
+    // IPv6 listeners forward with dsr or ipip (the config sees to it).
+    if group.forwarding == FORWARDING_NAT {
         return Err(unmatched);
+    }
+    // Under port translation the target's socket has its own port, which the quote must name
+    // (the ICMPv6 checksum's pseudo-header, over the outer addresses, stays as it was).
+    if target.port != sport {
+        // SAFETY: `icmp` was bounds-checked above, and the frame has not been resized since.
+        let icmp_check = unsafe { quoted.icmp_check.read_unaligned() };
+        quoted.set_port(icmp_check, 0, target.port, |l4| l4);
     }
     counters::icmp(IcmpCounter::ErrorToTarget);
     Ok(Some(if group.forwarding == FORWARDING_IPIP {
@@ -348,30 +351,13 @@ fn quote(ctx: &XdpContext, icmp: *mut [u8; ICMP_HDR_LEN], off: usize) -> Option<
         return None;
     }
     let l4_off = off + (inner_ihl & 0x3c);
-    // Every error quotes at least 8 bytes past the IPv4 header: the ports, and UDP's checksum.
-    let l4 = ptr_at::<[u16; 4]>(ctx, l4_off)? as *mut u16;
-    let (src, dst, sport, dport) = unsafe {
+    let quoted = Quoted::at(ctx, icmp, inner as *mut u8, l4_off, inner_proto)?;
+    let [sport, dport] = quoted.ports();
+    let (src, dst) = unsafe {
         (
             u32::from_ne_bytes((*inner).src_addr),
             u32::from_ne_bytes((*inner).dst_addr),
-            l4.read_unaligned(),
-            l4.add(1).read_unaligned(),
         )
-    };
-    // TCP's checksum, if the quote goes that far. Pointers derived from a checked pointer by a
-    // constant, as the verifier can follow.
-    let l4_check = if inner_proto == PROTO_TCP {
-        ptr_at::<[u16; TCP_CHECK_OFFSET / 2 + 1]>(ctx, l4_off)
-            .map(|tcp| unsafe { (tcp as *mut u16).add(TCP_CHECK_OFFSET / 2) })
-    } else {
-        Some(unsafe { l4.add(UDP_CHECK_OFFSET / 2) })
-    };
-    let quoted = Quoted {
-        icmp_check: unsafe { (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2) },
-        ip: inner as *mut u8,
-        ports: l4,
-        l4_check,
-        udp: inner_proto == PROTO_UDP,
     };
     Some((quoted, FlowKey::new(dst, src, dport, sport, inner_proto)))
 }
@@ -609,26 +595,80 @@ struct Quoted {
 }
 
 impl Quoted {
+    /// The packet quoted by the ICMP error whose header is `icmp`: its IP header is `ip`, its
+    /// TCP or UDP header (protocol `proto`) at `l4_off`. `None` if the quote ends before the
+    /// first 8 bytes of that header (the ports, and UDP's checksum), which every error quotes.
+    #[inline(always)]
+    fn at(
+        ctx: &XdpContext,
+        icmp: *mut [u8; ICMP_HDR_LEN],
+        ip: *mut u8,
+        l4_off: usize,
+        proto: u8,
+    ) -> Option<Self> {
+        let l4 = ptr_at::<[u16; 4]>(ctx, l4_off)? as *mut u16;
+        // TCP's checksum, if the quote goes that far. Pointers derived from a checked pointer
+        // by a constant, as the verifier can follow.
+        let l4_check = if proto == PROTO_TCP {
+            ptr_at::<[u16; TCP_CHECK_OFFSET / 2 + 1]>(ctx, l4_off)
+                .map(|tcp| unsafe { (tcp as *mut u16).add(TCP_CHECK_OFFSET / 2) })
+        } else {
+            Some(unsafe { l4.add(UDP_CHECK_OFFSET / 2) })
+        };
+        Some(Quoted {
+            icmp_check: unsafe { (icmp as *mut u16).add(ICMP_CHECK_OFFSET / 2) },
+            ip,
+            ports: l4,
+            l4_check,
+            udp: proto == PROTO_UDP,
+        })
+    }
+
+    /// The quoted packet's source and destination port, as it holds them.
+    #[inline(always)]
+    fn ports(&self) -> [u16; 2] {
+        // SAFETY: bounds-checked by `at`, and the frame has not been resized since.
+        unsafe {
+            [
+                self.ports.read_unaligned(),
+                self.ports.add(1).read_unaligned(),
+            ]
+        }
+    }
+
     /// Replaces one address (`IP_SRC` or `IP_DST`) and one port (0 source, 1 destination) of
-    /// the quoted packet, and every checksum over them, incrementally.
+    /// the quoted IPv4 packet, and every checksum over them, incrementally.
     #[inline(always)]
     fn rewrite(&self, at: usize, addr: u32, port: usize, new_port: u16) {
         // SAFETY: the pointers were bounds-checked by `ptr_at` (the IPv4 header for 20 bytes),
         // and the frame has not been resized since.
-        unsafe {
+        let (old_addr, icmp) = unsafe {
             let (old_addr, [old_ip_check, new_ip_check]) = set_address(self.ip, at, addr);
+            let icmp = checksum_replace32(self.icmp_check.read_unaligned(), old_addr, addr);
+            (old_addr, checksum_replace(icmp, old_ip_check, new_ip_check))
+        };
+        self.set_port(icmp, port, new_port, |l4| {
+            checksum_replace32(l4, old_addr, addr)
+        });
+    }
+
+    /// Replaces one port (0 source, 1 destination) of the quoted packet, and the checksums over
+    /// it: its TCP or UDP checksum, also for what `more` changes (it takes the checksum and
+    /// returns it updated), and the ICMP checksum, `icmp` so far.
+    #[inline(always)]
+    fn set_port(&self, mut icmp: u16, port: usize, new_port: u16, more: impl FnOnce(u16) -> u16) {
+        // SAFETY: the pointers were bounds-checked by `ptr_at`, and the frame has not been
+        // resized since.
+        unsafe {
             let port_at = self.ports.add(port & 1);
             let old_port = port_at.read_unaligned();
             port_at.write_unaligned(new_port);
-            let mut icmp = checksum_replace32(self.icmp_check.read_unaligned(), old_addr, addr);
-            icmp = checksum_replace(icmp, old_ip_check, new_ip_check);
             icmp = checksum_replace(icmp, old_port, new_port);
             if let Some(l4_check) = self.l4_check {
                 let old = l4_check.read_unaligned();
                 // A UDP checksum of 0 is "none" and stays so.
                 if !(self.udp && old == 0) {
-                    let mut new = checksum_replace32(old, old_addr, addr);
-                    new = checksum_replace(new, old_port, new_port);
+                    let mut new = more(checksum_replace(old, old_port, new_port));
                     if self.udp && new == 0 {
                         new = 0xffff;
                     }

@@ -125,28 +125,8 @@ pub fn parse6(ctx: &XdpContext) -> Result<Option<Packet<V6>>, ([u32; 4], DropRea
     if version != 6 || ETH_LEN + IPV6_LEN + payload_len > frame_len {
         return Err((dst, DropReason::Malformed));
     }
-    let mut l4_off = ETH_LEN + IPV6_LEN;
-    let mut skipped = 0;
-    while skipped < MAX_EXTENSION_HEADERS
-        && (next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DESTINATION)
-    {
-        // Each is its next header, its length in 8-byte units past the first 8, then options.
-        let Some(ext) = ptr_at::<[u8; 2]>(ctx, l4_off) else {
-            return Err((dst, DropReason::Malformed));
-        };
-        // SAFETY: as above.
-        let [following, len] = unsafe { *ext };
-        next = following;
-        // At most 4 × 2048 bytes: the mask tells the verifier the offset stays bounded.
-        l4_off = (l4_off + (len as usize + 1) * 8) & 0x3fff;
-        skipped += 1;
-    }
-    if next == IPV6_FRAGMENT {
-        return Err((dst, DropReason::Fragment));
-    }
-    if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DESTINATION {
-        return Err((dst, DropReason::ExtensionHeaders));
-    }
+    let l4_off;
+    (l4_off, next) = skip_extensions(ctx, next).map_err(|reason| (dst, reason))?;
     if next != PROTO_TCP && next != PROTO_UDP {
         return Ok(None);
     }
@@ -173,6 +153,44 @@ pub fn parse6(ctx: &XdpContext) -> Result<Option<Packet<V6>>, ([u32; 4], DropRea
         tcp_flags,
         frame_len,
     }))
+}
+
+/// Where the IPv6 packet's upper-layer header starts, and its protocol, past up to
+/// `MAX_EXTENSION_HEADERS` extension headers; `next`: the IPv6 header's next header.
+#[inline(always)]
+fn skip_extensions(ctx: &XdpContext, mut next: u8) -> Result<(usize, u8), DropReason> {
+    let mut l4_off = ETH_LEN + IPV6_LEN;
+    let mut skipped = 0;
+    while skipped < MAX_EXTENSION_HEADERS
+        && (next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DESTINATION)
+    {
+        // Each is its next header, its length in 8-byte units past the first 8, then options.
+        let ext = ptr_at::<[u8; 2]>(ctx, l4_off).ok_or(DropReason::Malformed)?;
+        // SAFETY: `ptr_at` checked it against data_end.
+        let [following, len] = unsafe { *ext };
+        next = following;
+        // At most 4 × 2048 bytes: the mask tells the verifier the offset stays bounded.
+        l4_off = (l4_off + (len as usize + 1) * 8) & 0x3fff;
+        skipped += 1;
+    }
+    if next == IPV6_FRAGMENT {
+        return Err(DropReason::Fragment);
+    }
+    if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DESTINATION {
+        return Err(DropReason::ExtensionHeaders);
+    }
+    Ok((l4_off, next))
+}
+
+/// The offset of a parsed IPv6 packet's TCP or UDP header, found again. `Packet::l4_off` of an
+/// IPv6 packet stays unread past the parse: its value ranges, one per extension-header count,
+/// would make the verifier walk every later stage once for each. Found again here, they split
+/// only what follows, the rewrite.
+#[inline(always)]
+pub fn l4_offset6(packet: &Packet<V6>, ctx: &XdpContext) -> Result<usize, DropReason> {
+    // SAFETY: the parse bounds-checked the header, and nothing resized the frame since.
+    let next = unsafe { (*packet.ip).next_hdr };
+    Ok(skip_extensions(ctx, next)?.0)
 }
 
 /// The source and destination port of the TCP or UDP header at `l4_off`, and TCP's flags (0
