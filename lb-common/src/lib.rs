@@ -27,12 +27,17 @@ pub const LISTENER_PROBES: u32 = 8;
 pub const SETTINGS_KEY: u32 = 0;
 
 /// The programs the balancer hands frames on to, by their index in its `STAGES` array: IPv4
-/// that is neither TCP nor UDP (`lb_icmp4`), and all IPv6 (`lb_balancer6`).
+/// that is neither TCP nor UDP (`lb_icmp4`), all IPv6 (`lb_balancer6`), and from it, IPv6
+/// that is neither TCP nor UDP (`lb_icmp6`) and IPv6's NAT requests, replies and ICMPv6
+/// errors (`lb_nat6`).
 pub const STAGE_ICMP4: u32 = 0;
 pub const STAGE_IPV6: u32 = 1;
-pub const STAGE_COUNT: u32 = 2;
+pub const STAGE_NAT6: u32 = 2;
+pub const STAGE_ICMP6: u32 = 3;
+pub const STAGE_COUNT: u32 = 4;
 /// Their names in the balancer's object, by index.
-pub const STAGE_PROGRAMS: [&str; STAGE_COUNT as usize] = ["lb_icmp4", "lb_balancer6"];
+pub const STAGE_PROGRAMS: [&str; STAGE_COUNT as usize] =
+    ["lb_icmp4", "lb_balancer6", "lb_nat6", "lb_icmp6"];
 
 /// A listener is found by VIP, port and protocol.
 ///
@@ -93,6 +98,8 @@ pub trait ListenerKeyOf: Copy + PartialEq {
     }
     /// Its VIP.
     fn address(&self) -> Self::Addr;
+    /// Its port, network byte order.
+    fn port(&self) -> u16;
     /// Whether the slot holding this key is empty (all zero; the unspecified address is never
     /// a VIP).
     fn is_empty(&self) -> bool;
@@ -113,6 +120,11 @@ impl ListenerKeyOf for ListenerKey {
             proto,
             pad: 0,
         }
+    }
+
+    #[inline(always)]
+    fn port(&self) -> u16 {
+        self.port
     }
 
     #[inline(always)]
@@ -147,6 +159,11 @@ impl ListenerKeyOf for ListenerKey6 {
             proto,
             pad: 0,
         }
+    }
+
+    #[inline(always)]
+    fn port(&self) -> u16 {
+        self.port
     }
 
     #[inline(always)]
@@ -779,8 +796,9 @@ pub struct Sticky {
 pub struct Settings {
     /// Slots per Maglev table (a prime).
     pub maglev_size: u32,
-    /// Whether any group forwards with NAT: only then may a packet that is not for a VIP be a
-    /// reply to translate, worth a connection-table lookup.
+    /// Per family, whether a listener of it forwards with NAT (`NAT_IPV4`, `NAT_IPV6`): only
+    /// then may a packet of that family that is not for a VIP be a reply to translate, worth a
+    /// connection-table lookup.
     pub nat: u32,
     /// Per family, whether its global deny-list (`DENIED_SOURCES`, `DENIED_SOURCES6`) holds any
     /// prefix: only then is the source of a packet for a listener looked up in it. Bit 0 IPv4,
@@ -810,6 +828,10 @@ impl Settings {
         scale(key.hash(&self.pick) >> 32, self.maglev_size)
     }
 }
+
+/// `Settings::nat`'s bits.
+pub const NAT_IPV4: u32 = 1;
+pub const NAT_IPV6: u32 = 2;
 
 /// How many interfaces one balancer may be attached to.
 pub const MAX_INTERFACES: usize = 8;

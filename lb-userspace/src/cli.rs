@@ -198,9 +198,6 @@ fn prepare_target(
             Some(TargetMode::Nat) => Forwarding::Nat,
             _ => Forwarding::Dsr,
         };
-        if mode == Forwarding::Nat && vips.iter().any(|v| v.is_ipv6()) {
-            bail!("lb forwards IPv6 VIPs with dsr and ipip only, for now: --mode dsr or ipip");
-        }
         let plan = target::Plan::from_flags(mode, vips, ports);
         return target::run(interface, &plan, action, false);
     };

@@ -221,6 +221,20 @@ impl Config {
         self.target_groups.iter().find(|g| g.name == name)
     }
 
+    /// Whether some listener of each family (IPv4, IPv6) forwards with nat: the balancer then
+    /// routes that family, and looks for replies among its packets.
+    pub fn nat_families(&self) -> [bool; 2] {
+        let nat = |ipv6: bool| {
+            self.listeners.iter().any(|l| {
+                l.address.is_ipv6() == ipv6
+                    && self
+                        .target_group(&l.target_group)
+                        .is_some_and(|g| g.forwarding == Forwarding::Nat)
+            })
+        };
+        [nat(false), nat(true)]
+    }
+
     /// Logs each warning: allowed, probably not meant.
     pub fn log_warnings(&self) {
         for w in &self.warnings {
@@ -614,9 +628,6 @@ impl Validator<'_> {
             });
             if let Some(g) = group {
                 self.families_match(&at, &l.name, address, g);
-                if address.is_ipv6() {
-                    self.ipv6_group(&at, &l.name, g);
-                }
             }
             let [max_new_flows_per_second, max_new_flows_per_second_per_source] = [
                 ("max_new_flows_per_second", l.max_new_flows_per_second),
@@ -1173,19 +1184,6 @@ impl Validator<'_> {
                     group.name,
                     group.forwarding,
                     family(t.address),
-                ),
-            );
-        }
-    }
-
-    /// What an IPv6 listener's group must be, for now: dsr or ipip.
-    fn ipv6_group(&mut self, at: &str, listener: &str, group: &TargetGroup) {
-        if group.forwarding == Forwarding::Nat {
-            self.error(
-                &format!("{at}.target_group"),
-                format!(
-                    "listener `{listener}` has an IPv6 VIP, and its target group `{}` forwards with nat: lb forwards IPv6 with dsr and ipip only, for now",
-                    group.name
                 ),
             );
         }

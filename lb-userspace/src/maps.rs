@@ -50,7 +50,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 /// adopts them, which it can only if its maps have the same layout. `STAGES` too, though each
 /// lb fills it with its own programs: the kernel empties a program array that nothing holds
 /// any more, and a balancer whose lb died must go on handing frames to its stages.
-const MAPS: [(&str, usize); 29] = [
+const MAPS: [(&str, usize); 30] = [
     ("STAGES", size_of::<u32>()),
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENER_SLOTS6", size_of::<ListenerSlot6>()),
@@ -60,6 +60,7 @@ const MAPS: [(&str, usize); 29] = [
     ("DENIED_SOURCES6", size_of::<u8>()),
     ("SOURCE_BUCKETS6", size_of::<u64>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
+    ("LISTENERS_BY_ID6", size_of::<ListenerSlot6>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
     ("FLOWS", size_of::<FlowBucket>()),
     ("FLOW_TABLE", size_of::<FlowTable>()),
@@ -183,10 +184,12 @@ impl MapState {
         }
         let settings = Settings {
             maglev_size: config.settings.maglev_table_size,
-            nat: config
-                .target_groups
-                .iter()
-                .any(|g| g.forwarding == Forwarding::Nat) as u32,
+            nat: match config.nat_families() {
+                [v4, v6] => {
+                    (if v4 { lb_common::NAT_IPV4 } else { 0 })
+                        | (if v6 { lb_common::NAT_IPV6 } else { 0 })
+                }
+            },
             denied_sources: config
                 .denied_sources
                 .iter()
@@ -1150,6 +1153,10 @@ impl Dataplane {
         let mut by_id: Array<_, ListenerSlot> = self.map("LISTENERS_BY_ID")?;
         for (&key, &listener) in &state.listeners {
             by_id.set(listener.id, ListenerSlot { key, listener }, 0)?;
+        }
+        let mut by_id6: Array<_, ListenerSlot6> = self.map("LISTENERS_BY_ID6")?;
+        for (&key, &listener) in &state.listeners6 {
+            by_id6.set(listener.id, ListenerSlot6 { key, listener }, 0)?;
         }
         let written = self.listener_halves[half as usize].take();
         self.write_slots("LISTENER_SLOTS", half, &slots, written)?;

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    config::{self, Config, Forwarding},
+    config::{self, Config},
     health::{self, HealthCheck, ProbeResult, TargetState},
     instance::{self, Instance},
     lifecycle::{Registry, TargetKey, Transition},
@@ -668,18 +668,18 @@ fn predecessor(names: &[String]) -> Result<Option<instance::InstanceInfo>> {
     Ok(found.map(|(_, info)| info))
 }
 
-/// With a nat group, the balancer is a router: its FIB lookups (and the kernel, for a packet
-/// whose next hop is not known yet) forward only on interfaces where IPv4 forwarding is on.
+/// With a nat listener, the balancer is a router of its family: its FIB lookups (and the
+/// kernel, for a packet whose next hop is not known yet) forward only on interfaces where that
+/// family's forwarding is on.
 fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
-    if !config
-        .target_groups
+    let [v4, v6] = config.nat_families();
+    let families = [("ipv4", v4), ("ipv6", v6)];
+    for (family, iface) in families
         .iter()
-        .any(|g| g.forwarding == Forwarding::Nat)
+        .filter(|(_, nat)| *nat)
+        .flat_map(|&(family, _)| ifaces.iter().map(move |i| (family, i)))
     {
-        return Ok(());
-    }
-    for iface in ifaces {
-        let key = format!("net.ipv4.conf.{}.forwarding", iface.name);
+        let key = format!("net.{family}.conf.{}.forwarding", iface.name);
         if crate::target::read_sysctl(&key)? != "1" {
             crate::target::write_sysctl(&key, "1")?;
             info!(

@@ -11,8 +11,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
 use lb_tests::{
-    Answers, Connection, IFACE, INTERNAL_IFACE, Lab, VIP, private_target_addr, target_addr,
-    tcp_clients, udp_clients,
+    Answers, CLIENT_ADDR6, Connection, IFACE, INTERNAL_IFACE, LB_ADDR6, Lab, VIP, VIP6,
+    private_target_addr, target_addr, target_addr6, tcp_clients, udp_clients,
 };
 
 const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -320,6 +320,86 @@ fn nat_serves_the_l4_switch_example(two_armed: bool) -> Result<()> {
         "the client saw {refused:?}, not a refusal"
     );
 
+    let (status, log) = balancer.terminate(&mut lab)?;
+    ensure!(status.success(), "lb exited with {status}: {log:?}");
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+/// nat over IPv6, one-armed: targets named by IPv6 address, serving on their own ports, their
+/// way back to the client the balancer (a route on each target), which translates the replies
+/// to VIP:listener-port; and a target's port unreachable reaches the client translated, so its
+/// connected socket learns that the VIP's port refuses.
+#[test]
+fn nat_translates_ipv6_both_ways() -> Result<()> {
+    let name = format!("lbp-nat6-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, 3)?;
+    lab.enable_ipv6()?;
+    let targets = |port: u16| -> String {
+        (0..3)
+            .map(|i| format!("{{address: '{}', port: {port}}}", target_addr6(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:
+  - {{name: web6, address: '{VIP6}', port: 80, protocol: tcp, target_group: web}}
+  - {{name: game6, address: '{VIP6}', port: 6800, protocol: udp, target_group: game}}
+target_groups:
+  - {{name: web, forwarding: nat, targets: [{}]}}
+  - {{name: game, forwarding: nat, targets: [{}]}}
+",
+            targets(30080),
+            targets(18600)
+        ),
+    )?;
+    for i in 0..3 {
+        let ns = lab.target_ns(i);
+        let status = std::process::Command::new("ip")
+            .args(["-n", &ns, "-6", "route", "add"])
+            .args([&format!("{CLIENT_ADDR6}/128"), "via", &LB_ADDR6.to_string()])
+            .status()?;
+        ensure!(status.success(), "route on t{}", i + 1);
+        lab.start_tcp_server(i, 30080, SMALL_REPLY)?;
+        lab.start_udp_server(i, target_addr6(i), 18600, SMALL_REPLY)?;
+    }
+    let mut balancer = lab.start_balancer(&config, &[])?;
+
+    let rx_before = lab.rx_bytes("lb")?;
+    let (web, web_bytes) = tcp_clients(&lab, VIP6, 80, 30, 2)?;
+    let (game, game_bytes) = udp_clients(&lab, VIP6, 6800, 30, 2)?;
+    let rx_delta = lab.rx_bytes("lb")? - rx_before;
+    for (kind, answers) in [("tcp", &web), ("udp", &game)] {
+        let served: BTreeSet<&String> = answers.iter().flatten().collect();
+        ensure!(served.len() == 3, "{kind}: served by {served:?}");
+    }
+    // In nat the replies pass through the balancer.
+    let replies = web_bytes + game_bytes;
+    ensure!(
+        rx_delta >= replies,
+        "the balancer received {rx_delta} bytes for {replies} reply bytes: replies bypass it"
+    );
+
+    for i in 0..3 {
+        lab.stop_udp_server(i, 18600);
+    }
+    let refused = lb_tests::in_netns(&lab.ns("client"), || -> Result<std::io::ErrorKind> {
+        let socket = std::net::UdpSocket::bind("[::]:0")?;
+        socket.connect((VIP6, 6800))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send(b"anyone?")?;
+        Ok(match socket.recv(&mut [0u8; 64]) {
+            Ok(_) => std::io::ErrorKind::Other,
+            Err(e) => e.kind(),
+        })
+    })??;
+    ensure!(
+        refused == std::io::ErrorKind::ConnectionRefused,
+        "the client saw {refused:?}, not a refusal"
+    );
     let (status, log) = balancer.terminate(&mut lab)?;
     ensure!(status.success(), "lb exited with {status}: {log:?}");
     let _ = std::fs::remove_file(config);

@@ -713,14 +713,21 @@ fn reply_to(request: &Packet, addr: Ipv4Addr, port: u16, flags: u8) -> Packet {
 }
 
 /// A namespace where the kernel's FIB knows the way, as a NAT balancer's does: the targets on
-/// a veth interface with their made-up MACs as neighbours, the client behind a router there.
+/// a veth interface with their made-up MACs as neighbours, the client behind a router there;
+/// in IPv4 and IPv6.
 struct Routed(String);
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const TARGET6_1: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x21);
+const TARGET6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x22);
 
 impl Routed {
     fn new() -> Result<Self> {
-        let name = format!("lbx-fib-{}", std::process::id() % 10000);
+        // One per test: tests run in parallel.
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("lbx-fib-{}-{made}", std::process::id() % 10000);
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
         let routed = Routed(name.clone());
         let ip = |args: &str| -> Result<()> {
@@ -748,18 +755,26 @@ impl Routed {
             ip(&format!("neigh add {addr} lladdr {} dev d0", mac.join(":")))?;
         }
         ip("route add 192.0.2.0/24 via 198.51.100.1")?;
+        ip("-6 addr add 2001:db8:1::3/64 dev d0 nodad")?;
+        for (addr, mac) in [
+            (TARGET6_1, mac_of(TARGET6_1)),
+            (TARGET6_2, mac_of(TARGET6_2)),
+            (ROUTER6, ROUTER_MAC),
+        ] {
+            let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+            ip(&format!(
+                "-6 neigh add {addr} lladdr {} dev d0",
+                mac.join(":")
+            ))?;
+        }
+        ip(&format!("-6 route add 2001:db8:c::/48 via {ROUTER6}"))?;
         // A FIB lookup for a packet that is passing through answers only where forwarding is on.
-        let status = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ])
-            .status()?;
-        ensure!(status.success(), "sysctl net.ipv4.ip_forward=1");
+        for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            let status = Command::new("ip")
+                .args(["netns", "exec", &name, "sysctl", "-qw", setting])
+                .status()?;
+            ensure!(status.success(), "sysctl {setting}");
+        }
         Ok(routed)
     }
 }
@@ -2335,5 +2350,151 @@ fn ipv6_errors_under_port_translation_name_the_targets_port() -> Result<()> {
         checksum(&[pseudo, icmp.to_vec()].concat()) == 0,
         "the ICMPv6 checksum"
     );
+    Ok(())
+}
+
+/// nat for IPv6 VIPs: targets named by IPv6 address, on another port.
+const NAT6: &str = "
+settings: {maglev_table_size: 4099, connection_table_size: 4096, max_target_groups: 4}
+listeners:
+  - {name: web6, address: '2001:db8:10::10', port: 80, protocol: tcp, target_group: web}
+  - {name: game6, address: '2001:db8:10::10', port: 6800, protocol: udp, target_group: game}
+target_groups:
+  - name: web
+    forwarding: nat
+    targets: [{address: '2001:db8:1::21', port: 30080}, {address: '2001:db8:1::22', port: 30080}]
+  - name: game
+    forwarding: nat
+    targets: [{address: '2001:db8:1::21', port: 30080}]
+";
+
+#[test]
+fn ipv6_nat_rewrites_requests_to_the_target_and_replies_back_to_the_vip() -> Result<()> {
+    let routed = Routed::new()?;
+    lb_tests::in_netns(&routed.0, nat6_both_ways)?
+}
+
+/// The IPv6 counterpart of `nat_both_ways`, past extension headers too; then ICMPv6 errors
+/// about the flows, translated like them both ways.
+fn nat6_both_ways() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(NAT6)?;
+    let mut past_extensions = Packet6::tcp(80, 5002, 0x02);
+    past_extensions.extensions = extension_headers(2);
+    let cases = [
+        (Packet6::tcp(80, 5000, 0x02), 0),
+        (Packet6::udp(6800, 5001), 1),
+        (past_extensions, 0),
+    ];
+    for (request, group) in cases {
+        let (verdict, out) = run(&mut dp, &request.frame())?;
+        ensure!(verdict == XDP_REDIRECT, "{request:?}: verdict {verdict}");
+        let (_, target) = expected_target6(&state, group, &request);
+        let addr = lb::maps::from_be6(target.addr6);
+        let want = Packet6 {
+            dst: addr,
+            dport: 30080,
+            ..request.clone()
+        };
+        ensure!(out[0..6] == mac_of(addr), "{:02x?}", &out[0..12]);
+        ensure!(
+            out[14..] == want.ip_packet()[..],
+            "request\ngot  {:02x?}\nwant {:02x?}",
+            &out[14..],
+            want.ip_packet()
+        );
+        ensure!(l4_checksum_ok(&out[14..]), "the request's checksum");
+
+        let reply = Packet6 {
+            src: addr,
+            dst: request.src,
+            sport: 30080,
+            dport: request.sport,
+            tcp_flags: 0x12,
+            extensions: Vec::new(),
+            ..request.clone()
+        };
+        let (verdict, out) = run(&mut dp, &reply.frame())?;
+        ensure!(verdict == XDP_REDIRECT, "reply verdict {verdict}");
+        ensure!(out[0..6] == ROUTER_MAC, "{:02x?}", &out[0..12]);
+        let want = Packet6 {
+            src: VIP6,
+            sport: request.dport,
+            ..reply.clone()
+        };
+        ensure!(
+            out[14..] == want.ip_packet()[..],
+            "reply\ngot  {:02x?}\nwant {:02x?}",
+            &out[14..],
+            want.ip_packet()
+        );
+        ensure!(l4_checksum_ok(&out[14..]), "the reply's checksum");
+    }
+
+    // ICMPv6 errors, each checked whole: its checksum, and the quote as the host it goes to
+    // sent the packet.
+    let icmp_ok = |out: &[u8]| {
+        let src = Ipv6Addr::from(<[u8; 16]>::try_from(&out[22..38]).unwrap());
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap());
+        let pseudo = lb_tests::frames::pseudo_header6(src, dst, 58, out.len() - 54);
+        checksum(&[pseudo, out[54..].to_vec()].concat()) == 0
+    };
+    let request = Packet6::udp(6800, 5001);
+    let (_, target) = expected_target6(&state, 1, &request);
+    let addr = lb::maps::from_be6(target.addr6);
+    // The target's port unreachable about the request it got: to the client, from the VIP,
+    // about the request the client sent.
+    let got = Packet6 {
+        dst: addr,
+        dport: 30080,
+        ..request.clone()
+    };
+    let unreachable = icmp6_message(
+        addr,
+        request.src,
+        64,
+        [1, 4, 0, 0, 0, 0, 0, 0],
+        &got.ip_packet(),
+    );
+    let (verdict, out) = run(&mut dp, &unreachable)?;
+    ensure!(verdict == XDP_REDIRECT, "unreachable verdict {verdict}");
+    ensure!(out[0..6] == ROUTER_MAC && out[22..38] == VIP6.octets());
+    ensure!(
+        out[62..] == request.ip_packet()[..],
+        "quote {:02x?}",
+        &out[62..]
+    );
+    ensure!(icmp_ok(&out), "the translated unreachable's checksum");
+    // A router's packet too big about a reply, sent to the VIP: to the target, about the reply
+    // it sent.
+    let reply = Packet6 {
+        src: VIP6,
+        dst: request.src,
+        sport: 6800,
+        dport: request.sport,
+        ..request.clone()
+    };
+    let too_big = icmp6_message(
+        ROUTER6,
+        VIP6,
+        64,
+        [2, 0, 0, 0, 0, 0, 0x05, 0],
+        &reply.ip_packet(),
+    );
+    let (verdict, out) = run(&mut dp, &too_big)?;
+    ensure!(verdict == XDP_REDIRECT, "too big verdict {verdict}");
+    ensure!(out[0..6] == mac_of(addr) && out[38..54] == addr.octets());
+    let sent = Packet6 {
+        src: addr,
+        sport: 30080,
+        ..reply.clone()
+    };
+    ensure!(
+        out[62..] == sent.ip_packet()[..],
+        "quote {:02x?}",
+        &out[62..]
+    );
+    ensure!(icmp_ok(&out), "the translated packet too big's checksum");
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToClient)? == 1);
+    ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == 1);
     Ok(())
 }

@@ -306,13 +306,20 @@ fn ipv6_vips() {
         14,
         "VIP `fe80::1%eth0` is scoped to one interface",
     );
-    refused(
+    // nat, with targets of the VIP's family.
+    let nat6 = parse(
+        Path::new("lb.yaml"),
         &v6("2001:db8::10")
             .replace("forwarding: dsr", "forwarding: nat")
             .replace("198.51.100.1", "2001:db8:1::1"),
+    )
+    .unwrap();
+    assert_eq!(nat6.nat_families(), [false, true]);
+    refused(
+        &v6("2001:db8::10").replace("forwarding: dsr", "forwarding: nat"),
         6,
         19,
-        "listener `web` has an IPv6 VIP, and its target group `web` forwards with nat: lb forwards IPv6 with dsr and ipip only, for now",
+        "listener `web` has an IPv6 VIP, and target 198.51.100.11:80 of its group `web` (nat) is IPv4: nat keeps the address family (no NAT64)",
     );
     // Port translation, as for IPv4 VIPs.
     let translated = parse(

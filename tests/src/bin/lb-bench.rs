@@ -248,6 +248,17 @@ target_groups:
       - {address: 198.51.100.31, port: 30080}
 ";
 
+/// NAT for an IPv6 VIP.
+const BENCH_NAT6_CONFIG: &str = "
+listeners:
+  - {name: natted6, address: '2001:db8:10::10', port: 8080, protocol: tcp, target_group: natted6}
+target_groups:
+  - name: natted6
+    forwarding: nat
+    targets:
+      - {address: '2001:db8:1::31', port: 30080}
+";
+
 /// How a row of section 1 is timed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Timing {
@@ -346,12 +357,14 @@ impl From<Packet6> for Input {
 enum Setup {
     Plain,
     Nat,
+    Nat6,
     Algorithms,
 }
 
 fn per_packet(plan: &Plan) -> Result<String> {
     let (mut plain, _, _) = dataplane_for(BENCH_CONFIG)?;
     let (mut with_nat, _, _) = dataplane_for(BENCH_NAT_CONFIG)?;
+    let (mut with_nat6, _, _) = dataplane_for(BENCH_NAT6_CONFIG)?;
     let (mut algorithms, algorithm_maps, _) = dataplane_for(&bench_algorithms_config())?;
     let mut objects = aya::Ebpf::load(lb::LAB_OBJECT)?;
     let reflect: &mut Xdp = objects
@@ -370,16 +383,24 @@ fn per_packet(plan: &Plan) -> Result<String> {
         ..nat_request.clone()
     };
     let nat_elsewhere = elsewhere.clone();
+    let nat6_request = Packet6::tcp(8080, 6666, 0x10);
+    let nat6_reply = Packet6 {
+        src: "2001:db8:1::31".parse()?,
+        dst: nat6_request.src,
+        sport: 30080,
+        dport: nat6_request.sport,
+        ..nat6_request.clone()
+    };
     let echo = icmp_frame(nat_request.src, nat_request.dst, 64, 8);
     let elsewhere6 = Packet6 {
         dst: "2001:db8:99::1".parse()?,
         ..Packet6::tcp(22, 5555, 0x10)
     };
     use Input::Frame;
-    use Setup::{Algorithms, Nat, Plain};
+    use Setup::{Algorithms, Nat, Nat6, Plain};
     use Timing::{NewFlows, OneRun, Repeat};
     // (name, packet, goal, how it is timed, which config)
-    let cases: [(&str, Input, Option<f64>, Timing, Setup); 23] = [
+    let cases: [(&str, Input, Option<f64>, Timing, Setup); 25] = [
         (
             "TCP, established flow (connection table hit)",
             Packet::tcp(80, 1111, 0x10).into(),
@@ -486,6 +507,20 @@ fn per_packet(plan: &Plan) -> Result<String> {
             Nat,
         ),
         (
+            "TCP over IPv6, established NAT flow, request (its own program, by a second tail call) ¹ ²",
+            nat6_request.into(),
+            None,
+            OneRun,
+            Nat6,
+        ),
+        (
+            "TCP over IPv6, established NAT flow, reply ¹ ²",
+            nat6_reply.into(),
+            None,
+            OneRun,
+            Nat6,
+        ),
+        (
             "ICMP echo request to a VIP (answered) ¹",
             Frame(echo),
             None,
@@ -556,6 +591,7 @@ fn per_packet(plan: &Plan) -> Result<String> {
         let dataplane = match setup {
             Plain => &mut plain,
             Nat => &mut with_nat,
+            Nat6 => &mut with_nat6,
             Algorithms => &mut algorithms,
         };
         let frame = input.frame();

@@ -4,19 +4,22 @@
 //! before IPv6 came; IPv6's maps and program are its own, and cost it no time (and, with no
 //! IPv6 listener, no memory: the controller sizes them to one entry).
 
-use aya_ebpf::{maps::Array, programs::XdpContext};
+use aya_ebpf::{bindings::bpf_fib_lookup, maps::Array, programs::XdpContext};
 use lb_common::{
     ClientKey, ClientKey6, DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowBucket, FlowBucket6,
     FlowEntry, FlowKey, FlowKey6, FlowKeyOf, FlowTable, Group, Listener, ListenerKey, ListenerKey6,
-    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, STAGE_ICMP4, Settings, Sticky,
-    Target,
+    ListenerKeyOf, ListenerSlot, ListenerSlot6, ListenerTable, NAT_IPV4, NAT_IPV6, STAGE_ICMP4,
+    STAGE_ICMP6, Settings, Sticky, Target,
 };
+use lb_ebpf::IPV6_LEN;
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     counters::drop,
-    flows, forward, icmp, limits, listener, nat,
-    parse::{self, Packet, TCP_FIN, TCP_RST},
+    flows,
+    forward::{self, IP_DST, IP_SRC},
+    icmp, limits, listener, nat,
+    parse::{self, Packet},
     pick, sources,
 };
 
@@ -43,17 +46,18 @@ pub trait Family: Sized + 'static {
     fn icmp_error(
         ctx: &XdpContext,
         settings: &Settings,
-        now: u64,
     ) -> Result<Option<u32>, (Self::Addr, DropReason)>;
 
     /// What becomes of a packet for no listener, if it is a NAT target's reply.
     fn reply(ctx: &XdpContext, packet: &Packet<Self>, settings: &Settings) -> Option<u32>;
 
-    /// A packet for a group that forwards with ipip or nat, rewritten and sent.
+    /// A packet for a group that forwards with ipip or nat, rewritten and sent (`target`: the
+    /// target with id `target_id`).
     #[allow(clippy::too_many_arguments)]
     fn translate_or_encapsulate(
         ctx: &XdpContext,
         packet: &Packet<Self>,
+        target_id: u32,
         target: &Target,
         group: &Group,
         listener: &Listener,
@@ -70,6 +74,26 @@ pub trait Family: Sized + 'static {
         packet: &Packet<Self>,
         target: &Target,
     ) -> Result<(), DropReason>;
+
+    /// The target's address in this family (nat keeps the family: the config sees to it).
+    fn target_addr(target: &Target) -> Self::Addr;
+
+    /// Replaces the address and the port of one side (0 source, 1 destination) of the packet,
+    /// and every checksum over them (NAT).
+    fn rewrite(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        side: usize,
+        addr: Self::Addr,
+        port: u16,
+    ) -> Result<(), DropReason>;
+
+    /// Fills in the routing question about the packet whose IP header is `ip` (bounds-checked):
+    /// its family, addresses, protocol and length.
+    fn route_question(ip: *mut Self::Header, fib: &mut bpf_fib_lookup);
+
+    /// The listener with id `id`, as a NAT reply's reverse entry names it.
+    fn listener_by_id(id: u32) -> Option<&'static ListenerSlot<Self::ListenerKey>>;
 
     fn listener_slots() -> &'static Array<ListenerSlot<Self::ListenerKey>>;
     /// The seed half `half` of the listener table was placed with.
@@ -88,6 +112,10 @@ pub trait Family: Sized + 'static {
 
 pub struct V4;
 pub struct V6;
+
+/// Address families of the routing question (`bpf_fib_lookup`).
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 impl Family for V4 {
     type Header = Ipv4Hdr;
@@ -114,17 +142,13 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn icmp_error(
-        ctx: &XdpContext,
-        settings: &Settings,
-        now: u64,
-    ) -> Result<Option<u32>, (u32, DropReason)> {
-        icmp::error(ctx, settings, now)
+    fn icmp_error(ctx: &XdpContext, settings: &Settings) -> Result<Option<u32>, (u32, DropReason)> {
+        icmp::error(ctx, settings, crate::clock())
     }
 
     #[inline(always)]
     fn reply(ctx: &XdpContext, packet: &Packet<Self>, settings: &Settings) -> Option<u32> {
-        if settings.nat == 0 {
+        if settings.nat & NAT_IPV4 == 0 {
             return None;
         }
         nat::reply(ctx, packet, crate::clock())
@@ -134,6 +158,7 @@ impl Family for V4 {
     fn translate_or_encapsulate(
         ctx: &XdpContext,
         packet: &Packet<Self>,
+        _target_id: u32,
         target: &Target,
         group: &Group,
         listener: &Listener,
@@ -144,12 +169,17 @@ impl Family for V4 {
         now: u64,
     ) -> u32 {
         if group.forwarding == FORWARDING_NAT {
-            if new_flow && packet.tcp_flags & TCP_RST == 0 {
-                nat::remember_reverse(table, packet, target, listener.id, now);
-            } else if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                nat::client_closing(table, packet, entry, target, listener.idle_timeout_s, now);
-            }
-            return nat::request(ctx, packet, target);
+            return nat::request(
+                ctx,
+                packet,
+                target,
+                listener.id,
+                listener.idle_timeout_s,
+                table,
+                entry,
+                new_flow,
+                now,
+            );
         }
         if let Some(action) = forward::too_big_to_encapsulate(ctx, packet, target, settings) {
             return action;
@@ -168,6 +198,40 @@ impl Family for V4 {
         target: &Target,
     ) -> Result<(), DropReason> {
         forward::translate_port(ctx, packet, target)
+    }
+
+    #[inline(always)]
+    fn target_addr(target: &Target) -> u32 {
+        target.addr
+    }
+
+    #[inline(always)]
+    fn rewrite(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        side: usize,
+        addr: u32,
+        port: u16,
+    ) -> Result<(), DropReason> {
+        let at = if side == 0 { IP_SRC } else { IP_DST };
+        forward::rewrite(ctx, packet, Some((at, addr)), side, port)
+    }
+
+    #[inline(always)]
+    fn route_question(ip: *mut Ipv4Hdr, fib: &mut bpf_fib_lookup) {
+        fib.family = AF_INET;
+        // SAFETY: the caller bounds-checked the header.
+        unsafe {
+            fib.l4_protocol = (*ip).proto;
+            fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+            fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+            fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        }
+    }
+
+    #[inline(always)]
+    fn listener_by_id(id: u32) -> Option<&'static ListenerSlot> {
+        nat::LISTENERS_BY_ID.get(id)
     }
 
     #[inline(always)]
@@ -240,10 +304,11 @@ impl Family for V6 {
         parse::parse6(ctx)
     }
 
-    /// ICMPv6, in this program (neighbour discovery among what it passes).
+    /// ICMPv6, in a program of its own (`lb_icmp6`; neighbour discovery among what it
+    /// passes).
     #[inline(always)]
     fn other(ctx: &XdpContext) -> u32 {
-        crate::icmp_stage::<Self>(ctx)
+        crate::hand_on(ctx, STAGE_ICMP6)
     }
 
     #[inline(always)]
@@ -255,31 +320,38 @@ impl Family for V6 {
     fn icmp_error(
         ctx: &XdpContext,
         settings: &Settings,
-        now: u64,
     ) -> Result<Option<u32>, ([u32; 4], DropReason)> {
-        icmp::error6(ctx, settings, now)
+        icmp::error6(ctx, settings)
     }
 
+    /// In a program of its own (`lb_nat6`), if it is a reply: IPv6's keys leave this one no
+    /// stack for it.
     #[inline(always)]
-    fn reply(_ctx: &XdpContext, _packet: &Packet<Self>, _settings: &Settings) -> Option<u32> {
+    fn reply(ctx: &XdpContext, _packet: &Packet<Self>, settings: &Settings) -> Option<u32> {
+        if settings.nat & NAT_IPV6 != 0 {
+            nat::hand_on6(ctx, nat::Handoff::reply());
+        }
         None
     }
 
-    /// ipip only, as IPv6 in IPv6: the config refuses nat groups for IPv6 listeners, for now.
+    /// nat (in `lb_nat6`, as replies are), or ipip as IPv6 in IPv6 (the config gives an IPv6
+    /// listener's ipip group IPv6 targets only).
     #[inline(always)]
     fn translate_or_encapsulate(
         ctx: &XdpContext,
         packet: &Packet<Self>,
+        target_id: u32,
         target: &Target,
         group: &Group,
-        _listener: &Listener,
+        listener: &Listener,
         settings: &Settings,
         _table: &FlowTable,
         _entry: *mut FlowEntry<FlowKey6>,
-        _new_flow: bool,
+        new_flow: bool,
         _now: u64,
     ) -> u32 {
-        if group.forwarding != FORWARDING_IPIP {
+        if group.forwarding == FORWARDING_NAT {
+            nat::hand_on6(ctx, nat::Handoff::request(target_id, listener.id, new_flow));
             return drop(DropReason::EncapFailed);
         }
         if let Some(action) = forward::too_big_to_encapsulate6(ctx, packet, target, settings) {
@@ -304,6 +376,41 @@ impl Family for V6 {
         target: &Target,
     ) -> Result<(), DropReason> {
         forward::translate_port6(ctx, packet, target)
+    }
+
+    #[inline(always)]
+    fn target_addr(target: &Target) -> [u32; 4] {
+        target.addr6
+    }
+
+    #[inline(always)]
+    fn rewrite(
+        ctx: &XdpContext,
+        packet: &Packet<Self>,
+        side: usize,
+        addr: [u32; 4],
+        port: u16,
+    ) -> Result<(), DropReason> {
+        forward::rewrite6(ctx, packet, side, addr, port)
+    }
+
+    #[inline(always)]
+    fn route_question(ip: *mut Ipv6Hdr, fib: &mut bpf_fib_lookup) {
+        fib.family = AF_INET6;
+        // SAFETY: the caller bounds-checked the header.
+        unsafe {
+            fib.l4_protocol = (*ip).next_hdr;
+            fib.__bindgen_anon_1.tot_len = IPV6_LEN as u16 + u16::from_be_bytes((*ip).payload_len);
+            fib.__bindgen_anon_3.ipv6_src =
+                (&raw const (*ip).src_addr as *const [u32; 4]).read_unaligned();
+            fib.__bindgen_anon_4.ipv6_dst =
+                (&raw const (*ip).dst_addr as *const [u32; 4]).read_unaligned();
+        }
+    }
+
+    #[inline(always)]
+    fn listener_by_id(id: u32) -> Option<&'static ListenerSlot6> {
+        nat::LISTENERS_BY_ID6.get(id)
     }
 
     #[inline(always)]

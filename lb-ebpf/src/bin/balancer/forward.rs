@@ -46,13 +46,62 @@ pub fn rewrite(
     port: usize,
     new_port: u16,
 ) -> Result<(), DropReason> {
-    rewrite_l4(ctx, packet.l4_off, packet.proto, port, new_port, |l4| {
-        let Some((at, new_addr)) = addr else {
-            return l4;
-        };
-        let (old_addr, _) = set_address(packet.ip as *mut u8, at, new_addr);
-        checksum_replace32(l4, old_addr, new_addr)
-    })
+    rewrite_l4(
+        ctx,
+        packet.l4_off,
+        packet.proto,
+        port,
+        new_port,
+        #[inline(always)]
+        |l4| {
+            let Some((at, new_addr)) = addr else {
+                return l4;
+            };
+            let (old_addr, _) = set_address(packet.ip as *mut u8, at, new_addr);
+            checksum_replace32(l4, old_addr, new_addr)
+        },
+    )
+}
+
+/// Replaces the address and the port of one side (0 source, 1 destination) of an IPv6 packet,
+/// and its TCP or UDP checksum (IPv6 has no header checksum), incrementally; the TCP or UDP
+/// header found again past the extension headers (`parse::l4_offset6`).
+#[inline(always)]
+pub fn rewrite6(
+    ctx: &XdpContext,
+    packet: &Packet<V6>,
+    side: usize,
+    addr: [u32; 4],
+    port: u16,
+) -> Result<(), DropReason> {
+    let l4_off = parse::l4_offset6(packet, ctx)?;
+    rewrite_l4(
+        ctx,
+        l4_off,
+        packet.proto,
+        side,
+        port,
+        #[inline(always)]
+        |mut l4| {
+            // SAFETY: the parse bounds-checked the IPv6 header, and nothing resized the frame
+            // since. Word by word: a `[u32; 4]` copy would call a byte-wise memcpy.
+            unsafe {
+                let field = if side == 0 {
+                    &raw mut (*packet.ip).src_addr
+                } else {
+                    &raw mut (*packet.ip).dst_addr
+                } as *mut u32;
+                let mut i = 0;
+                while i < 4 {
+                    let old = field.add(i).read_unaligned();
+                    field.add(i).write_unaligned(addr[i]);
+                    l4 = checksum_replace32(l4, old, addr[i]);
+                    i += 1;
+                }
+            }
+            l4
+        },
+    )
 }
 
 /// Replaces a port (`port`: 0 source, 1 destination) of the TCP or UDP header at `l4_off` and

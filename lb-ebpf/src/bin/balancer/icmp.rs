@@ -19,13 +19,14 @@
 //!   (`too_big`).
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_TX,
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{
     DropReason, FORWARDING_IPIP, FORWARDING_NAT, FlowKey, FlowKey6, FlowTable, Group, IcmpCounter,
-    Listener, ListenerKey, ListenerKey6, ListenerKeyOf, PROTO_TCP, PROTO_UDP, Settings,
+    Listener, ListenerKey, ListenerKey6, ListenerKeyOf, NAT_IPV4, NAT_IPV6, PROTO_TCP, PROTO_UDP,
+    Settings,
 };
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
@@ -184,23 +185,38 @@ pub fn echo6(ctx: &XdpContext) -> Option<u32> {
 /// ICMPv6's errors (RFC 4443): destination unreachable, packet too big, time exceeded,
 /// parameter problem.
 const ICMPV6_ERRORS: [u8; 4] = [1, 2, 3, 4];
+/// Where the source and destination address sit in an IPv6 header.
+const IP6_SRC: usize = 8;
+const IP6_DST: usize = 24;
 
-/// The frame sent on to the flow's target if it is an ICMPv6 error about a reply of an IPv6
-/// dsr flow (quoting VIP:listener-port → client, sent to the VIP): IPv6's `error`, by the same
-/// rules. `Ok(None)` if it is no ICMPv6 error; the destination and `IcmpUnmatched` if it is one
-/// that names no flow lb can place.
+/// An ICMPv6 error and the TCP or UDP packet it quotes (an IPv6 header, then, without
+/// extension headers, its TCP or UDP header).
+struct Error6 {
+    eth: *mut EthHdr,
+    ip: *mut Ipv6Hdr,
+    outer: forward::Outer6,
+    outer_dst: [u32; 4],
+    quoted: Quoted,
+    /// The quoted packet's addresses, ports and protocol.
+    src: [u32; 4],
+    dst: [u32; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+}
+
+/// What `then` makes of the frame as an ICMPv6 error: `None` if it is none, `Err(destination)`
+/// if it is one that quotes no TCP or UDP packet lb could know. (A continuation: an `Error6`
+/// inside an `Option` would have the compiler read part of a packet pointer as the
+/// discriminant, which the verifier refuses.)
 #[inline(always)]
-pub fn error6(
-    ctx: &XdpContext,
-    settings: &Settings,
-    now: u64,
-) -> Result<Option<u32>, ([u32; 4], DropReason)> {
+fn on_error6<R>(ctx: &XdpContext, then: impl FnOnce(Error6) -> R) -> Option<Result<R, [u32; 4]>> {
     let (Some(eth), Some(ip), Some(icmp)) = (
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<Ipv6Hdr>(ctx, ETH_LEN),
         ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, ETH_LEN + IPV6_LEN),
     ) else {
-        return Ok(None);
+        return None;
     };
     // SAFETY: every pointer here comes from `ptr_at`, which checked it against data_end.
     let (next, kind, outer_dst, outer) = unsafe {
@@ -212,12 +228,12 @@ pub fn error6(
         )
     };
     if next != PROTO_ICMPV6 || !ICMPV6_ERRORS.contains(&kind) {
-        return Ok(None);
+        return None;
     }
-    let unmatched = (outer_dst, DropReason::IcmpUnmatched);
-    // The quoted packet: its IPv6 header, then (no extension header) its ports.
     let quote = ETH_LEN + IPV6_LEN + ICMP_HDR_LEN;
-    let inner = ptr_at::<Ipv6Hdr>(ctx, quote).ok_or(unmatched)?;
+    let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, quote) else {
+        return Some(Err(outer_dst));
+    };
     // SAFETY: as above.
     let (proto, src, dst) = unsafe {
         (
@@ -226,36 +242,184 @@ pub fn error6(
             (&raw const (*inner).dst_addr as *const [u32; 4]).read_unaligned(),
         )
     };
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || src != outer_dst {
-        return Err(unmatched);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Some(Err(outer_dst));
     }
-    let quoted =
-        Quoted::at(ctx, icmp, inner as *mut u8, quote + IPV6_LEN, proto).ok_or(unmatched)?;
+    let Some(quoted) = Quoted::at(ctx, icmp, inner as *mut u8, quote + IPV6_LEN, proto) else {
+        return Some(Err(outer_dst));
+    };
     let [sport, dport] = quoted.ports();
-    let slot = listener::find_key::<V6>(&ListenerKey6::new(src, sport, proto)).ok_or(unmatched)?;
+    Some(Ok(then(Error6 {
+        eth,
+        ip,
+        outer,
+        outer_dst,
+        quoted,
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+    })))
+}
+
+/// The frame sent on to the flow's target if it is an ICMPv6 error about a reply of an IPv6
+/// dsr or ipip flow (quoting VIP:listener-port → client, sent to the VIP): IPv6's `error`, by
+/// the same rules. One about a NAT flow goes on to `lb_nat6` (`nat_error6`).
+/// `Ok(None)` if it is no ICMPv6 error; the destination and `IcmpUnmatched` if it is one that
+/// names no flow lb can place.
+#[inline(always)]
+pub fn error6(
+    ctx: &XdpContext,
+    settings: &Settings,
+) -> Result<Option<u32>, ([u32; 4], DropReason)> {
+    // The clock read once the headers are: read before, it has the compiler load the frame's
+    // start in a form the verifier refuses.
+    let sent = on_error6(
+        ctx,
+        #[inline(always)]
+        |error| to_target6(ctx, error, settings, crate::clock()),
+    );
+    match sent {
+        None => Ok(None),
+        Some(Ok(sent)) => sent.map(Some),
+        Some(Err(dst)) => Err((dst, DropReason::IcmpUnmatched)),
+    }
+}
+
+/// `error6`'s error, sent on to its flow's target.
+#[inline(always)]
+fn to_target6(
+    ctx: &XdpContext,
+    error: Error6,
+    settings: &Settings,
+    now: u64,
+) -> Result<u32, ([u32; 4], DropReason)> {
+    let unmatched = (error.outer_dst, DropReason::IcmpUnmatched);
+    let key = ListenerKey6::new(error.src, error.sport, error.proto);
+    let slot = if error.src == error.outer_dst {
+        listener::find_key::<V6>(&key)
+    } else {
+        None
+    };
+    let group = slot.and_then(|slot| GROUPS.get(slot.listener.group));
+    let (Some(slot), Some(group)) = (slot, group.filter(|g| g.forwarding != FORWARDING_NAT)) else {
+        // About a NAT flow, either way: NAT's own stage (`nat_error6`).
+        if settings.nat & NAT_IPV6 != 0 {
+            nat::hand_on6(ctx, nat::Handoff::icmp());
+        }
+        return Err(unmatched);
+    };
     let listener = &slot.listener;
-    let group = GROUPS.get(listener.group).ok_or(unmatched)?;
     let table = flows::FLOW_TABLE.get(V6::INDEX).ok_or(unmatched)?;
-    let key = FlowKey6::new(dst, src, dport, sport, proto);
+    let key = FlowKey6::new(error.dst, error.src, error.dport, error.sport, error.proto);
     let id = flow_target::<V6>(table, &key, listener, group, settings, now).ok_or(unmatched)?;
     let target = TARGETS.get(id).ok_or(unmatched)?;
-    // IPv6 listeners forward with dsr or ipip (the config sees to it).
-    if group.forwarding == FORWARDING_NAT {
-        return Err(unmatched);
-    }
     // Under port translation the target's socket has its own port, which the quote must name
     // (the ICMPv6 checksum's pseudo-header, over the outer addresses, stays as it was).
-    if target.port != sport {
-        // SAFETY: `icmp` was bounds-checked above, and the frame has not been resized since.
-        let icmp_check = unsafe { quoted.icmp_check.read_unaligned() };
-        quoted.set_port(icmp_check, 0, target.port, |l4| l4);
+    if target.port != error.sport {
+        // SAFETY: the ICMPv6 header was bounds-checked, and the frame has not been resized
+        // since.
+        let icmp_check = unsafe { error.quoted.icmp_check.read_unaligned() };
+        error.quoted.set_port(icmp_check, 0, target.port, |l4| l4);
     }
     counters::icmp(IcmpCounter::ErrorToTarget);
-    Ok(Some(if group.forwarding == FORWARDING_IPIP {
-        forward::encapsulate6(ctx, outer, target, settings)
+    Ok(if group.forwarding == FORWARDING_IPIP {
+        forward::encapsulate6(ctx, error.outer, target, settings)
     } else {
-        forward::dsr(ctx, eth, target, settings)
-    }))
+        forward::dsr(ctx, error.eth, target, settings)
+    })
+}
+
+/// `lb_nat6`'s part of ICMPv6: the frame as an ICMPv6 error about an IPv6 NAT flow, sent where
+/// it belongs (`translate6`); passed if it is no ICMPv6 error.
+#[inline(always)]
+pub fn nat_error6(ctx: &XdpContext, now: u64) -> u32 {
+    let sent = on_error6(
+        ctx,
+        #[inline(always)]
+        |error| translate6(ctx, error, now),
+    );
+    match sent {
+        None => XDP_PASS,
+        Some(Ok(action)) => action,
+        Some(Err(dst)) => crate::refuse::<V6>(dst, DropReason::IcmpUnmatched),
+    }
+}
+
+/// An ICMPv6 error about an IPv6 NAT flow, translated like the flow and sent on. About a
+/// reply (quoting VIP:listener-port → client, sent to the VIP): to the target, naming it and
+/// its port in the quote and as the outer destination. About a request (quoting client →
+/// target:port, from the target's side): to the client, as if from VIP:listener-port. Dropped
+/// and counted if it names no NAT flow and went to a VIP.
+#[inline(always)]
+fn translate6(ctx: &XdpContext, error: Error6, now: u64) -> u32 {
+    let unmatched = || crate::refuse::<V6>(error.outer_dst, DropReason::IcmpUnmatched);
+    let Some(table) = flows::FLOW_TABLE.get(V6::INDEX) else {
+        return unmatched();
+    };
+    let reversed = FlowKey6::new(error.dst, error.src, error.dport, error.sport, error.proto);
+    // About a reply, which left from VIP:listener-port, so the error went to the VIP.
+    let key = ListenerKey6::new(error.src, error.sport, error.proto);
+    if error.src == error.outer_dst
+        && let Some(slot) = listener::find_key::<V6>(&key)
+    {
+        let target = flows::lookup::<V6>(table, &reversed)
+            .filter(|&(_, found, _)| found)
+            .and_then(|(entry, _, hash)| {
+                flows::existing_target(entry, hash, &slot.listener, false, now)
+            })
+            .and_then(|id| TARGETS.get(id));
+        let Some(target) = target else {
+            return unmatched();
+        };
+        error.quoted.rewrite6(IP6_SRC, target.addr6, 0, target.port);
+        set_outer6(&error, IP6_DST, target.addr6);
+        counters::icmp(IcmpCounter::ErrorToTarget);
+        return nat::towards::<V6>(ctx, error.eth, error.ip);
+    }
+    // About a request, which went to target:port.
+    let Some((_, slot)) = nat::reverse_flow::<V6>(table, &reversed, now) else {
+        return unmatched();
+    };
+    let (vip, port) = (slot.key.address(), slot.key.port());
+    error.quoted.rewrite6(IP6_DST, vip, 1, port);
+    set_outer6(&error, IP6_SRC, vip);
+    counters::icmp(IcmpCounter::ErrorToClient);
+    nat::towards::<V6>(ctx, error.eth, error.ip)
+}
+
+/// Replaces the ICMPv6 error's outer address at `at` (`IP6_SRC` or `IP6_DST`), which its
+/// checksum's pseudo-header covers.
+#[inline(always)]
+fn set_outer6(error: &Error6, at: usize, addr: [u32; 4]) {
+    // SAFETY: the header was bounds-checked by `on_error6`, and the frame has not been
+    // resized since.
+    unsafe {
+        let check = error.quoted.icmp_check.read_unaligned();
+        let (_, check) = replace_address6((error.ip as *mut u8).add(at), addr, check);
+        error.quoted.icmp_check.write_unaligned(check);
+    }
+}
+
+/// Writes the IPv6 address `addr` at `field` (bounds-checked for 16 bytes), word by word (a
+/// `[u32; 4]` copy would call a byte-wise memcpy); returns the old address, and `check`
+/// updated for the change.
+#[inline(always)]
+fn replace_address6(field: *mut u8, addr: [u32; 4], mut check: u16) -> ([u32; 4], u16) {
+    let field = field as *mut u32;
+    let mut old = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: as the caller promises.
+        unsafe {
+            old[i] = field.add(i).read_unaligned();
+            field.add(i).write_unaligned(addr[i]);
+        }
+        check = checksum_replace32(check, old[i], addr[i]);
+        i += 1;
+    }
+    (old, check)
 }
 
 /// The frame sent where it belongs if it is an ICMP error (destination unreachable, which
@@ -322,15 +486,15 @@ pub fn error(
     }
 
     // About a NAT request, which went to target:port: to the client, from VIP:listener-port.
-    if settings.nat == 0 {
+    if settings.nat & NAT_IPV4 == 0 {
         return Err(unmatched);
     }
-    let (_, slot) = nat::reverse_flow(table, &key, now).ok_or(unmatched)?;
+    let (_, slot) = nat::reverse_flow::<V4>(table, &key, now).ok_or(unmatched)?;
     quoted.rewrite(IP_DST, slot.key.addr, 1, slot.key.port);
     // The outer source too: no pseudo-header covers it in ICMP.
     set_address(ip as *mut u8, IP_SRC, slot.key.addr);
     counters::icmp(IcmpCounter::ErrorToClient);
-    Ok(Some(nat::towards(ctx, eth, ip)))
+    Ok(Some(nat::towards::<V4>(ctx, eth, ip)))
 }
 
 /// The packet an ICMP error quotes from `off` on (`icmp` its header), and the quote reversed as
@@ -388,7 +552,7 @@ fn to_target(
     if group.forwarding == FORWARDING_NAT {
         quoted.rewrite(IP_SRC, target.addr, 0, target.port);
         set_address(ip as *mut u8, IP_DST, target.addr);
-        return Some(nat::towards(ctx, eth, ip));
+        return Some(nat::towards::<V4>(ctx, eth, ip));
     }
     // Under port translation the target's socket has its own port, which the quote must name.
     if target.port != key.dport {
@@ -647,9 +811,37 @@ impl Quoted {
             let icmp = checksum_replace32(self.icmp_check.read_unaligned(), old_addr, addr);
             (old_addr, checksum_replace(icmp, old_ip_check, new_ip_check))
         };
-        self.set_port(icmp, port, new_port, |l4| {
-            checksum_replace32(l4, old_addr, addr)
-        });
+        self.set_port(
+            icmp,
+            port,
+            new_port,
+            #[inline(always)]
+            |l4| checksum_replace32(l4, old_addr, addr),
+        );
+    }
+
+    /// Replaces one address (`IP6_SRC` or `IP6_DST`) and one port (0 source, 1 destination) of
+    /// the quoted IPv6 packet, and every checksum over them, incrementally.
+    #[inline(always)]
+    fn rewrite6(&self, at: usize, addr: [u32; 4], port: usize, new_port: u16) {
+        // SAFETY: the IPv6 header was bounds-checked by `ptr_at`, and the frame has not been
+        // resized since.
+        let (old, icmp) =
+            unsafe { replace_address6(self.ip.add(at), addr, self.icmp_check.read_unaligned()) };
+        self.set_port(
+            icmp,
+            port,
+            new_port,
+            #[inline(always)]
+            |mut l4| {
+                let mut i = 0;
+                while i < 4 {
+                    l4 = checksum_replace32(l4, old[i], addr[i]);
+                    i += 1;
+                }
+                l4
+            },
+        );
     }
 
     /// Replaces one port (0 source, 1 destination) of the quoted packet, and the checksums over

@@ -97,6 +97,18 @@ pub fn lb_icmp4(ctx: XdpContext) -> u32 {
     icmp_stage::<V4>(&ctx)
 }
 
+/// IPv6 that is neither TCP nor UDP: ICMPv6.
+#[xdp]
+pub fn lb_icmp6(ctx: XdpContext) -> u32 {
+    icmp_stage::<V6>(&ctx)
+}
+
+/// IPv6's NAT requests and replies, as `lb_balancer6` hands them on (`nat::stage6`).
+#[xdp]
+pub fn lb_nat6(ctx: XdpContext) -> u32 {
+    nat::stage6(&ctx, clock())
+}
+
 /// ICMP of family `F` (`icmp`): echo requests to a VIP answered, errors about flows sent
 /// where they belong; one to a VIP that names no flow lb can place dropped and counted; the
 /// rest passed.
@@ -110,7 +122,7 @@ fn icmp_stage<F: Family>(ctx: &XdpContext) -> u32 {
     {
         return action;
     }
-    match F::icmp_error(ctx, settings, clock()) {
+    match F::icmp_error(ctx, settings) {
         Ok(action) => action.unwrap_or(XDP_PASS),
         Err((dst, reason)) => refuse::<F>(dst, reason),
     }
@@ -118,7 +130,7 @@ fn icmp_stage<F: Family>(ctx: &XdpContext) -> u32 {
 
 /// Hands the frame on to stage `stage`; if it is not there (not loaded yet), passes it.
 #[inline(always)]
-fn hand_on(ctx: &XdpContext, stage: u32) -> u32 {
+pub fn hand_on(ctx: &XdpContext, stage: u32) -> u32 {
     // SAFETY: a tail call returns only if it failed.
     unsafe { STAGES.tail_call(ctx, stage) };
     XDP_PASS
@@ -135,7 +147,7 @@ fn balance_or_refuse<F: Family>(ctx: &XdpContext) -> u32 {
 /// A packet to `dst` that cannot be forwarded for `reason`: dropped and counted if `dst` is a
 /// VIP, passed otherwise.
 #[inline(always)]
-fn refuse<F: Family>(dst: F::Addr, reason: DropReason) -> u32 {
+pub fn refuse<F: Family>(dst: F::Addr, reason: DropReason) -> u32 {
     if listener::is_vip::<F>(dst) {
         drop(reason)
     } else {
@@ -218,7 +230,8 @@ fn balance<F: Family>(ctx: &XdpContext) -> Result<u32, (F::Addr, DropReason)> {
     counters::forwarded(listener.id, target_id, packet.frame_len, new_flow);
     if group.forwarding != FORWARDING_DSR {
         return Ok(F::translate_or_encapsulate(
-            ctx, &packet, target, group, &listener, settings, table, entry, new_flow, now,
+            ctx, &packet, target_id, target, group, &listener, settings, table, entry, new_flow,
+            now,
         ));
     }
     if let Err(reason) = F::translate_port(ctx, &packet, target) {

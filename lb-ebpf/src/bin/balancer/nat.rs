@@ -10,100 +10,191 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action::XDP_PASS},
     helpers::bpf_fib_lookup as fib_lookup,
     macros::map,
-    maps::Array,
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    FLOW_CLOSING, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS, FLOW_REVERSE,
-    FlowEntry, FlowKey, FlowTable, ListenerSlot, MAX_LISTENERS, Target, flow_check,
+    DropReason, FLOW_CLOSING, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS,
+    FLOW_REVERSE, FlowEntry, FlowKeyOf, FlowTable, ListenerKeyOf, ListenerSlot, ListenerSlot6,
+    MAX_LISTENERS, STAGE_NAT6, Target, flow_check,
 };
 use lb_ebpf::write_mac;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::eth::EthHdr;
 
 use crate::{
+    TARGETS,
     counters::drop,
-    family::{Family, V4},
-    flows,
-    forward::{self, IP_DST, IP_SRC},
-    parse::{Packet, TCP_FIN, TCP_RST},
+    family::{Family, V6},
+    flows, forward, icmp,
+    parse::{self, Packet, TCP_FIN, TCP_RST},
 };
 
-/// Listeners by id: the VIP, port and idle timeout a reply's reverse entry points to.
+/// Listeners by id: the VIP, port and idle timeout a reply's reverse entry points to; one map
+/// per family.
 #[map]
 pub static LISTENERS_BY_ID: Array<ListenerSlot> = Array::with_max_entries(MAX_LISTENERS, 0);
+#[map]
+pub static LISTENERS_BY_ID6: Array<ListenerSlot6> = Array::with_max_entries(MAX_LISTENERS, 0);
+
+/// The routing question and its answer (`towards`): 64 bytes that the stack, with IPv6's keys
+/// on it, has no room for.
+#[map]
+static ROUTE: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `lb_balancer6` tells `lb_nat6` of the IPv6 packet it hands on: a NAT request to target
+/// `target` of listener `listener` (`new_flow`: the flow's first packet), or (`target` is
+/// `REPLY`) a packet for no listener, which may be a NAT reply, or (`ICMP`) an ICMPv6 error
+/// that may be about a NAT flow. Per CPU: a tail call runs on
+/// the CPU of its caller, before anything else runs there.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Handoff {
+    target: u32,
+    listener: u32,
+    new_flow: u32,
+}
+
+impl Handoff {
+    const REPLY: u32 = u32::MAX;
+    const ICMP: u32 = u32::MAX - 1;
+
+    #[inline(always)]
+    pub fn request(target: u32, listener: u32, new_flow: bool) -> Self {
+        Handoff {
+            target,
+            listener,
+            new_flow: new_flow as u32,
+        }
+    }
+
+    #[inline(always)]
+    pub fn reply() -> Self {
+        Handoff {
+            target: Self::REPLY,
+            listener: 0,
+            new_flow: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn icmp() -> Self {
+        Handoff {
+            target: Self::ICMP,
+            listener: 0,
+            new_flow: 0,
+        }
+    }
+}
+
+#[map]
+static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// Hands an IPv6 packet on to `lb_nat6` with `handoff`; returns only if that failed.
+#[inline(always)]
+pub fn hand_on6(ctx: &XdpContext, handoff: Handoff) {
+    if let Some(slot) = HANDOFF.get_ptr_mut(0) {
+        // SAFETY: this CPU's own value.
+        unsafe { *slot = handoff };
+        crate::hand_on(ctx, STAGE_NAT6);
+    }
+}
+
+/// `lb_nat6`: the IPv6 packet `lb_balancer6` handed on, parsed again, as its handoff says:
+/// a NAT request sent to its target, a NAT reply sent to its client, an ICMPv6 error about a
+/// NAT flow sent where it belongs (`icmp::nat_error6`); a packet for no listener that is no
+/// reply dropped and counted if it was for a VIP, passed if not.
+#[inline(always)]
+pub fn stage6(ctx: &XdpContext, now: u64) -> u32 {
+    let Some(handoff) = HANDOFF.get(0).copied() else {
+        return XDP_PASS;
+    };
+    if handoff.target == Handoff::ICMP {
+        return icmp::nat_error6(ctx, now);
+    }
+    let Ok(Some(packet)) = parse::parse6(ctx) else {
+        return XDP_PASS;
+    };
+    if handoff.target == Handoff::REPLY {
+        return reply::<V6>(ctx, &packet, now)
+            .unwrap_or_else(|| crate::refuse::<V6>(packet.dst, DropReason::NoListener));
+    }
+    let (Some(target), Some(slot), Some(table)) = (
+        TARGETS.get(handoff.target),
+        LISTENERS_BY_ID6.get(handoff.listener),
+        flows::FLOW_TABLE.get(V6::INDEX),
+    ) else {
+        return drop(DropReason::NoTarget);
+    };
+    let Some((entry, _, _)) = flows::lookup::<V6>(table, &packet.key()) else {
+        return drop(DropReason::FlowTableFull);
+    };
+    request(
+        ctx,
+        &packet,
+        target,
+        handoff.listener,
+        slot.listener.idle_timeout_s,
+        table,
+        entry,
+        handoff.new_flow != 0,
+        now,
+    )
+}
 
 /// How long a NAT flow's entries stay after it ended, for the last ACK and retransmissions.
 const LINGER_NS: u64 = 5_000_000_000;
-const AF_INET: u8 = 2;
 
-/// A request of a NAT flow to `target`: to its address and port, then routed like a reply, so
-/// that a target on another of the balancer's interfaces (the internal network of a two-armed
-/// balancer) is reached as well as one on this.
+/// A request of a NAT flow to `target`, whose flow-table entry is `entry`: to its address and
+/// port, then routed like a reply, so that a target on another of the balancer's interfaces
+/// (the internal network of a two-armed balancer) is reached as well as one on this. A new
+/// flow's reverse entry is written first; a FIN or RST from the client marks the flow closing.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn request(ctx: &XdpContext, packet: &Packet<V4>, target: &Target) -> u32 {
-    if let Err(reason) = forward::rewrite(ctx, packet, Some((IP_DST, target.addr)), 1, target.port)
-    {
-        return drop(reason);
-    }
-    towards(ctx, packet.eth, packet.ip)
-}
-
-/// Writes the reverse entry of a new NAT flow: replies from `target` to the packet's client.
-#[inline(always)]
-pub fn remember_reverse(
-    table: &FlowTable,
-    packet: &Packet<V4>,
+pub fn request<F: Family>(
+    ctx: &XdpContext,
+    packet: &Packet<F>,
     target: &Target,
     listener: u32,
-    now: u64,
-) {
-    let key = reply_key(packet, target);
-    if let Some((entry, _, hash)) = flows::lookup::<V4>(table, &key) {
-        flows::remember(entry, &key, hash, FLOW_REVERSE | listener, now);
-    }
-}
-
-/// A FIN or an RST from the client of an established NAT flow: the flow ends on an RST, or on
-/// this FIN if the target sent one already.
-#[inline(always)]
-pub fn client_closing(
-    table: &FlowTable,
-    packet: &Packet<V4>,
-    forward: *mut FlowEntry,
-    target: &Target,
     idle_timeout_s: u32,
+    table: &FlowTable,
+    entry: *mut FlowEntry<F::Key>,
+    new_flow: bool,
     now: u64,
-) {
-    let reverse = match flows::lookup::<V4>(table, &reply_key(packet, target)) {
-        Some((entry, true, _)) => entry,
-        _ => return,
-    };
-    closing(
-        packet.tcp_flags,
-        FLOW_FIN_CLIENT,
-        FLOW_FIN_TARGET,
-        forward,
-        reverse,
-        idle_timeout_s,
-        now,
-    );
+) -> u32 {
+    if new_flow && packet.tcp_flags & TCP_RST == 0 {
+        let key = reply_key(packet, target);
+        if let Some((reverse, _, hash)) = flows::lookup::<F>(table, &key) {
+            flows::remember(reverse, &key, hash, FLOW_REVERSE | listener, now);
+        }
+    } else if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && let Some((reverse, true, _)) = flows::lookup::<F>(table, &reply_key(packet, target))
+    {
+        closing(
+            packet.tcp_flags,
+            FLOW_FIN_CLIENT,
+            FLOW_FIN_TARGET,
+            entry,
+            reverse,
+            idle_timeout_s,
+            now,
+        );
+    }
+    if let Err(reason) = F::rewrite(ctx, packet, 1, F::target_addr(target), target.port) {
+        return drop(reason);
+    }
+    towards::<F>(ctx, packet.eth, packet.ip)
 }
 
 /// The reply of a NAT flow, translated and sent towards its client; `None` if the packet is no
 /// such reply (it then takes the path of any packet that is not for a VIP).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, packet: &Packet<V4>, now: u64) -> Option<u32> {
-    let table = flows::FLOW_TABLE.get(V4::INDEX)?;
-    let (entry, slot) = reverse_flow(table, &packet.key(), now)?;
+pub fn reply<F: Family>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> Option<u32> {
+    let table = flows::FLOW_TABLE.get(F::INDEX)?;
+    let (entry, slot) = reverse_flow::<F>(table, &packet.key(), now)?;
+    let (vip, port) = (slot.key.address(), slot.key.port());
     if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        let forward_key = FlowKey::new(
-            packet.dst,
-            slot.key.addr,
-            packet.dport,
-            slot.key.port,
-            packet.proto,
-        );
-        if let Some((forward, true, _)) = flows::lookup::<V4>(table, &forward_key) {
+        let forward_key = F::Key::new(packet.dst, vip, packet.dport, port, packet.proto);
+        if let Some((forward, true, _)) = flows::lookup::<F>(table, &forward_key) {
             closing(
                 packet.tcp_flags,
                 FLOW_FIN_TARGET,
@@ -115,24 +206,26 @@ pub fn reply(ctx: &XdpContext, packet: &Packet<V4>, now: u64) -> Option<u32> {
             );
         }
     }
-    if let Err(reason) =
-        forward::rewrite(ctx, packet, Some((IP_SRC, slot.key.addr)), 0, slot.key.port)
-    {
+    if let Err(reason) = F::rewrite(ctx, packet, 0, vip, port) {
         return Some(drop(reason));
     }
-    Some(towards(ctx, packet.eth, packet.ip))
+    Some(towards::<F>(ctx, packet.eth, packet.ip))
 }
 
 /// The live reverse entry of the replies with 5-tuple `key`, and the listener they answer for,
 /// whose VIP and port they are to come from. A reply keeps its flow from going idle, and the
 /// first makes the entry established.
+#[allow(clippy::type_complexity)]
 #[inline(always)]
-pub fn reverse_flow(
+pub fn reverse_flow<F: Family>(
     table: &FlowTable,
-    key: &FlowKey,
+    key: &F::Key,
     now: u64,
-) -> Option<(*mut FlowEntry, &'static ListenerSlot)> {
-    let (entry, found, hash) = flows::lookup::<V4>(table, key)?;
+) -> Option<(
+    *mut FlowEntry<F::Key>,
+    &'static ListenerSlot<F::ListenerKey>,
+)> {
+    let (entry, found, hash) = flows::lookup::<F>(table, key)?;
     if !found {
         return None;
     }
@@ -140,7 +233,7 @@ pub fn reverse_flow(
     if value & FLOW_REVERSE == 0 || check != flow_check(hash, value) {
         return None;
     }
-    let slot = LISTENERS_BY_ID.get(value & !FLOW_REVERSE)?;
+    let slot = F::listener_by_id(value & !FLOW_REVERSE)?;
     let idle = now.wrapping_sub(last_seen & !FLOW_FLAGS);
     if idle > slot.listener.idle_timeout_s as u64 * 1_000_000_000 {
         return None;
@@ -149,28 +242,28 @@ pub fn reverse_flow(
     Some((entry, slot))
 }
 
-/// Sends a translated packet (Ethernet header `eth`, IPv4 header `ip`) on its way: the kernel's
+/// Sends a translated packet (Ethernet header `eth`, IP header `ip`) on its way: the kernel's
 /// routing and neighbour tables give the interface and MACs (the controller resolves every
 /// target's, so requests find theirs); without a neighbour entry yet, the kernel's stack
 /// forwards it.
 #[inline(always)]
-pub fn towards(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> u32 {
-    // SAFETY: all-zero is a valid value of this plain C struct.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    // SAFETY: the caller bounds-checked both headers, and the frame has not been resized since.
-    unsafe {
-        fib.l4_protocol = (*ip).proto;
-        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
-    }
+pub fn towards<F: Family>(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut F::Header) -> u32 {
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: this CPU's own value, valid for the run; all-zero is a valid value of this
+    // plain C struct.
+    let fib = unsafe {
+        fib.write_bytes(0, 1);
+        &mut *fib
+    };
+    F::route_question(ip, fib);
     // SAFETY: the XDP context as the kernel passed it.
     fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let found = unsafe {
         fib_lookup(
             ctx.ctx as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -178,7 +271,8 @@ pub fn towards(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> u32 {
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return XDP_PASS;
     }
-    // SAFETY: as above.
+    // SAFETY: the caller bounds-checked the Ethernet header, and the frame has not been
+    // resized since.
     unsafe {
         write_mac(&raw mut (*eth).dst_addr, &fib.dmac);
         write_mac(&raw mut (*eth).src_addr, &fib.smac);
@@ -188,9 +282,9 @@ pub fn towards(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> u32 {
 
 /// The 5-tuple of the replies to `packet`'s flow once it goes to `target`.
 #[inline(always)]
-fn reply_key(packet: &Packet<V4>, target: &Target) -> FlowKey {
-    FlowKey::new(
-        target.addr,
+fn reply_key<F: Family>(packet: &Packet<F>, target: &Target) -> F::Key {
+    F::Key::new(
+        F::target_addr(target),
         packet.src,
         target.port,
         packet.sport,
@@ -201,12 +295,12 @@ fn reply_key(packet: &Packet<V4>, target: &Target) -> FlowKey {
 /// Records a FIN (`mine`) on the reverse entry, and ends the flow on an RST or once both sides
 /// sent one: both entries then stay only `LINGER_NS`.
 #[inline(always)]
-fn closing(
+fn closing<K>(
     flags: u8,
     mine: u64,
     theirs: u64,
-    forward: *mut FlowEntry,
-    reverse: *mut FlowEntry,
+    forward: *mut FlowEntry<K>,
+    reverse: *mut FlowEntry<K>,
     idle_timeout_s: u32,
     now: u64,
 ) {
