@@ -232,10 +232,10 @@ impl Prober {
 /// Probes `addr` once, within the check's timeout.
 pub async fn probe(addr: SocketAddr, check: &HealthCheck, prober: &Prober) -> Result<(), String> {
     let attempt = async {
-        if let (CheckProtocol::Tcp, Some(half_open), SocketAddr::V4(v4)) =
-            (check.protocol, &prober.half_open, addr)
+        if let (CheckProtocol::Tcp, Some(half_open)) = (check.protocol, &prober.half_open)
+            && half_open.serves(addr)
         {
-            return half_open.probe(v4).await;
+            return half_open.probe(addr).await;
         }
         let stream = TcpStream::connect(addr)
             .await
