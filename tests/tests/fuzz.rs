@@ -7,14 +7,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb::{
     config::{self, Forwarding},
     lifecycle::Registry,
-    maps::{Dataplane, MapState, be, be6},
+    maps::{Dataplane, MapState, be, be6, from_be6},
 };
 use lb_common::{DropReason, FlowKey, FlowKey6, FlowKeyOf, PROTO_TCP, PROTO_UDP, splitmix64};
 use lb_tests::frames::{
@@ -32,7 +32,7 @@ const TCP_RST: u8 = 0x04;
 /// enough that no flow is ever evicted, so a flow's target is its Maglev pick whether it is
 /// new or not.
 const CONFIG: &str = "
-settings: {maglev_table_size: 4099, connection_table_size: 1048576, max_target_groups: 6}
+settings: {maglev_table_size: 4099, connection_table_size: 1048576, max_target_groups: 7}
 denied_sources: [192.0.2.128/25, '2001:db8:bad::/48']
 listeners:
   - {name: web, address: 203.0.113.10, port: 80, protocol: tcp, target_group: web}
@@ -55,6 +55,7 @@ listeners:
   - {name: game6, address: '2001:db8:10::10', port: 7777, protocol: udp, target_group: game}
   - {name: tunnel6, address: '2001:db8:10::12', port: 5000, protocol: tcp_udp, target_group: tunnel6}
   - {name: tunnel46, address: 203.0.113.11, port: 5001, protocol: tcp_udp, target_group: tunnel6}
+  - {name: natted6, address: '2001:db8:10::13', port: 8080, protocol: tcp_udp, target_group: natted6}
 target_groups:
   - name: web
     targets: [{address: 198.51.100.11, port: 80}, {address: 198.51.100.12, port: 80}, {address: 198.51.100.13, port: 80}]
@@ -70,13 +71,18 @@ target_groups:
     forwarding: nat
     port: 30080
     targets: [{address: 198.51.100.51}, {address: 198.51.100.52}]
+  - name: natted6
+    forwarding: nat
+    port: 30080
+    targets: [{address: '2001:db8:1::51'}, {address: '2001:db8:1::52'}]
   - name: tunnel6
     forwarding: ipip
     targets: [{address: '2001:db8:1::31', port: 5000}, {address: '2001:db8:1::32', port: 5001}]
 ";
 
-/// The NAT group's targets and their port: the sources of replies.
+/// The NAT groups' targets and their port: the sources of replies.
 const NAT_TARGETS: [[u8; 4]; 2] = [[198, 51, 100, 51], [198, 51, 100, 52]];
+const NAT_TARGETS6: [&str; 2] = ["2001:db8:1::51", "2001:db8:1::52"];
 const NAT_TARGET_PORT: u16 = 30080;
 
 /// SplitMix64 over a counter: reproducible from its seed.
@@ -129,11 +135,13 @@ struct Model {
     state: MapState,
     /// The NAT flows a request was forwarded for, by their replies' 5-tuple (target, client,
     /// target port, client port, protocol): the VIP and port the replies are to come from.
-    nat: HashMap<(Ipv4Addr, Ipv4Addr, u16, u16, u8), NatFlow>,
+    nat: HashMap<(Ipv4Addr, Ipv4Addr, u16, u16, u8), NatFlow<Ipv4Addr>>,
+    /// The same for IPv6.
+    nat6: HashMap<(Ipv6Addr, Ipv6Addr, u16, u16, u8), NatFlow<Ipv6Addr>>,
 }
 
-struct NatFlow {
-    vip: Ipv4Addr,
+struct NatFlow<A> {
+    vip: A,
     port: u16,
     /// A FIN or an RST went either way: the flow may be ending.
     ending: bool,
@@ -305,7 +313,7 @@ impl Model {
     /// IPv6: dsr and ip6ip6, past up to 4 extension headers, the port translated where the
     /// target's differs; ICMPv6 and anything else not TCP or UDP is the kernel's, and so is
     /// anything to an address that is no VIP.
-    fn expect6(&self, frame: &[u8]) -> Outcome {
+    fn expect6(&mut self, frame: &[u8]) -> Outcome {
         use Outcome::{Drop, Pass, Tx};
         // The IPv6 header cut short: not lb's to judge.
         if frame.len() < 54 {
@@ -353,10 +361,27 @@ impl Model {
         }
         let sport = u16::from_be_bytes([frame[l4], frame[l4 + 1]]);
         let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+        let (IpAddr::V6(s6), IpAddr::V6(d6)) = (src, dst) else {
+            unreachable!("read as IPv6")
+        };
+        let closing = next == PROTO_TCP && frame[l4 + 13] & (TCP_FIN | TCP_RST) != 0;
         let Some(listener) = self.config.listeners.iter().find(|l| {
             l.address == dst && l.port == dport && l.protocol.ip_protocols().contains(&next)
         }) else {
-            return refuse(DropReason::NoListener);
+            // A reply of a NAT flow comes back from VIP:port; anything else is refused.
+            let refused = refuse(DropReason::NoListener);
+            let Some(flow) = self.nat6.get_mut(&(s6, d6, sport, dport, next)) else {
+                return refused;
+            };
+            let mut out = frame.to_vec();
+            rewrite6(&mut out, l4, next, 0, flow.port, flow.vip);
+            let ending = flow.ending;
+            flow.ending |= closing;
+            return if ending {
+                Outcome::Either(Box::new(Outcome::Rewritten(out)), Box::new(refused))
+            } else {
+                Outcome::Rewritten(out)
+            };
         };
         let denied = self.config.denied_sources.iter().any(|n| n.contains(&src));
         let allowed = listener
@@ -366,14 +391,32 @@ impl Model {
         if denied || !allowed {
             return Drop(DropReason::DeniedSource);
         }
-        let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else {
-            unreachable!("read as IPv6")
-        };
-        let key = FlowKey6::new(be6(s), be6(d), sport.to_be(), dport.to_be(), next);
+        let key = FlowKey6::new(be6(s6), be6(d6), sport.to_be(), dport.to_be(), next);
         let group = self.group_of(listener);
         let target = self.maglev_target(&group.name, &key);
         let mut out = frame.to_vec();
         let target_port = u16::from_be(target.port);
+        if group.forwarding == Forwarding::Nat {
+            // To the target's address and port; replies are recognised from now on (unless
+            // the flow's first packet was an RST, which creates no state).
+            let target_addr = from_be6(target.addr6);
+            rewrite6(&mut out, l4, next, 1, target_port, target_addr);
+            let rst = next == PROTO_TCP && frame[l4 + 13] & TCP_RST != 0;
+            let key = (target_addr, s6, target_port, sport, next);
+            match self.nat6.get_mut(&key) {
+                Some(flow) => flow.ending |= closing,
+                None if !rst => {
+                    let flow = NatFlow {
+                        vip: d6,
+                        port: dport,
+                        ending: closing,
+                    };
+                    self.nat6.insert(key, flow);
+                }
+                None => {}
+            }
+            return Outcome::Rewritten(out);
+        }
         if target_port != dport {
             rewrite(&mut out, l4, next, 1, target_port, None);
         }
@@ -439,29 +482,60 @@ impl Model {
         let (proto, src, dst) = (frame[q + 6], addr(q + 8), addr(q + 24));
         let sport = u16::from_be_bytes([frame[q + 40], frame[q + 41]]);
         let dport = u16::from_be_bytes([frame[q + 42], frame[q + 43]]);
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return unmatched;
+        }
         let listener = self.config.listeners.iter().find(|l| {
             l.address == IpAddr::V6(src)
                 && l.port == sport
                 && l.protocol.ip_protocols().contains(&proto)
         });
-        let Some(listener) =
-            listener.filter(|_| (proto == PROTO_TCP || proto == PROTO_UDP) && src == addr(38))
-        else {
-            return unmatched;
+        let quote = Quote {
+            icmp: 54,
+            ip: q,
+            l4: q + 40,
+            proto,
+        };
+        let listener = listener.filter(|_| src == addr(38));
+        let group = listener.map(|l| self.group_of(l));
+        let Some(group) = group.filter(|g| g.forwarding != Forwarding::Nat) else {
+            // About a NAT flow: a reply's, to its target; a request's, from the target's side,
+            // to the client.
+            let mut out = frame.to_vec();
+            let flow = if listener.is_some() {
+                self.nat6
+                    .iter()
+                    .find_map(|(&(target, client, tport, cport, p), f)| {
+                        (f.vip == src
+                            && f.port == sport
+                            && client == dst
+                            && cport == dport
+                            && p == proto)
+                            .then(|| {
+                                quote.rewrite6(&mut out, 8, target, 0, tport, 38);
+                                f.ending
+                            })
+                    })
+            } else {
+                self.nat6.get(&(dst, src, dport, sport, proto)).map(|f| {
+                    quote.rewrite6(&mut out, 24, f.vip, 1, f.port, 22);
+                    f.ending
+                })
+            };
+            return match flow {
+                Some(false) => Outcome::Rewritten(out),
+                Some(true) => {
+                    Outcome::Either(Box::new(Outcome::Rewritten(out)), Box::new(unmatched))
+                }
+                None => unmatched,
+            };
         };
         let key = FlowKey6::new(be6(dst), be6(src), dport.to_be(), sport.to_be(), proto);
-        let group = self.group_of(listener);
         let target = self.maglev_target(&group.name, &key);
         let mut out = frame.to_vec();
         let target_port = u16::from_be(target.port);
         if target_port != sport {
-            let quote = Quote {
-                icmp: 54,
-                ip: q,
-                l4: q + 40,
-                proto,
-            };
-            quote.set_port(&mut out, None, 0, target_port);
+            quote.set_port(&mut out, &[], 0, target_port);
         }
         if group.forwarding == Forwarding::Ipip {
             return encapsulated(&out, &target);
@@ -694,13 +768,31 @@ impl Quote {
         put(out, self.ip + 10, ip_check);
         icmp = incremental_checksum(icmp, old_ip_check, ip_check);
         put(out, self.icmp + 2, icmp);
-        self.set_port(out, Some(halves), which, port);
+        self.set_port(out, &halves, which, port);
+    }
+
+    /// Replaces the quoted IPv6 packet's address at `at` (8 source, 24 destination) and its port
+    /// `which`, updating its TCP or UDP checksum if quoted and the ICMPv6 checksum; then the
+    /// outer address at `outer_at` (22 source, 38 destination) to the same, which the ICMPv6
+    /// checksum's pseudo-header holds.
+    fn rewrite6(
+        &self,
+        out: &mut [u8],
+        at: usize,
+        addr: Ipv6Addr,
+        which: usize,
+        port: u16,
+        outer_at: usize,
+    ) {
+        let changed = replace_words(out, self.ip + at, addr, self.icmp + 2);
+        self.set_port(out, &changed, which, port);
+        replace_words(out, outer_at, addr, self.icmp + 2);
     }
 
     /// Replaces the quoted packet's port `which` (0 source, 1 destination), updating its TCP or
-    /// UDP checksum if quoted (for the address `halves` that changed too, if any) and the ICMP
+    /// UDP checksum if quoted (for the address words that `changed` too) and the ICMP
     /// checksum.
-    fn set_port(&self, out: &mut [u8], halves: Option<[(u16, u16); 2]>, which: usize, port: u16) {
+    fn set_port(&self, out: &mut [u8], changed: &[(u16, u16)], which: usize, port: u16) {
         let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let put = |b: &mut [u8], i: usize, w: u16| b[i..i + 2].copy_from_slice(&w.to_be_bytes());
         let udp = self.proto == PROTO_UDP;
@@ -714,7 +806,7 @@ impl Quote {
             let old = word(out, check_at);
             if !(udp && old == 0) {
                 let mut new = incremental_checksum(old, old_port, port);
-                for (o, n) in halves.into_iter().flatten() {
+                for &(o, n) in changed {
                     new = incremental_checksum(new, o, n);
                 }
                 if udp && new == 0 {
@@ -725,6 +817,48 @@ impl Quote {
             }
         }
         put(out, self.icmp + 2, icmp);
+    }
+}
+
+/// Writes the IPv6 address `addr` at `at`, updating the checksum at `check_at` word by word;
+/// returns each word's change.
+fn replace_words(out: &mut [u8], at: usize, addr: Ipv6Addr, check_at: usize) -> Vec<(u16, u16)> {
+    let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let new = addr.octets();
+    let changed: Vec<(u16, u16)> = (0..8)
+        .map(|i| (word(out, at + 2 * i), word(&new, 2 * i)))
+        .collect();
+    let mut check = word(out, check_at);
+    for &(o, n) in &changed {
+        check = incremental_checksum(check, o, n);
+    }
+    out[at..at + 16].copy_from_slice(&new);
+    out[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
+    changed
+}
+
+/// The IPv6 counterpart of `rewrite`: port `which` of the TCP or UDP header at `l4` and the
+/// address of the same side, the checksum updated for the port, then for each address word.
+fn rewrite6(out: &mut [u8], l4: usize, proto: u8, which: usize, port: u16, addr: Ipv6Addr) {
+    let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let port_at = l4 + 2 * which;
+    let check_at = l4 + if proto == PROTO_TCP { 16 } else { 6 };
+    let old_check = word(out, check_at);
+    let mut check = incremental_checksum(old_check, word(out, port_at), port);
+    out[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+    let at = 22 + 16 * which;
+    let new = addr.octets();
+    for i in 0..8 {
+        check = incremental_checksum(check, word(out, at + 2 * i), word(&new, 2 * i));
+    }
+    out[at..at + 16].copy_from_slice(&new);
+    if proto == PROTO_TCP || old_check != 0 {
+        let check = if check == 0 && proto == PROTO_UDP {
+            0xffff
+        } else {
+            check
+        };
+        out[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
     }
 }
 
@@ -999,6 +1133,7 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
         "2001:db8:10::10",
         "2001:db8:10::11",
         "2001:db8:10::12",
+        "2001:db8:10::13",
         "2001:db8:99::1",
     ]);
     let (dport, proto) = rng.pick(&[
@@ -1009,11 +1144,14 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
         (7777, PROTO_UDP),
         (5000, PROTO_TCP),
         (5000, PROTO_UDP),
+        (8080, PROTO_TCP),
+        (8080, PROTO_UDP),
         (80, 58),
     ]);
     let any = rng.next() as u16;
-    let prefix: u16 = rng.pick(&[0xc, 0xbad, any]);
-    let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, prefix, 0, 0, 0, 0, rng.byte() as u16);
+    let prefix: u16 = rng.pick(&[0xc, 0xc, 0xbad, any]);
+    // Few clients and ports, so that NAT replies and errors meet the flows of earlier requests.
+    let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, prefix, 0, 0, 0, 0, rng.below(4) as u16);
     let extensions = (0..rng.pick(&[0, 0, 0, 1, 2, 4, 5, 6]))
         .map(|_| {
             let kind = rng.pick(&[0, 43, 60, 60, 44]);
@@ -1028,7 +1166,7 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
         sport: if proto == 58 && rng.percent(50) {
             0x8000
         } else {
-            1024 + rng.below(64) as u16
+            1024 + rng.below(8) as u16
         },
         dport,
         tcp_flags: rng.pick(&[0x02, 0x10, 0x18, 0x11, 0x04]),
@@ -1036,7 +1174,31 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
         extensions,
         payload: (0..rng.below(64)).map(|_| rng.byte()).collect(),
     };
-    let mut frame = if rng.percent(15) {
+    let nat_target: std::net::Ipv6Addr = rng.pick(&NAT_TARGETS6).parse().expect("an address");
+    // The NAT target's side of the flow: a reply, and the packet it got.
+    let reply = Packet6 {
+        src: nat_target,
+        dst: packet.src,
+        sport: 30080,
+        dport: packet.sport,
+        extensions: Vec::new(),
+        ..packet.clone()
+    };
+    let got = Packet6 {
+        dst: nat_target,
+        dport: 30080,
+        extensions: Vec::new(),
+        ..packet.clone()
+    };
+    let mut frame = if rng.percent(10) {
+        reply.frame()
+    } else if rng.percent(5) {
+        // The NAT target's port unreachable about what it got, to the client.
+        let header = [1, 4, 0, 0, 0, 0, 0, 0];
+        let got = got.ip_packet();
+        let cut = 48 + rng.below(got.len() - 47);
+        lb_tests::frames::icmp6_message(nat_target, packet.src, 64, header, &got[..cut])
+    } else if rng.percent(15) {
         // An error about its reply, from a router, to the VIP (or the client); the quote cut
         // anywhere from its ports on.
         let reply = Packet6 {
@@ -1162,6 +1324,7 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         registry,
         state,
         nat: HashMap::new(),
+        nat6: HashMap::new(),
     };
     let mut rng = Rng(seed);
     // Flows that come back, so that many frames meet a flow the table knows.
@@ -1249,7 +1412,7 @@ fn fuzz(frames: u64, seed: u64) -> Result<()> {
         .map(|(r, n)| (r as u32, n))
         .collect();
     let [passed, sent_on, dropped] = outcomes;
-    let translated = model.nat.len();
+    let translated = model.nat.len() + model.nat6.len();
     let icmp: BTreeMap<&str, u64> = dp
         .icmp_sent()?
         .into_iter()
