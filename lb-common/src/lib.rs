@@ -23,6 +23,49 @@ pub const LISTENER_SLOTS: u32 = 16 * MAX_LISTENERS;
 /// every key within this many slots of its home, choosing a seed for which that holds.
 pub const LISTENER_PROBES: u32 = 8;
 
+/// What `lb_balancer6` (and `lb_icmp6`) tell `lb_nat6` of the IPv6 packet they hand on, in a
+/// per-CPU map (a tail call runs on its caller's CPU, before anything else runs there): a
+/// NAT request to target `target` of listener `listener` (`new_flow`: the flow's first
+/// packet), or (`target` is `HANDOFF_REPLY`) a packet for no listener, which may be a NAT
+/// reply, or (`HANDOFF_ICMP`) an ICMPv6 error that may be about a NAT flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handoff {
+    pub target: u32,
+    pub listener: u32,
+    pub new_flow: u32,
+}
+
+pub const HANDOFF_REPLY: u32 = u32::MAX;
+pub const HANDOFF_ICMP: u32 = u32::MAX - 1;
+
+impl Handoff {
+    #[inline(always)]
+    pub fn request(target: u32, listener: u32, new_flow: bool) -> Self {
+        Handoff {
+            target,
+            listener,
+            new_flow: new_flow as u32,
+        }
+    }
+
+    #[inline(always)]
+    pub fn reply() -> Self {
+        Handoff {
+            target: HANDOFF_REPLY,
+            ..Handoff::default()
+        }
+    }
+
+    #[inline(always)]
+    pub fn icmp() -> Self {
+        Handoff {
+            target: HANDOFF_ICMP,
+            ..Handoff::default()
+        }
+    }
+}
+
 /// Index of the only entry of the `SETTINGS` array.
 pub const SETTINGS_KEY: u32 = 0;
 

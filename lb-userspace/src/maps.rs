@@ -50,7 +50,7 @@ pub const BALANCER_PROGRAM: &str = "lb_balancer";
 /// adopts them, which it can only if its maps have the same layout. `STAGES` too, though each
 /// lb fills it with its own programs: the kernel empties a program array that nothing holds
 /// any more, and a balancer whose lb died must go on handing frames to its stages.
-const MAPS: [(&str, usize); 30] = [
+const MAPS: [(&str, usize); 31] = [
     ("STAGES", size_of::<u32>()),
     ("LISTENER_SLOTS", size_of::<ListenerSlot>()),
     ("LISTENER_SLOTS6", size_of::<ListenerSlot6>()),
@@ -61,6 +61,7 @@ const MAPS: [(&str, usize); 30] = [
     ("SOURCE_BUCKETS6", size_of::<u64>()),
     ("LISTENERS_BY_ID", size_of::<ListenerSlot>()),
     ("LISTENERS_BY_ID6", size_of::<ListenerSlot6>()),
+    ("HANDOFF", size_of::<lb_common::Handoff>()),
     ("LISTENER_TABLE", size_of::<ListenerTable>()),
     ("FLOWS", size_of::<FlowBucket>()),
     ("FLOW_TABLE", size_of::<FlowTable>()),

@@ -329,7 +329,7 @@ impl Family for V6 {
     #[inline(always)]
     fn reply(ctx: &XdpContext, _packet: &Packet<Self>, settings: &Settings) -> Option<u32> {
         if settings.nat & NAT_IPV6 != 0 {
-            nat::hand_on6(ctx, nat::Handoff::reply());
+            nat::hand_on6(ctx, lb_common::Handoff::reply());
         }
         None
     }
@@ -351,7 +351,10 @@ impl Family for V6 {
         _now: u64,
     ) -> u32 {
         if group.forwarding == FORWARDING_NAT {
-            nat::hand_on6(ctx, nat::Handoff::request(target_id, listener.id, new_flow));
+            nat::hand_on6(
+                ctx,
+                lb_common::Handoff::request(target_id, listener.id, new_flow),
+            );
             return drop(DropReason::EncapFailed);
         }
         if let Some(action) = forward::too_big_to_encapsulate6(ctx, packet, target, settings) {

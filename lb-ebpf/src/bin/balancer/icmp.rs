@@ -306,7 +306,7 @@ fn to_target6(
     let (Some(slot), Some(group)) = (slot, group.filter(|g| g.forwarding != FORWARDING_NAT)) else {
         // About a NAT flow, either way: NAT's own stage (`nat_error6`).
         if settings.nat & NAT_IPV6 != 0 {
-            nat::hand_on6(ctx, nat::Handoff::icmp());
+            nat::hand_on6(ctx, lb_common::Handoff::icmp());
         }
         return Err(unmatched);
     };

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     DropReason, FLOW_CLOSING, FLOW_ENDED, FLOW_FIN_CLIENT, FLOW_FIN_TARGET, FLOW_FLAGS,
-    FLOW_REVERSE, FlowEntry, FlowKeyOf, FlowTable, ListenerKeyOf, ListenerSlot, ListenerSlot6,
-    MAX_LISTENERS, STAGE_NAT6, Target, flow_check,
+    FLOW_REVERSE, FlowEntry, FlowKeyOf, FlowTable, HANDOFF_ICMP, HANDOFF_REPLY, Handoff,
+    ListenerKeyOf, ListenerSlot, ListenerSlot6, MAX_LISTENERS, STAGE_NAT6, Target, flow_check,
 };
 use lb_ebpf::write_mac;
 use network_types::eth::EthHdr;
@@ -41,51 +41,8 @@ pub static LISTENERS_BY_ID6: Array<ListenerSlot6> = Array::with_max_entries(MAX_
 #[map]
 static ROUTE: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
-/// What `lb_balancer6` tells `lb_nat6` of the IPv6 packet it hands on: a NAT request to target
-/// `target` of listener `listener` (`new_flow`: the flow's first packet), or (`target` is
-/// `REPLY`) a packet for no listener, which may be a NAT reply, or (`ICMP`) an ICMPv6 error
-/// that may be about a NAT flow. Per CPU: a tail call runs on
-/// the CPU of its caller, before anything else runs there.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Handoff {
-    target: u32,
-    listener: u32,
-    new_flow: u32,
-}
-
-impl Handoff {
-    const REPLY: u32 = u32::MAX;
-    const ICMP: u32 = u32::MAX - 1;
-
-    #[inline(always)]
-    pub fn request(target: u32, listener: u32, new_flow: bool) -> Self {
-        Handoff {
-            target,
-            listener,
-            new_flow: new_flow as u32,
-        }
-    }
-
-    #[inline(always)]
-    pub fn reply() -> Self {
-        Handoff {
-            target: Self::REPLY,
-            listener: 0,
-            new_flow: 0,
-        }
-    }
-
-    #[inline(always)]
-    pub fn icmp() -> Self {
-        Handoff {
-            target: Self::ICMP,
-            listener: 0,
-            new_flow: 0,
-        }
-    }
-}
-
+/// What `lb_balancer6` and `lb_icmp6` tell `lb_nat6` of the packet they hand on. Pinned: during
+/// a takeover, one lb's `lb_balancer6` may hand on to its successor's `lb_nat6`.
 #[map]
 static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
@@ -108,13 +65,13 @@ pub fn stage6(ctx: &XdpContext, now: u64) -> u32 {
     let Some(handoff) = HANDOFF.get(0).copied() else {
         return XDP_PASS;
     };
-    if handoff.target == Handoff::ICMP {
+    if handoff.target == HANDOFF_ICMP {
         return icmp::nat_error6(ctx, now);
     }
     let Ok(Some(packet)) = parse::parse6(ctx) else {
         return XDP_PASS;
     };
-    if handoff.target == Handoff::REPLY {
+    if handoff.target == HANDOFF_REPLY {
         return reply::<V6>(ctx, &packet, now)
             .unwrap_or_else(|| crate::refuse::<V6>(packet.dst, DropReason::NoListener));
     }
