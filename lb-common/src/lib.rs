@@ -689,7 +689,8 @@ pub const TARGET_UNHEALTHY: u16 = 3;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Target {
-    /// Target address, network byte order (outer destination in IPIP mode).
+    /// Target address, network byte order (outer destination in IPIP mode); 0 for a target
+    /// named by IPv6 address (`addr6`).
     pub addr: u32,
     /// Group the target belongs to; a flow whose target moved group is picked again.
     pub group: u32,

@@ -104,6 +104,36 @@ pub fn checksum_replace32(check: u16, old: u32, new: u32) -> u16 {
     checksum_replace(check, (old >> 16) as u16, (new >> 16) as u16)
 }
 
+/// The Internet checksum `check` after an IPv6 address it covers changed from `old` to `new`
+/// (words as read from the packet).
+#[inline(always)]
+pub fn checksum_replace128(mut check: u16, old: [u32; 4], new: [u32; 4]) -> u16 {
+    let mut i = 0;
+    while i < 4 {
+        check = checksum_replace32(check, old[i], new[i]);
+        i += 1;
+    }
+    check
+}
+
+/// Writes the IPv6 address `addr` at `field` (a frame pointer bounds-checked for 16 bytes),
+/// word by word (a `[u32; 4]` copy would call a byte-wise memcpy); returns the old address.
+#[inline(always)]
+pub fn set_address6(field: *mut u8, addr: [u32; 4]) -> [u32; 4] {
+    let field = field as *mut u32;
+    let mut old = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: as the caller promises.
+        unsafe {
+            old[i] = field.add(i).read_unaligned();
+            field.add(i).write_unaligned(addr[i]);
+        }
+        i += 1;
+    }
+    old
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -193,6 +193,17 @@ fn prepare_target(
     action: target::Action,
 ) -> Result<bool> {
     let Some(path) = config else {
+        if let Some(IpAddr::V6(mapped)) = vips
+            .iter()
+            .find(|v| matches!(v, IpAddr::V6(v) if v.to_ipv4_mapped().is_some()))
+        {
+            bail!(
+                "--vip {mapped} is an IPv4-mapped address: give the IPv4 VIP as it is ({})",
+                mapped
+                    .to_ipv4_mapped()
+                    .map_or_else(String::new, |v| v.to_string())
+            );
+        }
         let mode = match mode {
             Some(TargetMode::Ipip) => Forwarding::Ipip,
             Some(TargetMode::Nat) => Forwarding::Nat,

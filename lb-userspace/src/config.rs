@@ -221,6 +221,13 @@ impl Config {
         self.target_groups.iter().find(|g| g.name == name)
     }
 
+    /// Whether an IPv6 listener forwards to group `group`.
+    pub fn serves_ipv6(&self, group: &str) -> bool {
+        self.listeners
+            .iter()
+            .any(|l| l.address.is_ipv6() && l.target_group == group)
+    }
+
     /// Whether some listener of each family (IPv4, IPv6) forwards with nat: the balancer then
     /// routes that family, and looks for replies among its packets.
     pub fn nat_families(&self) -> [bool; 2] {

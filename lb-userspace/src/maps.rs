@@ -236,20 +236,6 @@ impl MapState {
                         interfaces.len()
                     ));
                 }
-                let out = &interfaces[hop.interface];
-                if group.forwarding == Forwarding::Ipip
-                    && key.addr.is_ipv6()
-                    && known.is_some()
-                    && out.global_ipv6().is_none()
-                {
-                    return Err(anyhow!(
-                        "target {} of group {} is named by an IPv6 address, and {}, which reaches it, has no global IPv6 address to send ipip from: give {} one, or name the target by its IPv4 address",
-                        key.addr,
-                        group.name,
-                        out.name,
-                        out.name
-                    ));
-                }
                 state.targets.insert(
                     entry.id,
                     Target {

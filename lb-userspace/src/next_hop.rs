@@ -33,6 +33,10 @@ use crate::{
     net::{Interface, position_of, set_socket_option},
 };
 
+/// IPv6's minimum MTU, and what an outer IPv6 header takes of it.
+const MIN_IPV6_MTU: u32 = 1280;
+const IPV6_HEADER: u32 = 40;
+
 /// Per target address: the interface that reaches it (an index into lb's) and the neighbour
 /// whose MAC its frames carry.
 pub type Routes = HashMap<IpAddr, (usize, IpAddr)>;
@@ -128,6 +132,28 @@ impl NextHops {
                         names.join(", "),
                     );
                 };
+                let out = &ifaces[interface];
+                if group.forwarding == Forwarding::Ipip && addr.is_ipv6() {
+                    if out.global_ipv6().is_none() {
+                        bail!(
+                            "target {addr} of group {} is named by an IPv6 address, and {}, which reaches it, has no global IPv6 address to send ipip from: give {} one, or name the target by its IPv4 address",
+                            group.name,
+                            out.name,
+                            out.name
+                        );
+                    }
+                    // An IPv6 client told "packet too big" never goes below 1280 bytes.
+                    if out.mtu < MIN_IPV6_MTU + IPV6_HEADER && config.serves_ipv6(&group.name) {
+                        bail!(
+                            "group {} carries IPv6 in IPv6 out of {}, whose MTU {} leaves less than IPv6's minimum of {MIN_IPV6_MTU} bytes inside: give {} an MTU of at least {}",
+                            group.name,
+                            out.name,
+                            out.mtu,
+                            out.name,
+                            MIN_IPV6_MTU + IPV6_HEADER
+                        );
+                    }
+                }
                 if group.forwarding == Forwarding::Dsr
                     && let Some(gw) = gateway
                 {

@@ -668,24 +668,36 @@ fn predecessor(names: &[String]) -> Result<Option<instance::InstanceInfo>> {
     Ok(found.map(|(_, info)| info))
 }
 
-/// With a nat listener, the balancer is a router of its family: its FIB lookups (and the
-/// kernel, for a packet whose next hop is not known yet) forward only on interfaces where that
-/// family's forwarding is on.
+/// With a nat listener, the balancer is a router of its family: its FIB lookups answer only
+/// on interfaces where that family's forwarding is on, and the kernel, for a packet whose next
+/// hop is not known yet, forwards IPv6 only where it is on for all (which turns it on for
+/// every interface). A router ignores router advertisements unless `accept_ra` is 2, so an
+/// interface that took them (1) keeps taking them.
 fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
     let [v4, v6] = config.nat_families();
-    let families = [("ipv4", v4), ("ipv6", v6)];
-    for (family, iface) in families
-        .iter()
-        .filter(|(_, nat)| *nat)
-        .flat_map(|&(family, _)| ifaces.iter().map(move |i| (family, i)))
-    {
-        let key = format!("net.{family}.conf.{}.forwarding", iface.name);
-        if crate::target::read_sysctl(&key)? != "1" {
-            crate::target::write_sysctl(&key, "1")?;
-            info!(
-                "nat: {key} = 1, so that {} routes what it translates",
-                iface.name
-            );
+    let mut settings = Vec::new();
+    if v4 {
+        settings.extend(
+            ifaces
+                .iter()
+                .map(|i| (format!("net.ipv4.conf.{}.forwarding", i.name), "1", "1")),
+        );
+    }
+    if v6 {
+        settings.extend(
+            ifaces
+                .iter()
+                .map(|i| (format!("net.ipv6.conf.{}.accept_ra", i.name), "1", "2")),
+        );
+        settings.push(("net.ipv6.conf.all.forwarding".into(), "", "1"));
+    }
+    // (key, the value it is changed from, or any value other than the wanted one if empty,
+    // the wanted value)
+    for (key, from, want) in settings {
+        let now = crate::target::read_sysctl(&key)?;
+        if now != want && (from.is_empty() || now == from) {
+            crate::target::write_sysctl(&key, want)?;
+            info!("nat: {key} = {want} (was {now}), so that this host routes what it translates");
         }
     }
     Ok(())

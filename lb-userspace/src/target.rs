@@ -234,7 +234,7 @@ impl Step {
             Step::VipOnLoopback(vip) => Interface::lookup("lo")?.holds(*vip),
             Step::Sysctl { key, want } => read_sysctl(key)? == *want,
             Step::RpFilterLoose(iface) => effective_rp_filter(iface)? != "1",
-            Step::Decap(iface) => attached_program(iface)?.as_deref() == Some(DECAP_PROGRAM),
+            Step::Decap(iface) => decap_attached(iface)?,
             Step::ReplyPorts { iface, ports } => match attached_reply_ports(iface)? {
                 Some(Ok(map)) => read_reply_ports(map)? == *ports,
                 Some(Err(Outdated)) | None => false,
@@ -414,18 +414,29 @@ fn vip_on_loopback(vip: IpAddr, present: bool) -> Result<()> {
 }
 
 /// Name of the XDP program attached to `iface`, if any.
-fn attached_program(iface: &str) -> Result<Option<String>> {
+/// Whether `iface` runs this lb's decap: `lb_decap` with `LOCAL_ADDRS6` (an lb before IPv6
+/// had an `lb_decap` that opens IPv4 tunnels only).
+fn decap_attached(iface: &str) -> Result<bool> {
     let index = Interface::lookup(iface)?.index;
     let Some(id) = net::with_netlink(async |handle| net::xdp_program(handle, index).await)? else {
-        return Ok(None);
+        return Ok(false);
     };
     for program in aya::programs::loaded_programs() {
         let program = program.context("listing the kernel's BPF programs")?;
-        if program.id() == id {
-            return Ok(program.name_as_str().map(str::to_owned));
+        if program.id() != id {
+            continue;
         }
+        if program.name_as_str() != Some(DECAP_PROGRAM) {
+            return Ok(false);
+        }
+        for map_id in program.map_ids()?.unwrap_or_default() {
+            if MapData::from_id(map_id)?.info()?.name_as_str() == Some("LOCAL_ADDRS6") {
+                return Ok(true);
+            }
+        }
+        return Ok(false);
     }
-    Ok(None)
+    Ok(false)
 }
 
 /// Loads the decap object, tells it this host's addresses, and attaches it through netlink so

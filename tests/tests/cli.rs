@@ -151,6 +151,26 @@ fn bad_flags_are_usage_errors() -> Result<()> {
         "{}",
         out.stderr
     );
+    let mapped = [
+        "target",
+        "-i",
+        "lo",
+        "--mode",
+        "dsr",
+        "--vip",
+        "::ffff:203.0.113.10",
+        "--check",
+    ];
+    let out = lb(&mapped)?;
+    ensure!(
+        out.code == Some(1)
+            && out
+                .stderr
+                .contains("is an IPv4-mapped address: give the IPv4 VIP as it is (203.0.113.10)"),
+        "{:?} {}",
+        out.code,
+        out.stderr
+    );
     let out = lb(&["target", "-i", "lo", "--mode", "dsr"])?;
     ensure!(
         out.code == Some(2) && out.stderr.contains("--vip"),

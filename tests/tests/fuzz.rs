@@ -341,8 +341,12 @@ impl Model {
             if !skipped.contains(&next) {
                 break;
             }
-            if l4 + 2 > frame.len() {
+            if l4 + 4 > frame.len() {
                 return refuse(DropReason::Malformed);
+            }
+            // A routing header with segments left: the VIP is only a waypoint.
+            if next == 43 && frame[l4 + 3] != 0 {
+                return refuse(DropReason::ExtensionHeaders);
             }
             (next, l4) = (frame[l4], l4 + (frame[l4 + 1] as usize + 1) * 8);
         }
@@ -1155,7 +1159,12 @@ fn frame6(rng: &mut Rng) -> Vec<u8> {
     let extensions = (0..rng.pick(&[0, 0, 0, 1, 2, 4, 5, 6]))
         .map(|_| {
             let kind = rng.pick(&[0, 43, 60, 60, 44]);
-            (kind, (0..rng.below(20)).map(|_| rng.byte()).collect())
+            let mut bytes: Vec<u8> = (0..rng.below(20)).map(|_| rng.byte()).collect();
+            // A routing header's segments left: mostly none, as lb forwards.
+            if kind == 43 && bytes.len() > 1 && rng.percent(75) {
+                bytes[1] = 0;
+            }
+            (kind, bytes)
         })
         .collect();
     let packet = Packet6 {

@@ -1922,8 +1922,12 @@ fn ipv6_packets_that_cannot_be_forwarded_are_dropped_and_counted_or_passed() -> 
     fragment.extensions = vec![(44, vec![0, 1, 0, 0, 0, 1])];
     let mut version = Packet6::tcp(80, 4002, 0x02).frame();
     version[14] = 0x40;
+    // A routing header with a segment left: the VIP is a waypoint, the packet someone else's.
+    let mut waypoint = Packet6::tcp(80, 4007, 0x02);
+    waypoint.extensions = vec![(43, vec![0, 1, 0, 0, 0, 0])];
     for (frame, reason) in [
         (too_many.frame(), DropReason::ExtensionHeaders),
+        (waypoint.frame(), DropReason::ExtensionHeaders),
         (fragment.frame(), DropReason::Fragment),
         (Packet6::tcp(81, 4003, 0x02).frame(), DropReason::NoListener),
         (version, DropReason::Malformed),

@@ -266,8 +266,8 @@ fn ipv6_targets() {
     );
 }
 
-/// An IPv6 VIP: global unicast only, on a dsr or ipip group for now, with the clients' prefixes of its
-/// family; a dual-stack service is two listeners on one group.
+/// An IPv6 VIP: global unicast only, in any mode (nat with IPv6 targets), with the clients'
+/// prefixes of its family; a dual-stack service is two listeners on one group.
 #[test]
 fn ipv6_vips() {
     let v6 = |vip: &str| VALID.replace("203.0.113.10", &format!("'{vip}'"));
@@ -875,5 +875,34 @@ fn answer_ping_is_on_unless_turned_off() {
         errors(&bad)[0].starts_with("lb.yaml:2:"),
         "{:?}",
         errors(&bad)
+    );
+}
+
+/// Two listeners of one VIP that one host would have to answer from the same target port are
+/// refused, in either family, the target named as address:port (an IPv6 one in brackets).
+#[test]
+fn one_target_port_cannot_answer_for_two_listener_ports() {
+    let text = |vip: &str, target: &str| {
+        format!(
+            "listeners:
+  - {{name: web, address: '{vip}', port: 80, protocol: tcp, target_group: web}}
+  - {{name: alt, address: '{vip}', port: 8080, protocol: tcp, target_group: web}}
+target_groups:
+  - name: web
+    targets: [{{address: '{target}', port: 30080}}]
+"
+        )
+    };
+    refused(
+        &text("203.0.113.10", "198.51.100.11"),
+        6,
+        48,
+        "target 198.51.100.11:30080/tcp serves listeners `web` (203.0.113.10:80) and `alt` (203.0.113.10:8080)",
+    );
+    refused(
+        &text("2001:db8::10", "2001:db8:1::11"),
+        6,
+        49,
+        "target [2001:db8:1::11]:30080/tcp serves listeners `web` ([2001:db8::10]:80) and `alt` ([2001:db8::10]:8080)",
     );
 }

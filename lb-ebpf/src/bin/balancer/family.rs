@@ -68,7 +68,7 @@ pub trait Family: Sized + 'static {
         now: u64,
     ) -> u32;
 
-    /// Port translation (dsr), if the target's port is not the listener's.
+    /// Port translation (dsr and ipip), if the target's port is not the listener's.
     fn translate_port(
         ctx: &XdpContext,
         packet: &Packet<Self>,

@@ -11,8 +11,8 @@ use aya_ebpf::{
 use lb_common::{DropReason, Egress, MAX_INTERFACES, PROTO_TCP, Settings, Target};
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN,
-    TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum_replace, checksum_replace32, ptr_at,
-    set_ipv4_checksum, write_mac,
+    TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, checksum_replace, checksum_replace32, checksum_replace128,
+    ptr_at, set_address6, set_ipv4_checksum, write_mac,
 };
 use network_types::{
     eth::EthHdr,
@@ -82,24 +82,18 @@ pub fn rewrite6(
         side,
         port,
         #[inline(always)]
-        |mut l4| {
+        |l4| {
             // SAFETY: the parse bounds-checked the IPv6 header, and nothing resized the frame
-            // since. Word by word: a `[u32; 4]` copy would call a byte-wise memcpy.
-            unsafe {
-                let field = if side == 0 {
+            // since.
+            let field = unsafe {
+                if side == 0 {
                     &raw mut (*packet.ip).src_addr
                 } else {
                     &raw mut (*packet.ip).dst_addr
-                } as *mut u32;
-                let mut i = 0;
-                while i < 4 {
-                    let old = field.add(i).read_unaligned();
-                    field.add(i).write_unaligned(addr[i]);
-                    l4 = checksum_replace32(l4, old, addr[i]);
-                    i += 1;
                 }
-            }
-            l4
+            };
+            let old = set_address6(field as *mut u8, addr);
+            checksum_replace128(l4, old, addr)
         },
     )
 }

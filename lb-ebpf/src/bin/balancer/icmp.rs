@@ -12,11 +12,12 @@
 //!   - from the target's side, about a NAT request (quoting client → target:port): to the
 //!     client, as if from VIP:listener-port (the outer source and the quoted destination).
 //!
-//!   ICMPv6's errors about IPv6 dsr flows go the same way (`error6`). An error to a VIP that
-//!   names no flow lb can place is dropped and counted (`icmp_unmatched`); others are left to
-//!   the kernel.
-//! - A packet too big to encapsulate, with DF set, is answered with "fragmentation needed"
-//!   (`too_big`).
+//!   ICMPv6's errors go the same way (`error6`; about nat flows `translate6`, in `lb_nat6`),
+//!   as long as the packet they quote has no extension headers (a target's own replies have
+//!   none). An error to a VIP that names no flow lb can place is dropped and counted
+//!   (`icmp_unmatched`); others are left to the kernel.
+//! - A packet too big to encapsulate is answered with "fragmentation needed" if it is IPv4
+//!   with DF set (`too_big`), with "packet too big" if it is IPv6 (`too_big6`).
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
@@ -30,8 +31,8 @@ use lb_common::{
 };
 use lb_ebpf::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-    checksum, checksum_from, checksum_replace, checksum_replace32, ptr_at, set_ipv4_checksum,
-    write_mac,
+    checksum, checksum_from, checksum_replace, checksum_replace32, checksum_replace128, ptr_at,
+    set_address6, set_ipv4_checksum, write_mac,
 };
 use network_types::{
     eth::EthHdr,
@@ -396,30 +397,11 @@ fn set_outer6(error: &Error6, at: usize, addr: [u32; 4]) {
     // SAFETY: the header was bounds-checked by `on_error6`, and the frame has not been
     // resized since.
     unsafe {
+        let old = set_address6((error.ip as *mut u8).add(at), addr);
         let check = error.quoted.icmp_check.read_unaligned();
-        let (_, check) = replace_address6((error.ip as *mut u8).add(at), addr, check);
+        let check = checksum_replace128(check, old, addr);
         error.quoted.icmp_check.write_unaligned(check);
     }
-}
-
-/// Writes the IPv6 address `addr` at `field` (bounds-checked for 16 bytes), word by word (a
-/// `[u32; 4]` copy would call a byte-wise memcpy); returns the old address, and `check`
-/// updated for the change.
-#[inline(always)]
-fn replace_address6(field: *mut u8, addr: [u32; 4], mut check: u16) -> ([u32; 4], u16) {
-    let field = field as *mut u32;
-    let mut old = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        // SAFETY: as the caller promises.
-        unsafe {
-            old[i] = field.add(i).read_unaligned();
-            field.add(i).write_unaligned(addr[i]);
-        }
-        check = checksum_replace32(check, old[i], addr[i]);
-        i += 1;
-    }
-    (old, check)
 }
 
 /// The frame sent where it belongs if it is an ICMP error (destination unreachable, which
@@ -747,8 +729,9 @@ pub fn too_big6(ctx: &XdpContext, mtu: u32) -> u32 {
     sent_too_big()
 }
 
-/// The packet an ICMP error quotes, and the checksums that cover it: its own IPv4 header's, its
-/// TCP or UDP checksum (if quoted), and the ICMP checksum over the whole quote.
+/// The packet an ICMP or ICMPv6 error quotes, and the checksums that cover it: an IPv4 quote's
+/// own header checksum, its TCP or UDP checksum (if quoted), and the ICMP checksum over the
+/// whole quote.
 struct Quoted {
     icmp_check: *mut u16,
     ip: *mut u8,
@@ -826,21 +809,19 @@ impl Quoted {
     fn rewrite6(&self, at: usize, addr: [u32; 4], port: usize, new_port: u16) {
         // SAFETY: the IPv6 header was bounds-checked by `ptr_at`, and the frame has not been
         // resized since.
-        let (old, icmp) =
-            unsafe { replace_address6(self.ip.add(at), addr, self.icmp_check.read_unaligned()) };
+        let (old, icmp) = unsafe {
+            let old = set_address6(self.ip.add(at), addr);
+            (
+                old,
+                checksum_replace128(self.icmp_check.read_unaligned(), old, addr),
+            )
+        };
         self.set_port(
             icmp,
             port,
             new_port,
             #[inline(always)]
-            |mut l4| {
-                let mut i = 0;
-                while i < 4 {
-                    l4 = checksum_replace32(l4, old[i], addr[i]);
-                    i += 1;
-                }
-                l4
-            },
+            |l4| checksum_replace128(l4, old, addr),
         );
     }
 

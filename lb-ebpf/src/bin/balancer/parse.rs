@@ -164,10 +164,15 @@ fn skip_extensions(ctx: &XdpContext, mut next: u8) -> Result<(usize, u8), DropRe
     while skipped < MAX_EXTENSION_HEADERS
         && (next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DESTINATION)
     {
-        // Each is its next header, its length in 8-byte units past the first 8, then options.
-        let ext = ptr_at::<[u8; 2]>(ctx, l4_off).ok_or(DropReason::Malformed)?;
+        // Each is its next header, its length in 8-byte units past the first 8, then (a
+        // routing header) its type and segments left, then options or addresses.
+        let ext = ptr_at::<[u8; 4]>(ctx, l4_off).ok_or(DropReason::Malformed)?;
         // SAFETY: `ptr_at` checked it against data_end.
-        let [following, len] = unsafe { *ext };
+        let [following, len, _, segments_left] = unsafe { *ext };
+        // Segments left: the VIP is only a waypoint, the packet for someone else.
+        if next == IPV6_ROUTING && segments_left != 0 {
+            return Err(DropReason::ExtensionHeaders);
+        }
         next = following;
         // At most 4 × 2048 bytes: the mask tells the verifier the offset stays bounded.
         l4_off = (l4_off + (len as usize + 1) * 8) & 0x3fff;
