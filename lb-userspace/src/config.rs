@@ -1100,42 +1100,41 @@ impl Validator<'_> {
             );
             return None;
         }
-        let Ok(address) = text.parse::<IpAddr>() else {
-            self.error(at, format!("`{text}` is not an IP address"));
-            return None;
-        };
-        let refusal = match address {
-            IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
-                Some("it must be a unicast address")
-            }
+        self.address(at, text, "VIP", |address| match address {
             IpAddr::V4(a) if a.is_loopback() => Some("it is a loopback address (127.0.0.0/8)"),
             IpAddr::V4(a) if a.is_link_local() => Some(
                 "it is link-local (169.254.0.0/16), valid on one link only: a VIP must be routable",
             ),
-            IpAddr::V4(_) => None,
-            IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
-                Some("it must be a unicast address")
-            }
             IpAddr::V6(a) if a.is_loopback() => Some("it is the loopback address"),
             IpAddr::V6(a) if a.is_unicast_link_local() => Some(
                 "it is link-local (fe80::/10), valid on one link only: a VIP must be a global address",
             ),
-            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
-                Some("it is an IPv4-mapped address: write the IPv4 VIP as it is")
-            }
-            IpAddr::V6(_) => None,
-        };
-        if let Some(why) = refusal {
-            self.error(at, format!("VIP {address} cannot be used: {why}"));
-            return None;
-        }
-        Some(address)
+            _ => None,
+        })
     }
 
     /// A target's address: a unicast address of either family, global (a link-local IPv6
-    /// address would need its interface named, and an IPv4-mapped one is an IPv4 address in
-    /// disguise).
+    /// address would need its interface named).
     fn target_address(&mut self, at: &str, text: &str) -> Option<IpAddr> {
+        self.address(at, text, "target address", |address| match address {
+            IpAddr::V6(a) if a.is_loopback() => Some("it must be a unicast address"),
+            IpAddr::V6(a) if a.is_unicast_link_local() => Some(
+                "it is link-local (fe80::/10), which names no host without an interface: use the target's global address",
+            ),
+            _ => None,
+        })
+    }
+
+    /// An address (`what`: "VIP" or "target address") at `at`: a unicast one, not an
+    /// IPv4-mapped IPv6 one (an IPv4 address in disguise), and not one that `refused` gives a
+    /// reason against.
+    fn address(
+        &mut self,
+        at: &str,
+        text: &str,
+        what: &str,
+        refused: impl Fn(IpAddr) -> Option<&'static str>,
+    ) -> Option<IpAddr> {
         let Ok(address) = text.parse::<IpAddr>() else {
             self.error(at, format!("`{text}` is not an IP address"));
             return None;
@@ -1144,22 +1143,16 @@ impl Validator<'_> {
             IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
                 Some("it must be a unicast address")
             }
-            IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() || a.is_loopback() => {
+            IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
                 Some("it must be a unicast address")
             }
-            IpAddr::V6(a) if a.is_unicast_link_local() => Some(
-                "it is link-local (fe80::/10), which names no host without an interface: use the target's global address",
-            ),
             IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
                 Some("it is an IPv4-mapped address: write the IPv4 address as it is")
             }
-            _ => None,
+            _ => refused(address),
         };
         if let Some(why) = refusal {
-            self.error(
-                at,
-                format!("target address {address} cannot be used: {why}"),
-            );
+            self.error(at, format!("{what} {address} cannot be used: {why}"));
             return None;
         }
         Some(address)

@@ -680,7 +680,7 @@ fn forward_for_nat(config: &Config, ifaces: &[Interface]) -> Result<()> {
         settings.extend(
             ifaces
                 .iter()
-                .map(|i| (format!("net.ipv4.conf.{}.forwarding", i.name), "1", "1")),
+                .map(|i| (format!("net.ipv4.conf.{}.forwarding", i.name), "", "1")),
         );
     }
     if v6 {

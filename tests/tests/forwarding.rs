@@ -243,23 +243,19 @@ target_groups:
     Ok(())
 }
 
-/// Dual stack through one dsr group: an IPv4 and an IPv6 listener each for TCP :80 and UDP
-/// :7777, real clients of both families at once, the same targets (dual-stack hosts named by
-/// their IPv4 addresses, the IPv6 VIP on lo by `lb target`) answering each directly.
-#[test]
-fn ipv4_and_ipv6_clients_share_a_dual_stack_dsr_group() -> Result<()> {
-    let name = format!("lbt-dual-{}", std::process::id() % 10000);
-    let mut lab = Lab::new(&name, TARGETS)?;
-    lab.enable_ipv6()?;
-    let vips = [IpAddr::V4(VIP), IpAddr::V6(VIP6)];
-    lab.prepare_targets("dsr", &vips)?;
-    lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
-    for vip in vips {
-        lab.start_udp_servers(vip, UDP_PORT, UDP_REPLY)?;
-    }
+/// A dual-stack config, written for lab `name`: an IPv4 and an IPv6 listener for TCP (the
+/// IPv6 one on `tcp6_port`) and for UDP, each pair on one group (`group`: its settings, as
+/// YAML flow-mapping entries) of the lab's targets, `address(i)` each, serving on `TCP_PORT`
+/// and `UDP_PORT`.
+fn dual_stack_config(
+    name: &str,
+    tcp6_port: u16,
+    group: &str,
+    address: impl Fn(usize) -> String,
+) -> Result<PathBuf> {
     let targets = |port: u16| -> String {
         (0..TARGETS)
-            .map(|i| format!("{{address: {}, port: {port}}}", target_addr(i)))
+            .map(|i| format!("{{address: {}, port: {port}}}", address(i)))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -269,25 +265,30 @@ fn ipv4_and_ipv6_clients_share_a_dual_stack_dsr_group() -> Result<()> {
         format!(
             "listeners:
   - {{name: web, address: {VIP}, port: {TCP_PORT}, protocol: tcp, target_group: web}}
-  - {{name: web6, address: '{VIP6}', port: {TCP_PORT}, protocol: tcp, target_group: web}}
+  - {{name: web6, address: '{VIP6}', port: {tcp6_port}, protocol: tcp, target_group: web}}
   - {{name: game, address: {VIP}, port: {UDP_PORT}, protocol: udp, target_group: game}}
   - {{name: game6, address: '{VIP6}', port: {UDP_PORT}, protocol: udp, target_group: game}}
 target_groups:
-  - {{name: web, targets: [{}]}}
-  - {{name: game, targets: [{}]}}
+  - {{name: web, {group}targets: [{}]}}
+  - {{name: game, {group}targets: [{}]}}
 ",
             targets(TCP_PORT),
             targets(UDP_PORT)
         ),
     )?;
-    let _balancer = lab.start_balancer(&config, &[])?;
+    Ok(config)
+}
 
+/// Clients of both families at once, through `dual_stack_config`'s listeners (each VIP with
+/// its TCP port): every target serves its share of each, and the replies reach the clients
+/// without crossing the balancer. Returns the flows per listener.
+fn clients_of_both_families(lab: &Lab, vips: [(IpAddr, u16); 2]) -> Result<usize> {
     let rx_before = lab.rx_bytes("lb")?;
     let flows = FLOWS / 2;
     let mut reply_bytes = 0;
-    for vip in vips {
-        let (tcp, tcp_bytes) = tcp_clients(&lab, vip, TCP_PORT, flows, REQUESTS)?;
-        let (udp, udp_bytes) = udp_clients(&lab, vip, UDP_PORT, flows, REQUESTS)?;
+    for (vip, tcp_port) in vips {
+        let (tcp, tcp_bytes) = tcp_clients(lab, vip, tcp_port, flows, REQUESTS)?;
+        let (udp, udp_bytes) = udp_clients(lab, vip, UDP_PORT, flows, REQUESTS)?;
         for (kind, answers) in [("tcp", &tcp), ("udp", &udp)] {
             let per_target = flows_per_target(kind, answers)?;
             ensure!(
@@ -306,6 +307,27 @@ target_groups:
         rx_delta * 2 < reply_bytes,
         "the balancer received {rx_delta} bytes while the clients got {reply_bytes}: replies are not bypassing it"
     );
+    Ok(flows)
+}
+
+/// Dual stack through one dsr group: an IPv4 and an IPv6 listener each for TCP :80 and UDP
+/// :7777, real clients of both families at once, the same targets (dual-stack hosts named by
+/// their IPv4 addresses, the IPv6 VIP on lo by `lb target`) answering each directly.
+#[test]
+fn ipv4_and_ipv6_clients_share_a_dual_stack_dsr_group() -> Result<()> {
+    let name = format!("lbt-dual-{}", std::process::id() % 10000);
+    let mut lab = Lab::new(&name, TARGETS)?;
+    lab.enable_ipv6()?;
+    let vips = [IpAddr::V4(VIP), IpAddr::V6(VIP6)];
+    lab.prepare_targets("dsr", &vips)?;
+    lab.start_tcp_servers(TCP_PORT, TCP_REPLY)?;
+    for vip in vips {
+        lab.start_udp_servers(vip, UDP_PORT, UDP_REPLY)?;
+    }
+    let config = dual_stack_config(&name, TCP_PORT, "", |i| target_addr(i).to_string())?;
+    let _balancer = lab.start_balancer(&config, &[])?;
+
+    let flows = clients_of_both_families(&lab, [(vips[0], TCP_PORT), (vips[1], TCP_PORT)])?;
     let status = lab.status()?;
     let web6 = status
         .listeners
@@ -329,28 +351,11 @@ fn ipv4_and_ipv6_clients_reach_ipv6_targets_through_ipip() -> Result<()> {
     let mut lab = Lab::new(&name, TARGETS)?;
     lab.enable_ipv6()?;
     let vips = [IpAddr::V4(VIP), IpAddr::V6(VIP6)];
-    let targets = |port: u16| -> String {
-        (0..TARGETS)
-            .map(|i| format!("{{address: '{}', port: {port}}}", target_addr6(i)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let config = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "listeners:
-  - {{name: web, address: {VIP}, port: {TCP_PORT}, protocol: tcp, target_group: web}}
-  - {{name: web6, address: '{VIP6}', port: {TRANSLATED_PORT}, protocol: tcp, target_group: web}}
-  - {{name: game, address: {VIP}, port: {UDP_PORT}, protocol: udp, target_group: game}}
-  - {{name: game6, address: '{VIP6}', port: {UDP_PORT}, protocol: udp, target_group: game}}
-target_groups:
-  - {{name: web, forwarding: ipip, health_check: {FAST_TCP_CHECK}, targets: [{}]}}
-  - {{name: game, forwarding: ipip, health_check: {FAST_TCP_CHECK}, targets: [{}]}}
-",
-            targets(TCP_PORT),
-            targets(UDP_PORT)
-        ),
+    let config = dual_stack_config(
+        &name,
+        TRANSLATED_PORT,
+        &format!("forwarding: ipip, health_check: {FAST_TCP_CHECK}, "),
+        |i| format!("'{}'", target_addr6(i)),
     )?;
     let path = config.to_string_lossy();
     for i in 1..=TARGETS {
@@ -375,30 +380,7 @@ target_groups:
         }
     }
 
-    let rx_before = lab.rx_bytes("lb")?;
-    let flows = FLOWS / 2;
-    let mut reply_bytes = 0;
-    for (vip, tcp_port) in [(vips[0], TCP_PORT), (vips[1], TRANSLATED_PORT)] {
-        let (tcp, tcp_bytes) = tcp_clients(&lab, vip, tcp_port, flows, REQUESTS)?;
-        let (udp, udp_bytes) = udp_clients(&lab, vip, UDP_PORT, flows, REQUESTS)?;
-        for (kind, answers) in [("tcp", &tcp), ("udp", &udp)] {
-            let per_target = flows_per_target(kind, answers)?;
-            ensure!(
-                per_target.len() == TARGETS && per_target.values().all(|&n| n >= flows / 6),
-                "{vip} {kind}: {per_target:?}"
-            );
-        }
-        reply_bytes += tcp_bytes + udp_bytes;
-    }
-    let rx_delta = lab.rx_bytes("lb")? - rx_before;
-    ensure!(
-        reply_bytes >= (2 * flows * REQUESTS * (TCP_REPLY + UDP_REPLY)) as u64,
-        "the clients received only {reply_bytes} reply bytes"
-    );
-    ensure!(
-        rx_delta * 2 < reply_bytes,
-        "the balancer received {rx_delta} bytes while the clients got {reply_bytes}: replies are not bypassing it"
-    );
+    clients_of_both_families(&lab, [(vips[0], TCP_PORT), (vips[1], TRANSLATED_PORT)])?;
     let status = lab.status()?;
     let web = status
         .target_groups

@@ -7,7 +7,12 @@
 //! offloads left on. A TCP connection completes, and a UDP reply reaches the client's
 //! connected socket, only if the reply comes from VIP:listener-port.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Result, ensure};
 use lb_tests::{
@@ -305,9 +310,22 @@ fn nat_serves_the_l4_switch_example(two_armed: bool) -> Result<()> {
     for i in [1, 2] {
         lab.stop_udp_server(i, 18600);
     }
-    let refused = lb_tests::in_netns(&lab.ns("client"), || -> Result<std::io::ErrorKind> {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect((VIP2, 6800))?;
+    refused_at_the_client(&lab, VIP2.into(), 6800)?;
+
+    let (status, log) = balancer.terminate(&mut lab)?;
+    ensure!(status.success(), "lb exited with {status}: {log:?}");
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
+/// A datagram from the client's connected UDP socket to `vip`:`port`, where nothing listens:
+/// the socket learns that it is refused (ECONNREFUSED) from the target's port unreachable,
+/// which only reaches it translated.
+fn refused_at_the_client(lab: &Lab, vip: IpAddr, port: u16) -> Result<()> {
+    let refused = lb_tests::in_netns(&lab.ns("client"), move || -> Result<std::io::ErrorKind> {
+        let any = if vip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let socket = std::net::UdpSocket::bind(any)?;
+        socket.connect((vip, port))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
         socket.send(b"anyone?")?;
         Ok(match socket.recv(&mut [0u8; 64]) {
@@ -319,10 +337,6 @@ fn nat_serves_the_l4_switch_example(two_armed: bool) -> Result<()> {
         refused == std::io::ErrorKind::ConnectionRefused,
         "the client saw {refused:?}, not a refusal"
     );
-
-    let (status, log) = balancer.terminate(&mut lab)?;
-    ensure!(status.success(), "lb exited with {status}: {log:?}");
-    let _ = std::fs::remove_file(config);
     Ok(())
 }
 
@@ -386,20 +400,7 @@ target_groups:
     for i in 0..3 {
         lab.stop_udp_server(i, 18600);
     }
-    let refused = lb_tests::in_netns(&lab.ns("client"), || -> Result<std::io::ErrorKind> {
-        let socket = std::net::UdpSocket::bind("[::]:0")?;
-        socket.connect((VIP6, 6800))?;
-        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-        socket.send(b"anyone?")?;
-        Ok(match socket.recv(&mut [0u8; 64]) {
-            Ok(_) => std::io::ErrorKind::Other,
-            Err(e) => e.kind(),
-        })
-    })??;
-    ensure!(
-        refused == std::io::ErrorKind::ConnectionRefused,
-        "the client saw {refused:?}, not a refusal"
-    );
+    refused_at_the_client(&lab, VIP6.into(), 6800)?;
     let (status, log) = balancer.terminate(&mut lab)?;
     ensure!(status.success(), "lb exited with {status}: {log:?}");
     let _ = std::fs::remove_file(config);

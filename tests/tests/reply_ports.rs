@@ -79,40 +79,34 @@ fn replies_from_translated_ports_leave_from_the_listener_port() -> Result<()> {
         (reply(Packet::udp(0, 0), 18600), 6800),
         (no_checksum, 6800),
     ];
-    for (i, (packet, port)) in cases.into_iter().enumerate() {
-        let (verdict, out) = run(&mut ebpf, &packet.frame())?;
-        ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
-        let want = Packet {
-            sport: port,
-            ..packet.clone()
-        };
-        ensure!(
-            out == want.frame(),
-            "{packet:?}\ngot  {out:02x?}\nwant {:02x?}",
-            want.frame()
-        );
-        ensure!(l4_checksum_ok(&out[14..]), "the checksum does not verify");
-        ensure!(translated(&ebpf)? == i as u64 + 1);
-    }
+    let mut frames: Vec<(Vec<u8>, Vec<u8>)> = cases
+        .into_iter()
+        .map(|(packet, port)| {
+            let want = Packet {
+                sport: port,
+                ..packet.clone()
+            };
+            (packet.frame(), want.frame())
+        })
+        .collect();
     // IPv6: the listener port of the IPv6 VIP's listener, not the IPv4 one's.
     for (packet, port) in [
         (reply6(Packet6::tcp(0, 0, 0x12), 30080), 8080),
         (reply6(Packet6::udp(0, 0), 18600), 6800),
     ] {
-        let (verdict, out) = run(&mut ebpf, &packet.frame())?;
-        ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
         let want = Packet6 {
             sport: port,
             ..packet.clone()
         };
-        ensure!(
-            out == want.frame(),
-            "{packet:?}\ngot  {out:02x?}\nwant {:02x?}",
-            want.frame()
-        );
-        ensure!(l4_checksum_ok(&out[14..]), "the checksum does not verify");
+        frames.push((packet.frame(), want.frame()));
     }
-    ensure!(translated(&ebpf)? == 6);
+    for (i, (frame, want)) in frames.into_iter().enumerate() {
+        let (verdict, out) = run(&mut ebpf, &frame)?;
+        ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
+        ensure!(out == want, "got  {out:02x?}\nwant {want:02x?}");
+        ensure!(l4_checksum_ok(&out[14..]), "the checksum does not verify");
+        ensure!(translated(&ebpf)? == i as u64 + 1);
+    }
     Ok(())
 }
 

@@ -1841,6 +1841,18 @@ target_groups:
     targets: [{address: 198.51.100.21, port: 7777}, {address: 198.51.100.22, port: 7777}]
 ";
 
+/// The reply to IPv6 `request` from where it went, with `payload` bytes.
+fn reply6(request: &Packet6, payload: usize) -> Packet6 {
+    Packet6 {
+        src: request.dst,
+        dst: request.src,
+        sport: request.dport,
+        dport: request.sport,
+        payload: vec![0x5a; payload],
+        ..request.clone()
+    }
+}
+
 /// The target the data plane must pick for IPv6 `packet` in group `group`.
 fn expected_target6(state: &MapState, group: u32, packet: &Packet6) -> (u32, lb_common::Target) {
     let settings = state.settings.unwrap();
@@ -2044,14 +2056,7 @@ fn ipv6_errors_about_replies_go_to_the_flows_target() -> Result<()> {
             &quote.ip_packet(),
         )
     };
-    let reply = |request: &Packet6| Packet6 {
-        src: request.dst,
-        dst: request.src,
-        sport: request.dport,
-        dport: request.sport,
-        payload: vec![0x5a; 1400],
-        ..request.clone()
-    };
+    let reply = |request: &Packet6| reply6(request, 1400);
     let seen = Packet6::tcp(80, 6000, 0x02);
     run(&mut dp, &seen.frame())?;
     let never = Packet6::tcp(80, 6001, 0x10);
@@ -2222,15 +2227,8 @@ fn ipv6_errors_about_ip6ip6_replies_go_to_the_target_encapsulated() -> Result<()
     let (mut dp, state, _) = dataplane_for(IPV6_IPIP)?;
     let request = Packet6::tcp(80, 3000, 0x02);
     run(&mut dp, &request.frame())?;
-    let reply = Packet6 {
-        src: request.dst,
-        dst: request.src,
-        sport: request.dport,
-        dport: request.sport,
-        // A router's message is at most 1280 bytes (RFC 4443), so it fits the tunnel.
-        payload: vec![0x5a; 1280 - 48 - 60],
-        ..request.clone()
-    };
+    // A router's message is at most 1280 bytes (RFC 4443), so it fits the tunnel.
+    let reply = reply6(&request, 1280 - 48 - 60);
     let error = icmp6_message(
         "2001:db8:1::4".parse()?,
         VIP6,
@@ -2320,14 +2318,7 @@ fn ipv6_errors_under_port_translation_name_the_targets_port() -> Result<()> {
     let (mut dp, _, _) = dataplane_for(IPV6_TRANSLATED)?;
     let request = Packet6::tcp(80, 5000, 0x02);
     run(&mut dp, &request.frame())?;
-    let reply = Packet6 {
-        src: request.dst,
-        dst: request.src,
-        sport: request.dport,
-        dport: request.sport,
-        payload: vec![0x5a; 1000],
-        ..request.clone()
-    };
+    let reply = reply6(&request, 1000);
     let router: Ipv6Addr = "2001:db8:1::4".parse()?;
     let error = icmp6_message(
         router,
@@ -2470,13 +2461,7 @@ fn nat6_both_ways() -> Result<()> {
     ensure!(icmp_ok(&out), "the translated unreachable's checksum");
     // A router's packet too big about a reply, sent to the VIP: to the target, about the reply
     // it sent.
-    let reply = Packet6 {
-        src: VIP6,
-        dst: request.src,
-        sport: 6800,
-        dport: request.sport,
-        ..request.clone()
-    };
+    let reply = reply6(&request, request.payload.len());
     let too_big = icmp6_message(
         ROUTER6,
         VIP6,
