@@ -2487,3 +2487,45 @@ fn nat6_both_ways() -> Result<()> {
     ensure!(dp.icmp_sent_of(IcmpCounter::ErrorToTarget)? == 1);
     Ok(())
 }
+
+/// IPv6 nat flows end as IPv4's do, in `lb_nat6`: after a FIN each way, or at once on an RST;
+/// a reply-shaped packet that belongs to no flow passes untouched.
+#[test]
+fn ipv6_nat_flows_end_after_a_fin_each_way_or_an_rst() -> Result<()> {
+    let (mut dp, state, _) = dataplane_for(NAT6)?;
+    let closing = |dp: &Dataplane, key: &lb_common::FlowKey6| {
+        dp.flow(key)
+            .is_some_and(|e| e.last_seen_ns & lb_common::FLOW_CLOSING != 0)
+    };
+    let reply = |request: &Packet6, addr: Ipv6Addr, flags: u8| Packet6 {
+        src: addr,
+        sport: 30080,
+        tcp_flags: flags,
+        ..reply6(request, 5)
+    };
+    // FIN from the client, then from the target: ended after the second.
+    let syn = Packet6::tcp(80, 7000, 0x02);
+    run(&mut dp, &syn.frame())?;
+    let (_, target) = expected_target6(&state, 0, &syn);
+    let addr = lb::maps::from_be6(target.addr6);
+    let reverse = reply(&syn, addr, 0x10).key();
+    ensure!(dp.flow(&reverse).is_some(), "no reverse entry");
+    run(&mut dp, &Packet6::tcp(80, 7000, 0x11).frame())?;
+    ensure!(!closing(&dp, &syn.key()), "one FIN ended the flow");
+    run(&mut dp, &reply(&syn, addr, 0x11).frame())?;
+    ensure!(
+        closing(&dp, &syn.key()) && closing(&dp, &reverse),
+        "FIN each way did not end it"
+    );
+    // An RST from the target ends another flow at once.
+    let syn = Packet6::tcp(80, 7001, 0x02);
+    run(&mut dp, &syn.frame())?;
+    let (_, target) = expected_target6(&state, 0, &syn);
+    let addr = lb::maps::from_be6(target.addr6);
+    run(&mut dp, &reply(&syn, addr, 0x14).frame())?;
+    ensure!(closing(&dp, &syn.key()), "an RST did not end the flow");
+    // No flow: untouched.
+    let stray = reply(&Packet6::tcp(80, 7999, 0x10), addr, 0x10).frame();
+    ensure!(run(&mut dp, &stray)? == (XDP_PASS, stray.clone()));
+    Ok(())
+}
