@@ -60,6 +60,15 @@ pub fn target_addr6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x11 + i as u16)
 }
 
+/// The first `n` targets, `address(i)` each (quoted if IPv6), serving on `port`, as the YAML
+/// flow mappings of a group's `targets: [...]`.
+pub fn targets_yaml(n: usize, port: u16, address: impl Fn(usize) -> String) -> String {
+    (0..n)
+        .map(|i| format!("{{address: {}, port: {port}}}", address(i)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn target_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 11 + i as u8)
 }

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
     Answers, FAST_TCP_CHECK, IFACE, Lab, VIP, VIP6, in_netns, share, target_addr, target_addr6,
-    tcp_clients, udp_clients,
+    targets_yaml, tcp_clients, udp_clients,
 };
 
 const TARGETS: usize = 3;
@@ -253,12 +253,7 @@ fn dual_stack_config(
     group: &str,
     address: impl Fn(usize) -> String,
 ) -> Result<PathBuf> {
-    let targets = |port: u16| -> String {
-        (0..TARGETS)
-            .map(|i| format!("{{address: {}, port: {port}}}", address(i)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let targets = |port: u16| targets_yaml(TARGETS, port, &address);
     let config = std::env::temp_dir().join(format!("{name}.yaml"));
     std::fs::write(
         &config,

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Result, ensure};
 use lb_tests::{
     Answers, CLIENT_ADDR6, Connection, IFACE, INTERNAL_IFACE, LB_ADDR6, Lab, VIP, VIP6,
-    private_target_addr, target_addr, target_addr6, tcp_clients, udp_clients,
+    private_target_addr, target_addr, target_addr6, targets_yaml, tcp_clients, udp_clients,
 };
 
 const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -349,12 +349,7 @@ fn nat_translates_ipv6_both_ways() -> Result<()> {
     let name = format!("lbp-nat6-{}", std::process::id() % 10000);
     let mut lab = Lab::new(&name, 3)?;
     lab.enable_ipv6()?;
-    let targets = |port: u16| -> String {
-        (0..3)
-            .map(|i| format!("{{address: '{}', port: {port}}}", target_addr6(i)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let targets = |port: u16| targets_yaml(3, port, |i| format!("'{}'", target_addr6(i)));
     let config = std::env::temp_dir().join(format!("{name}.yaml"));
     std::fs::write(
         &config,
