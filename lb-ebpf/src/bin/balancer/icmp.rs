@@ -319,10 +319,7 @@ fn to_target6(
     // Under port translation the target's socket has its own port, which the quote must name
     // (the ICMPv6 checksum's pseudo-header, over the outer addresses, stays as it was).
     if target.port != error.sport {
-        // SAFETY: the ICMPv6 header was bounds-checked, and the frame has not been resized
-        // since.
-        let icmp_check = unsafe { error.quoted.icmp_check.read_unaligned() };
-        error.quoted.set_port(icmp_check, 0, target.port, |l4| l4);
+        error.quoted.change_port(0, target.port);
     }
     counters::icmp(IcmpCounter::ErrorToTarget);
     Ok(if group.forwarding == FORWARDING_IPIP {
@@ -365,11 +362,7 @@ fn translate6(ctx: &XdpContext, error: Error6, now: u64) -> u32 {
     if error.src == error.outer_dst
         && let Some(slot) = listener::find_key::<V6>(&key)
     {
-        let target = flows::lookup::<V6>(table, &reversed)
-            .filter(|&(_, found, _)| found)
-            .and_then(|(entry, _, hash)| {
-                flows::existing_target(entry, hash, &slot.listener, false, now)
-            })
+        let target = remembered_target::<V6>(table, &reversed, &slot.listener, now)
             .and_then(|id| TARGETS.get(id));
         let Some(target) = target else {
             return unmatched();
@@ -538,7 +531,7 @@ fn to_target(
     }
     // Under port translation the target's socket has its own port, which the quote must name.
     if target.port != key.dport {
-        quoted.rewrite(IP_SRC, key.dst, 0, target.port);
+        quoted.change_port(0, target.port);
     }
     Some(if group.forwarding == FORWARDING_IPIP {
         forward::encapsulate(ctx, ip, target, settings)
@@ -559,14 +552,25 @@ fn flow_target<F: Family>(
     settings: &Settings,
     now: u64,
 ) -> Option<u32> {
-    let remembered = flows::lookup::<F>(table, key).and_then(|(entry, found, hash)| {
-        found
-            .then(|| flows::existing_target(entry, hash, listener, false, now))
-            .flatten()
-    });
-    remembered.or_else(|| {
+    remembered_target::<F>(table, key, listener, now).or_else(|| {
         (group.forwarding != FORWARDING_NAT)
             .then(|| pick::placed_by_hash(key, listener, group, settings))
+            .flatten()
+    })
+}
+
+/// The target the connection table remembers for `listener`'s flow `key`, if it still holds
+/// the flow and its target is still there.
+#[inline(always)]
+fn remembered_target<F: Family>(
+    table: &FlowTable,
+    key: &F::Key,
+    listener: &Listener,
+    now: u64,
+) -> Option<u32> {
+    flows::lookup::<F>(table, key).and_then(|(entry, found, hash)| {
+        found
+            .then(|| flows::existing_target(entry, hash, listener, false, now))
             .flatten()
     })
 }
@@ -823,6 +827,16 @@ impl Quoted {
             #[inline(always)]
             |l4| checksum_replace128(l4, old, addr),
         );
+    }
+
+    /// Replaces one port (0 source, 1 destination) of the quoted packet, and nothing else, and
+    /// the checksums over it.
+    #[inline(always)]
+    fn change_port(&self, port: usize, new_port: u16) {
+        // SAFETY: the ICMP header was bounds-checked by `ptr_at`, and the frame has not been
+        // resized since.
+        let icmp = unsafe { self.icmp_check.read_unaligned() };
+        self.set_port(icmp, port, new_port, |l4| l4);
     }
 
     /// Replaces one port (0 source, 1 destination) of the quoted packet, and the checksums over
